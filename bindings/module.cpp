@@ -1,0 +1,100 @@
+// ferret._core: the Python face of ferret_core. Buffers come in through nanobind's ndarray
+// (NumPy arrays directly, torch CPU tensors through DLPack), never copied; the GIL is released
+// while the core runs. Shape and layout checks belong to python/ferret; this layer only maps
+// dtypes and refuses what the core cannot read.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/tuple.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "ferret_core/ferret_core.hpp"
+
+namespace nb = nanobind;
+
+namespace {
+
+using Input = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;
+using Output = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+template <class A>
+ferret::DType dtype_of(const A& a, const char* what) {
+  const nb::dlpack::dtype dt = a.dtype();
+  if (dt.lanes == 1 && dt.code == uint8_t(nb::dlpack::dtype_code::Float) && dt.bits == 32) return ferret::DType::f32;
+  if (dt.lanes == 1 && dt.code == uint8_t(nb::dlpack::dtype_code::Float) && dt.bits == 16) return ferret::DType::f16;
+  if (dt.lanes == 1 && dt.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16) return ferret::DType::bf16;
+  throw nb::type_error((std::string(what) + " must hold float32, bfloat16 or float16 elements").c_str());
+}
+
+ferret::Basis basis_of(int b) {
+  if (b != 0 && b != 1) throw nb::value_error("basis must be 0 (rademacher) or 1 (gaussian)");
+  return ferret::Basis(b);
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "ferret's compiled CPU core (seeded projections); use the ferret package, not this module.";
+
+  m.def(
+      "philox4x32_10",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+        const auto r = ferret::philox4x32_10(c0, c1, c2, c3, k0, k1);
+        return std::make_tuple(r.w[0], r.w[1], r.w[2], r.w[3]);
+      },
+      "One Philox4x32-10 evaluation; returns the four output words.");
+
+  m.def(
+      "compress",
+      [](Input x, int64_t start, uint64_t seed, int basis, Output gamma) {
+        const auto dt = dtype_of(x, "the update");
+        if (gamma.dtype() != nb::dtype<double>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float64 array");
+        const auto b = basis_of(basis);
+        nb::gil_scoped_release release;
+        ferret::compress(x.data(), dt, int64_t(x.size()), start, seed, b, int(gamma.shape(0)),
+                         static_cast<double*>(gamma.data()));
+      },
+      nb::arg("x").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
+      "gamma[k] += <x, v_k> for the block elements start .. start + x.size - 1.");
+
+  m.def(
+      "reconstruct",
+      [](Output out, int64_t start, uint64_t seed, int basis, Input gamma, float scale) {
+        const auto dt = dtype_of(out, "the output");
+        if (gamma.dtype() != nb::dtype<float>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float32 array");
+        const auto b = basis_of(basis);
+        nb::gil_scoped_release release;
+        ferret::reconstruct(out.data(), dt, int64_t(out.size()), start, seed, b, static_cast<const float*>(gamma.data()),
+                            int(gamma.shape(0)), scale);
+      },
+      nb::arg("out").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
+      nb::arg("scale"), "In place: out += scale * sum_k gamma[k] v_k, in the spec's order and rounding.");
+
+  m.def(
+      "perturb",
+      [](Output theta, int64_t start, uint64_t seed, int basis, float eps) {
+        const auto dt = dtype_of(theta, "the parameters");
+        const auto b = basis_of(basis);
+        nb::gil_scoped_release release;
+        ferret::perturb(theta.data(), dt, int64_t(theta.size()), start, seed, b, eps);
+      },
+      nb::arg("theta").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("eps"),
+      "In place: theta += eps * v_0(seed).");
+
+  m.def(
+      "sum_squares",
+      [](Input x) {
+        const auto dt = dtype_of(x, "the update");
+        nb::gil_scoped_release release;
+        return ferret::sum_squares(x.data(), dt, int64_t(x.size()));
+      },
+      nb::arg("x").noconvert(), "Sum of squares in float64, independent of the thread count.");
+
+  m.def("set_num_threads", &ferret::set_num_threads, nb::arg("n"),
+        "Threads for the core's loops; n <= 0 restores the default.");
+  m.def("num_threads", &ferret::num_threads, "Threads the core's loops use.");
+  m.def("simd_level", &ferret::simd_level, "'avx2' or 'portable': the loops this CPU runs.");
+  m.def("force_portable", &ferret::force_portable, nb::arg("on"),
+        "Use the portable loops even on an AVX2 CPU (for tests); returns the previous setting.");
+}

@@ -1,0 +1,54 @@
+// ferret_core: seeded random projections of parameter updates, on the CPU.
+//
+// The C++17 core behind ferret's compress / reconstruct / perturb. It knows nothing of Python,
+// torch or federated learning: it takes raw buffers of fp32, bf16 or fp16 elements that sit at
+// positions [start, start + n) of a block, and a 63-bit block seed. The basis spec it implements
+// is written out in python/ferret/spec.py (the executable reference); in short:
+//
+//   Rademacher basis k, element i:  w = Philox4x32-10(key=seed, ctr=(i>>7, k, 0, 0))[(i>>5)&3]
+//                                   v_k[i] = (w >> (i&31)) & 1 ? -1 : +1
+//   Gaussian basis k, element i:    Box-Muller on Philox(key=seed, ctr=(i>>2, k, 0, 0)), as
+//                                   Triton's tl.randn4x(seed, (k<<32) | (i>>2))[i&3]
+//
+// Results never depend on the number of threads: work is cut into fixed chunks of the block's
+// index space, and every reduction adds fp64 chunk partials in chunk order.
+#pragma once
+
+#include <cstdint>
+
+namespace ferret {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+enum class Basis : int { rademacher = 0, gaussian = 1 };
+
+struct Words4 {
+  uint32_t w[4];
+};
+
+// One Philox4x32-10 evaluation (Random123's philox4x32_10, Triton's tl.randint4x convention).
+Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1);
+
+// gamma[k] += <x, v_k> for k < n_coords, where x[j] is element start + j of the block.
+void compress(const void* x, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis,
+              int n_coords, double* gamma);
+
+// out[j] = out[j] + scale * sum_k gamma[k] * v_k[start + j], in fp32, k in order (see spec.py).
+void reconstruct(void* out, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis,
+                 const float* gamma, int n_coords, float scale);
+
+// theta[j] = theta[j] + eps * v_0[start + j]: the zeroth-order perturbation z(seed).
+void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, float eps);
+
+// Sum of squares of x in fp64, deterministic (chunked like compress).
+double sum_squares(const void* x, DType dtype, int64_t n);
+
+// Threads used by the calls above (default: the hardware's count, or FERRET_NUM_THREADS).
+void set_num_threads(int n);
+int num_threads();
+
+// The instruction set the hot loops run with: "avx2" (x86-64-v3) or "portable".
+const char* simd_level();
+// Force the portable loops even where AVX2 is present (tests compare the two); returns the old value.
+bool force_portable(bool on);
+
+}  // namespace ferret

@@ -1,0 +1,128 @@
+// The public calls: cut a segment into fixed chunks, run the chunk loops on the pool, reduce.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+#include "convert.hpp"
+#include "ferret_core/ferret_core.hpp"
+#include "kernels.hpp"
+#include "philox.hpp"
+#include "thread_pool.hpp"
+
+namespace ferret {
+namespace {
+
+using detail::kChunk;
+
+int default_threads() {
+  if (const char* env = std::getenv("FERRET_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+std::atomic<int> g_threads{default_threads()};
+std::atomic<bool> g_force_portable{false};
+
+bool cpu_has_avx2() {
+#if defined(FERRET_HAVE_AVX2_BUILD) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+const detail::ChunkKernels& kernels_for(Basis basis) {
+  if (basis == Basis::gaussian) return detail::kGaussian;
+#ifdef FERRET_HAVE_AVX2_BUILD
+  if (cpu_has_avx2() && !g_force_portable.load()) return detail::kRademacherAvx2;
+#endif
+  return detail::kRademacherPortable;
+}
+
+struct Chunks {
+  int64_t first, count;
+  Chunks(int64_t start, int64_t n) : first(start / kChunk), count(n > 0 ? (start + n - 1) / kChunk - start / kChunk + 1 : 0) {}
+  int64_t lo(int64_t i, int64_t start) const { return std::max(start, (first + i) * kChunk); }
+  int64_t hi(int64_t i, int64_t start, int64_t n) const { return std::min(start + n, (first + i + 1) * kChunk); }
+};
+
+// Small jobs stay on the calling thread: waking the pool costs more than they do.
+int threads_for(int64_t n, int n_coords) {
+  return int64_t(n) * std::max(n_coords, 1) < (int64_t(1) << 17) ? 1 : g_threads.load();
+}
+
+}  // namespace
+
+Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  Words4 r{{c0, c1, c2, c3}};
+  detail::philox(r.w, k0, k1);
+  return r;
+}
+
+void compress(const void* x, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, int n_coords,
+              double* gamma) {
+  if (n <= 0 || n_coords <= 0) return;
+  const Chunks chunks(start, n);
+  const auto& k = kernels_for(basis);
+  std::vector<double> partials(size_t(chunks.count) * n_coords);
+  detail::parallel_for(chunks.count, threads_for(n, n_coords), [&](int64_t i) {
+    k.compress(x, dtype, start, chunks.lo(i, start), chunks.hi(i, start, n), seed, n_coords,
+               &partials[size_t(i) * n_coords]);
+  });
+  for (int64_t i = 0; i < chunks.count; i++)
+    for (int c = 0; c < n_coords; c++) gamma[c] += partials[size_t(i) * n_coords + c];
+}
+
+void reconstruct(void* out, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, const float* gamma,
+                 int n_coords, float scale) {
+  if (n <= 0 || n_coords <= 0) return;
+  const Chunks chunks(start, n);
+  const auto& k = kernels_for(basis);
+  detail::parallel_for(chunks.count, threads_for(n, n_coords), [&](int64_t i) {
+    k.reconstruct(out, dtype, start, chunks.lo(i, start), chunks.hi(i, start, n), seed, gamma, n_coords, scale);
+  });
+}
+
+void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, float eps) {
+  // acc = 0 + v_0 * 1 is exactly v_0, so this is theta + eps * v_0 with the spec's rounding.
+  const float one = 1.0f;
+  reconstruct(theta, dtype, n, start, seed, basis, &one, 1, eps);
+}
+
+double sum_squares(const void* x, DType dtype, int64_t n) {
+  if (n <= 0) return 0.0;
+  const int64_t count = (n + kChunk - 1) / kChunk;
+  std::vector<double> partials(count);
+  detail::parallel_for(count, threads_for(n, 1), [&](int64_t c) {
+    double s = 0.0;
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); i++) {
+      const double v = detail::load_element(x, dtype, i);
+      s += v * v;
+    }
+    partials[c] = s;
+  });
+  double total = 0.0;
+  for (double p : partials) total += p;
+  return total;
+}
+
+void set_num_threads(int n) { g_threads.store(n > 0 ? n : default_threads()); }
+int num_threads() { return g_threads.load(); }
+
+const char* simd_level() { return cpu_has_avx2() && !g_force_portable.load() ? "avx2" : "portable"; }
+
+bool force_portable(bool on) { return g_force_portable.exchange(on); }
+
+}  // namespace ferret

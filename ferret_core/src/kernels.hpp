@@ -1,0 +1,34 @@
+// The per-chunk loops behind the public calls. A chunk is the part of one segment that falls in
+// one kChunk-aligned window of the block's index space; tiles are kTile-aligned inside it. Every
+// loop sees block indices [lo, hi) and finds element i of the segment at x[i - start].
+#pragma once
+
+#include <cstdint>
+
+#include "ferret_core/ferret_core.hpp"
+
+namespace ferret::detail {
+
+constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int64_t kTile = 1024;
+
+struct ChunkKernels {
+  // partial[k] = <x restricted to [lo, hi), v_k> for k < n_coords (fp64; partial has n_coords slots).
+  void (*compress)(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                   int n_coords, double* partial);
+  // out[i - start] += scale * sum_k gamma[k] v_k[i] for i in [lo, hi), spec order.
+  void (*reconstruct)(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                      const float* gamma, int n_coords, float scale);
+};
+
+// Rademacher loops: portable C++ everywhere; AVX2+FMA (x86-64-v3) when built with
+// FERRET_HAVE_AVX2_BUILD, used only where the CPU has it.
+extern const ChunkKernels kRademacherPortable;
+extern const ChunkKernels kRademacherAvx2;
+// Gaussian loops (scalar; libm's log/cos make them device-specific anyway).
+extern const ChunkKernels kGaussian;
+
+// Copies block indices [t0, t0 + kTile) ∩ [lo, hi) of the segment into tile (fp32), zeros elsewhere.
+void fill_tile(float* tile, const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, int64_t t0);
+
+}  // namespace ferret::detail

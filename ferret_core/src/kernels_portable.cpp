@@ -1,0 +1,125 @@
+// Portable loops: plain C++, any CPU. The Rademacher reconstruction is bit-identical to the AVX2
+// build's (same fp32 operations in the same order); the Gaussian loops live here for both.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "convert.hpp"
+#include "kernels.hpp"
+#include "philox.hpp"
+
+namespace ferret::detail {
+
+void fill_tile(float* tile, const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, int64_t t0) {
+  const int64_t a = std::max(lo, t0), b = std::min(hi, t0 + kTile);
+  std::fill(tile, tile + kTile, 0.0f);
+  if (dt == DType::f32) {
+    const float* xf = static_cast<const float*>(x);
+    std::copy(xf + (a - start), xf + (b - start), tile + (a - t0));
+    return;
+  }
+  for (int64_t i = a; i < b; i++) tile[i - t0] = load_element(x, dt, i - start);
+}
+
+namespace {
+
+inline bool sign_bit(const uint32_t words[4], int64_t i) { return (words[(i >> 5) & 3] >> (i & 31)) & 1u; }
+
+void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                         int n_coords, double* partial) {
+  std::vector<float> tile(kTile);
+  std::fill(partial, partial + n_coords, 0.0);
+  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
+    fill_tile(tile.data(), x, dt, start, lo, hi, t0);
+    for (int k = 0; k < n_coords; k++) {
+      float acc = 0.0f;
+      uint32_t words[4];
+      for (int64_t g = 0; g < kTile / 128; g++) {
+        basis_words(seed, uint32_t(k), uint32_t((t0 >> 7) + g), words);
+        for (int64_t e = 0; e < 128; e++) {
+          const float v = tile[g * 128 + e];
+          acc += sign_bit(words, e) ? -v : v;
+        }
+      }
+      partial[k] += acc;
+    }
+  }
+}
+
+void rademacher_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                            const float* gamma, int n_coords, float scale) {
+  std::vector<float> acc(kTile);
+  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int k = 0; k < n_coords; k++) {
+      uint32_t words[4];
+      for (int64_t g = 0; g < kTile / 128; g++) {
+        basis_words(seed, uint32_t(k), uint32_t((t0 >> 7) + g), words);
+        for (int64_t e = 0; e < 128; e++) acc[g * 128 + e] += sign_bit(words, e) ? -gamma[k] : gamma[k];
+      }
+    }
+    const int64_t a = std::max(lo, t0), b = std::min(hi, t0 + kTile);
+    apply_update(out, dt, a - start, acc.data() + (a - t0), b - a, scale);
+  }
+}
+
+// Triton's uint_to_uniform_float and pair_uniform_to_normal, in fp32.
+inline float uniform(uint32_t w) {
+  int32_t x;
+  std::memcpy(&x, &w, 4);
+  if (x < 0) x = ~x;
+  return float(x) * 4.6566127342e-10f;
+}
+
+inline void gaussian_quad(uint64_t seed, int k, int64_t quad, float z[4]) {
+  uint32_t w[4] = {uint32_t(quad), uint32_t(k), 0, 0};
+  philox(w, uint32_t(seed), uint32_t(seed >> 32));
+  for (int p = 0; p < 2; p++) {
+    const float u1 = std::max(1.0e-7f, uniform(w[2 * p]));
+    const float th = 6.283185307179586f * uniform(w[2 * p + 1]);
+    const float r = std::sqrt(-2.0f * std::log(u1));
+    z[2 * p] = r * std::cos(th);
+    z[2 * p + 1] = r * std::sin(th);
+  }
+}
+
+void gaussian_compress(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                       int n_coords, double* partial) {
+  std::vector<float> tile(kTile);
+  std::fill(partial, partial + n_coords, 0.0);
+  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
+    fill_tile(tile.data(), x, dt, start, lo, hi, t0);
+    for (int k = 0; k < n_coords; k++) {
+      float acc = 0.0f, z[4];
+      for (int64_t q = 0; q < kTile / 4; q++) {
+        gaussian_quad(seed, k, (t0 >> 2) + q, z);
+        for (int e = 0; e < 4; e++) acc += tile[4 * q + e] * z[e];
+      }
+      partial[k] += acc;
+    }
+  }
+}
+
+void gaussian_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                          const float* gamma, int n_coords, float scale) {
+  std::vector<float> acc(kTile);
+  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int k = 0; k < n_coords; k++) {
+      float z[4];
+      for (int64_t q = 0; q < kTile / 4; q++) {
+        gaussian_quad(seed, k, (t0 >> 2) + q, z);
+        for (int e = 0; e < 4; e++) acc[4 * q + e] += z[e] * gamma[k];
+      }
+    }
+    const int64_t a = std::max(lo, t0), b = std::min(hi, t0 + kTile);
+    apply_update(out, dt, a - start, acc.data() + (a - t0), b - a, scale);
+  }
+}
+
+}  // namespace
+
+const ChunkKernels kRademacherPortable = {rademacher_compress, rademacher_reconstruct};
+const ChunkKernels kGaussian = {gaussian_compress, gaussian_reconstruct};
+
+}  // namespace ferret::detail
