@@ -1,0 +1,38 @@
+"""ferret: federated fine-tuning of LLMs at a communication cost that does not grow with the model.
+
+The seeded projection (this release's core)::
+
+    import ferret
+    packet = ferret.compress(update, seed=round_seed, budget=1024)     # K fp32 numbers
+    ferret.reconstruct(packet, into=params, scale=server_lr)           # params += lr * update
+    ferret.perturb(params, seed, eps)                                  # params += eps * z(seed)
+
+CPU tensors and NumPy arrays run on the compiled core, CUDA tensors on the Triton kernels; both
+follow the basis spec in :mod:`ferret.spec` bit for bit.
+"""
+
+from . import spec
+from ._core import num_threads, set_num_threads, simd_level
+from .allocation import allocate
+from .layout import Layout
+from .packet import Packet, PacketError
+from .projection import compress, perturb, reconstruct
+from .spec import block_seed, normalize_seed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layout",
+    "Packet",
+    "PacketError",
+    "allocate",
+    "block_seed",
+    "compress",
+    "normalize_seed",
+    "num_threads",
+    "perturb",
+    "reconstruct",
+    "set_num_threads",
+    "simd_level",
+    "spec",
+]

@@ -1,0 +1,54 @@
+"""Sharing a coordinate budget among blocks.
+
+* ``"uniform"``: the same count for every block (the remainder goes to the first blocks).
+* ``"norm"``: counts proportional to each block's update norm, as the official Ferret code
+  allocates them, with a floor of 2 per block (1 if the budget is below twice the number of
+  blocks), but keeping the total exactly at the budget (largest remainders get the leftovers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POLICIES = ("uniform", "norm")
+
+
+def allocate(budget: int, n_blocks: int, policy: str = "norm", norms=None) -> np.ndarray:
+    """Per-block coordinate counts (int64 array of length ``n_blocks``) summing to ``budget``.
+
+    ``norms`` (one non-negative float per block) is needed by ``"norm"``. Raises ``ValueError``
+    for an unknown policy or a budget below the number of blocks.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown allocation {policy!r}: use one of {', '.join(POLICIES)}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+    if budget < n_blocks:
+        raise ValueError(
+            f"a budget of {budget} coordinates is below the number of blocks ({n_blocks}): every block "
+            f"needs at least one; raise the budget or group tensors into fewer blocks (grouping='paper')"
+        )
+    if policy == "uniform":
+        return _spread(budget, np.ones(n_blocks))
+    norms = np.asarray(norms, dtype=np.float64)
+    if norms.shape != (n_blocks,):
+        raise ValueError(f"norm allocation needs {n_blocks} block norms, got shape {norms.shape}")
+    if not np.all(np.isfinite(norms)):
+        raise ValueError("norm allocation got a NaN or infinite block norm")
+    floor = 2 if budget >= 2 * n_blocks else 1
+    counts = np.full(n_blocks, floor, dtype=np.int64)
+    if norms.sum() > 0:
+        counts += _spread(budget - floor * n_blocks, norms)
+    else:
+        counts += _spread(budget - floor * n_blocks, np.ones(n_blocks))
+    return counts
+
+
+def _spread(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainder, ties to the first)."""
+    share = total * weights / weights.sum()
+    counts = np.floor(share).astype(np.int64)
+    leftover = int(total - counts.sum())
+    order = np.argsort(-(share - counts), kind="stable")
+    counts[order[:leftover]] += 1
+    return counts

@@ -1,0 +1,78 @@
+"""Where the loops run: the compiled CPU core for CPU tensors and NumPy arrays, the Triton
+kernels for CUDA tensors. Both take 1-d contiguous buffers and block-relative offsets; neither
+knows about layouts or packets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BASIS_CODES = {"rademacher": 0, "gaussian": 1}
+
+
+class CoreBackend:
+    """The compiled C++ core (``ferret._core``)."""
+
+    name = "core"
+
+    def __init__(self):
+        from . import _core
+
+        self._core = _core
+
+    def compress(self, flat, start: int, seed: int, basis: str, gamma: np.ndarray) -> None:
+        self._core.compress(flat, start, seed, BASIS_CODES[basis], gamma)
+
+    def reconstruct(self, flat, start: int, seed: int, basis: str, coords: np.ndarray, scale: np.float32) -> None:
+        self._core.reconstruct(flat, start, seed, BASIS_CODES[basis], coords, float(scale))
+
+    def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
+        self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
+
+    def sum_squares(self, flat) -> float:
+        return self._core.sum_squares(flat)
+
+
+class TritonBackend:
+    """The Triton kernels (``ferret.kernels``); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+
+    def __init__(self):
+        try:
+            from .kernels import projection
+        except ImportError as err:  # triton is the optional [gpu] extra
+            raise RuntimeError("CUDA tensors need Triton: pip install 'ferret-fl[gpu]'") from err
+        self._k = projection
+
+    def compress(self, flat, start: int, seed: int, basis: str, gamma: np.ndarray) -> None:
+        gamma += self._k.compress(flat, start, seed, BASIS_CODES[basis], gamma.size).cpu().numpy()
+
+    def reconstruct(self, flat, start: int, seed: int, basis: str, coords: np.ndarray, scale: np.float32) -> None:
+        g = torch.from_numpy(np.array(coords, dtype=np.float32)).to(flat.device)
+        self._k.reconstruct_(flat, start, seed, BASIS_CODES[basis], g, float(scale))
+
+    def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
+        self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
+
+    def sum_squares(self, flat) -> float:
+        return float(torch.sum(flat.double() ** 2)) if flat.numel() < (1 << 24) else _chunked_sum_squares(flat)
+
+
+def _chunked_sum_squares(flat: torch.Tensor, chunk: int = 1 << 24) -> float:
+    return float(sum(torch.sum(flat[i : i + chunk].double() ** 2) for i in range(0, flat.numel(), chunk)))
+
+
+_BACKENDS: dict[str, object] = {}
+
+
+def backend_for(device: torch.device, choice: str | None):
+    """The backend for tensors on ``device``; ``choice`` ("core" / "triton") overrides the default."""
+    name = choice or ("triton" if device.type == "cuda" else "core")
+    if name not in ("core", "triton"):
+        raise ValueError(f"unknown backend {name!r}: use 'core' or 'triton'")
+    if name == "core" and device.type != "cpu":
+        raise ValueError(f"the CPU core cannot read tensors on {device}")
+    if name not in _BACKENDS:
+        _BACKENDS[name] = CoreBackend() if name == "core" else TritonBackend()
+    return _BACKENDS[name]

@@ -1,0 +1,186 @@
+"""compress / reconstruct / perturb: the public face of the seeded projection.
+
+A client turns its update into a :class:`~ferret.packet.Packet` of K coordinates; anyone holding
+the same round seed and a model of the same shapes rebuilds an unbiased estimate of the update::
+
+    packet = ferret.compress(delta, seed=round_seed, budget=1024)
+    wire = packet.to_bytes()
+    ferret.reconstruct(ferret.Packet.from_bytes(wire), into=model.named_parameters(), scale=lr)
+
+Block ``b`` is projected on ``n_b`` bases drawn from ``block_seed(round_seed, b)``; its
+estimate is ``(1/n_b) * sum_k gamma_k v_k``. Nothing is written until every input is checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .allocation import allocate
+from .backends import BASIS_CODES, backend_for
+from .layout import Layout, resolve_group_size
+from .packet import Packet, PacketError
+from .spec import block_seed, normalize_seed
+from .tensors import check_dtype, device_of, flat_view, named_tensors
+
+
+def compress(update, seed: int, budget: int, *, basis: str = "rademacher", allocation: str = "norm",
+             grouping="tensor", backend: str | None = None) -> Packet:
+    """Project ``update`` onto ``budget`` seeded bases in all.
+
+    Takes a tensor, a NumPy array, a state dict or an iterable of ``(name, tensor)`` pairs
+    (fp32, bf16 or fp16, all on one device), the round ``seed`` (any int; normalised to
+    ``[0, 2**63)``), and the total number of coordinates ``budget``, shared among blocks by
+    ``allocation`` (``"norm"`` or ``"uniform"``); ``grouping`` forms the blocks (``"tensor"``,
+    ``"paper"`` or a block size, see :mod:`ferret.layout`); ``basis`` is ``"rademacher"`` or
+    ``"gaussian"``. Returns a :class:`Packet`. Raises ``ValueError`` for NaN/Inf in the update.
+    """
+    _check_basis(basis)
+    seed = normalize_seed(seed)
+    items = named_tensors(update)
+    for name, x in items:
+        check_dtype(name, x, "update")
+    be = backend_for(device_of(items, "update"), backend)
+    layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [x_numel(x) for _, x in items]))
+    flats = [_readable(x) for _, x in items]
+    blocks = layout.block_entries
+
+    norms = None
+    if allocation == "norm":
+        norms = [math.sqrt(sum(be.sum_squares(flats[i]) for i in entries)) for entries in blocks]
+        for b, norm in enumerate(norms):
+            if not math.isfinite(norm):
+                raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
+    counts = allocate(budget, layout.n_blocks, allocation, norms)
+
+    coords = []
+    for b, entries in enumerate(blocks):
+        gamma = np.zeros(int(counts[b]), dtype=np.float64)
+        bseed = block_seed(seed, b)
+        for i in entries:
+            be.compress(flats[i], layout.entries[i].offset, bseed, basis, gamma)
+        if not np.all(np.isfinite(gamma.astype(np.float32))):
+            raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, entries)}")
+        coords.append(gamma)
+    return Packet(seed, basis, layout.group_size, layout.fingerprint, counts, np.concatenate(coords))
+
+
+def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, backend: str | None = None,
+                device=None):
+    """Rebuild ``scale`` times the update a packet encodes.
+
+    Give either ``like`` (a :class:`Layout`, or tensors with the update's names and shapes) to
+    get new float32 tensors back (a tensor or array if ``like`` was one, else a dict by name;
+    on ``device``, default: like's device or CPU), or ``into`` (the receiver's parameters) to
+    add ``scale * update`` to them in place and get them back. Raises
+    :class:`~ferret.packet.PacketError` if the packet was made for another layout.
+    """
+    if (like is None) == (into is None):
+        raise TypeError("reconstruct takes exactly one of like= (new tensors) or into= (in place)")
+    if not isinstance(packet, Packet):
+        raise TypeError(f"expected a Packet, got {type(packet).__name__} (decode bytes with Packet.from_bytes)")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    if into is not None:
+        items = named_tensors(into, "parameters")
+        layout = _layout_for(packet, items)
+        for name, x in items:
+            check_dtype(name, x, "parameters")
+            _writable_flat(name, x)
+        targets = items
+    else:
+        layout = like if isinstance(like, Layout) else _layout_for(packet, named_tensors(like, "like"))
+        _check_fingerprint(packet, layout)
+        if isinstance(like, np.ndarray):
+            targets = [("", np.zeros(like.shape, dtype=np.float32))]
+        else:
+            if device is None:
+                device = device_of(named_tensors(like, "like"), "like") if not isinstance(like, Layout) else "cpu"
+            targets = [(e.name, torch.zeros(e.shape, dtype=torch.float32, device=device)) for e in layout.entries]
+    be = backend_for(device_of(targets, "parameters"), backend)
+    flats = [_writable_flat(n, x) for n, x in targets]
+
+    for b, entries in enumerate(layout.block_entries):
+        coords = packet.block_coords(b)
+        block_scale = np.float32(scale / coords.size)
+        bseed = block_seed(packet.round_seed, b)
+        for i in entries:
+            be.reconstruct(flats[i], layout.entries[i].offset, bseed, packet.basis, coords, block_scale)
+
+    if into is not None:
+        return into
+    if isinstance(like, (torch.Tensor, np.ndarray)) or (len(targets) == 1 and targets[0][0] == ""):
+        return targets[0][1]
+    return dict(targets)
+
+
+def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend: str | None = None):
+    """In place: add ``eps * z`` to every tensor, ``z`` drawn from ``block_seed(seed, i)`` for tensor ``i``.
+
+    The zeroth-order baselines perturb with ``+eps`` and undo with ``-eps`` (for Rademacher the
+    round trip is exact in fp32 whenever ``theta ± eps`` is). Takes the same containers as
+    :func:`compress`; returns ``params``.
+    """
+    _check_basis(basis)
+    seed = normalize_seed(seed)
+    eps = float(eps)
+    if not math.isfinite(eps):
+        raise ValueError(f"eps must be finite, got {eps}")
+    items = named_tensors(params, "parameters")
+    for name, x in items:
+        check_dtype(name, x, "parameters")
+    be = backend_for(device_of(items, "parameters"), backend)
+    flats = [_writable_flat(n, x) for n, x in items]
+    for i, flat in enumerate(flats):
+        be.perturb(flat, block_seed(seed, i), basis, eps)
+    return params
+
+
+def x_numel(x) -> int:
+    return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
+
+
+def _check_basis(basis: str) -> None:
+    if basis not in BASIS_CODES:
+        raise ValueError(f"unknown basis {basis!r}: use one of {', '.join(BASIS_CODES)}")
+
+
+def _layout_for(packet: Packet, items) -> Layout:
+    layout = Layout([(n, tuple(x.shape)) for n, x in items], packet.group_size)
+    _check_fingerprint(packet, layout)
+    return layout
+
+
+def _check_fingerprint(packet: Packet, layout: Layout) -> None:
+    if packet.fingerprint != layout.fingerprint or packet.n_blocks != layout.n_blocks:
+        raise PacketError(
+            f"the packet was made for another layout or model (fingerprint {packet.fingerprint.hex()[:12]}, "
+            f"{packet.n_blocks} blocks) than the receiver's ({layout.fingerprint.hex()[:12]}, {layout.n_blocks} blocks)"
+        )
+
+
+def _names(layout: Layout, entries) -> str:
+    names = [layout.entries[i].name or "the tensor" for i in entries]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _readable(x):
+    flat = flat_view(x)
+    if flat is not None:
+        return flat
+    return x.contiguous().view(-1) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x).reshape(-1)
+
+
+def _writable_flat(name: str, x):
+    flat = flat_view(x)
+    if flat is None:
+        raise ValueError(f"{name or 'the tensor'} is not contiguous: ferret writes in place only into contiguous tensors")
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name or 'the array'} is read-only")
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled() and x.is_leaf:
+        return flat.detach()
+    return flat

@@ -1,0 +1,76 @@
+"""Reading what users pass as an update or as parameters: one tensor, one NumPy array, a state
+dict, or an iterable of ``(name, tensor)`` pairs such as ``model.named_parameters()``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+SUPPORTED_TORCH = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_NUMPY = (np.dtype(np.float32), np.dtype(np.float16))
+
+Named = list[tuple[str, Any]]
+
+
+def named_tensors(obj, what: str = "update") -> Named:
+    """Normalise ``obj`` into a list of ``(name, tensor_or_array)``.
+
+    A lone tensor or array gets the name ``""``. Raises ``TypeError`` for anything else,
+    for non-string names, and for duplicate names.
+    """
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return [("", obj)]
+    items = list(obj.items()) if isinstance(obj, Mapping) else _pairs(obj, what)
+    seen = set()
+    for name, value in items:
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: names must be strings, got {type(name).__name__}")
+        if name in seen:
+            raise ValueError(f"{what}: the name {name!r} appears twice")
+        seen.add(name)
+        if not isinstance(value, (torch.Tensor, np.ndarray)):
+            raise TypeError(f"{what}: {name!r} is a {type(value).__name__}, not a tensor or array")
+    return items
+
+
+def _pairs(obj, what: str) -> Named:
+    try:
+        items = list(obj)
+    except TypeError:
+        raise TypeError(
+            f"{what} must be a tensor, a NumPy array, a mapping of names to tensors or an "
+            f"iterable of (name, tensor) pairs; got {type(obj).__name__}"
+        ) from None
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(f"{what}: expected (name, tensor) pairs, got an item of type {type(item).__name__}")
+    return items
+
+
+def check_dtype(name: str, x, what: str) -> None:
+    """Raise ``TypeError`` unless ``x`` holds float32, bfloat16 or float16 elements."""
+    dtype = x.dtype
+    ok = dtype in SUPPORTED_TORCH if isinstance(x, torch.Tensor) else dtype in SUPPORTED_NUMPY
+    if not ok:
+        raise TypeError(
+            f"{what}: {name or 'the tensor'} has dtype {dtype}; ferret reads float32, bfloat16 and float16 "
+            f"(convert with .float() first)"
+        )
+
+
+def device_of(items: Named, what: str) -> torch.device:
+    """The one device all items live on (NumPy arrays count as CPU); ``ValueError`` if they differ."""
+    devices = {x.device if isinstance(x, torch.Tensor) else torch.device("cpu") for _, x in items}
+    if len(devices) > 1:
+        raise ValueError(f"{what}: tensors live on different devices ({', '.join(sorted(map(str, devices)))})")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def flat_view(x):
+    """A 1-d view of ``x`` without a copy; ``None`` if ``x`` is not contiguous."""
+    if isinstance(x, torch.Tensor):
+        return x.view(-1) if x.is_contiguous() else None
+    return x.reshape(-1) if x.flags.c_contiguous else None
