@@ -1,0 +1,120 @@
+"""The Triton kernels: bit-identical to the CPU core and the spec for Rademacher bases, run in
+Triton's interpreter on CPU tensors (or for real where a GPU is present), and compiled for
+sm_90 ahead of time without a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the [gpu] extra (triton) is not installed")
+
+import triton.language as tl  # noqa: E402
+
+import ferret  # noqa: E402
+from ferret import _core, spec  # noqa: E402
+from ferret.kernels import projection as P  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SEED = 0x0DDB_A11_5EED_1234
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Small sizes: the interpreter runs about 1-16 M element-bases per second.
+CASES = [(0, 9000, 4), (8000, 10000, 3), (65536 - 50, 300, 5), (3, 1, 2)]
+
+
+@triton.jit
+def _philox_kernel(out_ptr, seed, N: tl.constexpr):
+    i = tl.arange(0, N).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, (i << 32) | (i * 7 + 3))
+    tl.store(out_ptr + i * 4 + 0, r0)
+    tl.store(out_ptr + i * 4 + 1, r1)
+    tl.store(out_ptr + i * 4 + 2, r2)
+    tl.store(out_ptr + i * 4 + 3, r3)
+
+
+def test_raw_philox_matches_spec():
+    out = torch.zeros(64 * 4, dtype=torch.int32, device=DEVICE)
+    _philox_kernel[(1,)](out, SEED, N=64)
+    i = np.arange(64, dtype=np.int64)
+    want = np.stack(spec.randint4x(SEED, (i << 32) | (i * 7 + 3)), axis=1).reshape(-1)
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint32), want)
+
+
+@pytest.mark.parametrize("start,n,k", CASES)
+def test_rademacher_basis_bit_identical(start, n, k):
+    for kk in range(k):
+        gamma = torch.zeros(k, dtype=torch.float32, device=DEVICE)
+        gamma[kk] = 1.0
+        out = torch.zeros(n, dtype=torch.float32, device=DEVICE)
+        P.reconstruct_(out, start, SEED, P.RADEMACHER, gamma, 1.0)
+        np.testing.assert_array_equal(out.cpu().numpy(), spec.rademacher(SEED, kk, n, start))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("start,n,k", CASES)
+def test_reconstruct_bit_identical_to_core(dtype, start, n, k):
+    rng = np.random.default_rng(n)
+    gamma = (rng.standard_normal(k) * 2).astype(np.float32)
+    base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(DTYPES[dtype])
+    on_core = base.clone()
+    _core.reconstruct(on_core, start, SEED, 0, gamma, 0.77)
+    on_triton = base.clone().to(DEVICE)
+    P.reconstruct_(on_triton, start, SEED, P.RADEMACHER, torch.from_numpy(gamma).to(DEVICE), 0.77)
+    assert torch.equal(on_triton.cpu().view(torch.uint8), on_core.view(torch.uint8))
+
+
+@pytest.mark.parametrize("basis,kind", [(P.RADEMACHER, "rademacher"), (P.GAUSSIAN, "gaussian")])
+@pytest.mark.parametrize("start,n,k", CASES)
+def test_compress_matches_spec(basis, kind, start, n, k):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(k))
+    got = P.compress(x.to(DEVICE), start, SEED, basis, k).cpu().numpy()
+    want = spec.compress(x.numpy(), SEED, k, kind, start)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(n))
+
+
+def test_gaussian_reconstruct_matches_spec_within_tolerance():
+    gamma = np.array([1.5, -0.5, 2.0], np.float32)
+    out = torch.zeros(5000, device=DEVICE)
+    P.reconstruct_(out, 100, SEED, P.GAUSSIAN, torch.from_numpy(gamma).to(DEVICE), 0.5)
+    want = spec.reconstruct(gamma, SEED, 5000, 0.5, "gaussian", start=100)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_perturb_bit_identical_to_core():
+    theta = torch.randn(3000, generator=torch.Generator().manual_seed(0)).bfloat16()
+    on_core = theta.clone()
+    _core.perturb(on_core, 0, SEED, 0, 1e-3)
+    on_triton = theta.clone().to(DEVICE)
+    P.perturb_(on_triton, 0, SEED, P.RADEMACHER, 1e-3)
+    assert torch.equal(on_triton.cpu(), on_core)
+
+
+def test_public_api_on_triton_backend_equals_core():
+    update = {"w": torch.randn(40, 50), "b": torch.randn(700)}
+    on_core = ferret.compress(update, seed=9, budget=12)
+    on_triton = ferret.compress({k: v.to(DEVICE) for k, v in update.items()}, seed=9, budget=12, backend="triton")
+    assert on_core.counts.tolist() == on_triton.counts.tolist()
+    np.testing.assert_allclose(on_core.coords, on_triton.coords, rtol=1e-5, atol=1e-4)
+    a = ferret.reconstruct(on_core, like=update)
+    b = ferret.reconstruct(on_core, like={k: v.to(DEVICE) for k, v in update.items()}, backend="triton")
+    assert all(torch.equal(a[k], b[k].cpu()) for k in update)
+
+
+def test_bad_buffers_are_refused():
+    with pytest.raises(ValueError, match="1-d contiguous"):
+        P.reconstruct_(torch.zeros(4, 4), 0, 1, 0, torch.ones(1), 1.0)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        P.compress(torch.zeros(4, dtype=torch.float64), 0, 1, 0, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    script = Path(__file__).with_name("aot_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fused-fma 0" in proc.stdout
