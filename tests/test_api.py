@@ -1,0 +1,244 @@
+"""The public API: round trips, layouts, allocation, packets, statistics of the estimator, and
+every bad input refused with a clear message and nothing changed."""
+
+import numpy as np
+import pytest
+import torch
+
+import ferret
+from ferret import Layout, Packet, PacketError
+
+
+def update_dict(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"embed": torch.randn(64, 32, generator=g), "attn.q": torch.randn(32, 32, generator=g),
+            "norm": torch.randn(32, generator=g), "mlp": torch.randn(32, 96, generator=g)}
+
+
+# ---- round trips and containers --------------------------------------------------------------
+
+def test_state_dict_round_trip_through_bytes():
+    update = update_dict()
+    packet = ferret.compress(update, seed=5, budget=64)
+    decoded = Packet.from_bytes(packet.to_bytes())
+    assert decoded == packet and decoded.counts.sum() == 64
+    a = ferret.reconstruct(packet, like=update)
+    b = ferret.reconstruct(decoded, like=update)
+    assert a.keys() == update.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_containers_give_the_same_packet():
+    update = update_dict()
+    as_dict = ferret.compress(update, seed=1, budget=20)
+    as_pairs = ferret.compress(list(update.items()), seed=1, budget=20)
+    as_numpy = ferret.compress({k: v.numpy() for k, v in update.items()}, seed=1, budget=20)
+    assert as_dict == as_pairs == as_numpy
+
+
+def test_named_parameters_and_in_place_scale():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    update = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    packet = ferret.compress(update, seed=3, budget=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ferret.reconstruct(packet, into=model.named_parameters(), scale=-0.5)
+    delta = ferret.reconstruct(packet, like=update)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], -0.5 * delta[n], rtol=1e-5, atol=1e-6)
+
+
+def test_single_tensor_and_array_return_their_kind():
+    t = torch.randn(300)
+    assert isinstance(ferret.reconstruct(ferret.compress(t, 0, 4), like=t), torch.Tensor)
+    a = np.random.default_rng(0).standard_normal((10, 30)).astype(np.float32)
+    out = ferret.reconstruct(ferret.compress(a, 0, 4), like=a)
+    assert isinstance(out, np.ndarray) and out.shape == (10, 30)
+
+
+def test_reconstruct_from_layout_object():
+    update = update_dict()
+    packet = ferret.compress(update, seed=2, budget=16, grouping="paper")
+    layout = Layout.of(update, grouping="paper")
+    got = ferret.reconstruct(packet, like=layout)
+    want = ferret.reconstruct(packet, like=update)
+    assert all(torch.equal(got[k], want[k]) for k in update)
+
+
+def test_bf16_and_fp16_updates_and_parameters():
+    update = {k: v.bfloat16() for k, v in update_dict().items()}
+    packet = ferret.compress(update, seed=4, budget=32)
+    params = {k: torch.zeros_like(v, dtype=torch.float16) for k, v in update.items()}
+    ferret.reconstruct(packet, into=params)
+    full = ferret.reconstruct(packet, like=update)
+    assert all(torch.equal(params[k], full[k].half()) for k in update)
+
+
+def test_compress_is_deterministic_and_seeded():
+    update = update_dict()
+    assert ferret.compress(update, 7, 40) == ferret.compress(update, 7, 40)
+    assert ferret.compress(update, 7, 40) != ferret.compress(update, 8, 40)
+    assert ferret.compress(update, -1, 40) == ferret.compress(update, 2**63 - 1, 40)
+
+
+def test_compress_does_not_copy_or_modify_the_update():
+    update = update_dict()
+    before = {k: v.clone() for k, v in update.items()}
+    ferret.compress(update, 0, 8)
+    assert all(torch.equal(update[k], before[k]) for k in update)
+
+
+# ---- layout and allocation -------------------------------------------------------------------
+
+def test_paper_grouping_follows_the_official_rule():
+    sizes = [100, 100, 300, 50, 50, 50, 400, 10]
+    shapes = [(f"t{i}", (s,)) for i, s in enumerate(sizes)]
+    layout = Layout(shapes, group_size=120)  # pack while the block stays <= 120; big tensors alone
+    assert [e.block for e in layout.entries] == [0, 1, 2, 3, 3, 4, 5, 6]
+    assert layout.block_sizes == (100, 100, 300, 100, 50, 400, 10)
+    assert [e.offset for e in layout.entries][3:5] == [0, 50]
+    paper = Layout.of({n: torch.zeros(s) for n, s in shapes}, grouping="paper")
+    assert paper.group_size == int(0.9 * np.median(sizes)) == 67
+
+
+def test_layout_fingerprint_depends_on_names_shapes_and_grouping():
+    a = Layout([("w", (4, 4))])
+    assert a == Layout([("w", (4, 4))])
+    assert a != Layout([("w", (16,))]) and a != Layout([("v", (4, 4))]) and a != Layout([("w", (4, 4))], 8)
+
+
+def test_uniform_and_norm_allocation():
+    assert ferret.allocate(10, 3, "uniform").tolist() == [4, 3, 3]
+    counts = ferret.allocate(100, 3, "norm", [0.0, 1.0, 3.0])
+    assert counts.sum() == 100 and counts[0] == 2 and counts[2] > 2.5 * counts[1]
+    assert ferret.allocate(4, 3, "norm", [1.0, 0.0, 0.0]).tolist() == [2, 1, 1]  # floor drops to 1
+    assert ferret.allocate(6, 2, "norm", [0.0, 0.0]).tolist() == [3, 3]
+
+
+def test_norm_allocation_favours_large_blocks_in_packets():
+    update = {"big": torch.randn(4000) * 10, "small": torch.randn(4000) * 0.1}
+    packet = ferret.compress(update, 0, 100, allocation="norm")
+    assert packet.counts.tolist() == [96, 4] or packet.counts[0] > 90
+
+
+# ---- statistics of the estimator ---------------------------------------------------------------
+
+@pytest.mark.parametrize("basis,excess", [("rademacher", -1), ("gaussian", 1)])
+def test_reconstruction_is_unbiased_with_theoretical_error(basis, excess):
+    d, n, trials = 64, 8, 3000
+    delta = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    norm2 = float(delta.double().pow(2).sum())
+    estimates = torch.stack([ferret.reconstruct(ferret.compress(delta, s, n, basis=basis), like=delta)
+                             for s in range(trials)]).double()
+    # Mean: every coordinate within 5 standard errors (variance <= ||Δ||² (1 + 2/d) / n per coordinate).
+    stderr = np.sqrt(norm2 * 1.1 / n / trials)
+    assert float((estimates.mean(0) - delta.double()).abs().max()) < 5 * stderr
+    # Mean squared error: (d - 1)/n ||Δ||² for Rademacher, (d + 1)/n ||Δ||² for Gaussian.
+    mse = float((estimates - delta.double()).pow(2).sum(1).mean())
+    assert mse == pytest.approx((d + excess) / n * norm2, rel=0.06)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_packet_for_another_layout_is_refused_and_nothing_changes():
+    packet = ferret.compress(update_dict(), 0, 16)
+    params = {k: torch.zeros_like(v) for k, v in update_dict().items()}
+    params["mlp"] = torch.zeros(32, 95)
+    with pytest.raises(PacketError, match="another layout or model"):
+        ferret.reconstruct(packet, into=params)
+    assert all(float(v.abs().sum()) == 0 for v in params.values())
+    with pytest.raises(PacketError, match="another layout"):
+        ferret.reconstruct(packet, like=Layout.of(update_dict(), grouping="paper"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "version", "empty"])
+def test_damaged_bytes_are_refused(damage):
+    data = bytearray(ferret.compress(update_dict(), 0, 16).to_bytes())
+    if damage == "truncate":
+        data = data[:-7]
+    elif damage == "flip":
+        data[60] ^= 0x10
+    elif damage == "magic":
+        data[0:4] = b"NOPE"
+    elif damage == "version":
+        data[4] = 9
+    else:
+        data = b""
+    with pytest.raises(PacketError):
+        Packet.from_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("allocation", ["norm", "uniform"])
+def test_non_finite_updates_are_refused_by_name(bad, allocation):
+    update = update_dict()
+    update["attn.q"][3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or Inf.*attn.q"):
+        ferret.compress(update, 0, 16, allocation=allocation)
+
+
+def test_bad_dtypes_devices_and_containers():
+    with pytest.raises(TypeError, match="float64"):
+        ferret.compress(torch.zeros(10, dtype=torch.float64), 0, 2)
+    with pytest.raises(TypeError, match="int64"):
+        ferret.compress({"a": torch.zeros(10, dtype=torch.int64)}, 0, 2)
+    with pytest.raises(TypeError, match="not a tensor"):
+        ferret.compress({"a": [1.0, 2.0]}, 0, 2)
+    with pytest.raises(TypeError, match="iterable of"):
+        ferret.compress(3.0, 0, 2)
+    with pytest.raises(ValueError, match="devices"):
+        ferret.compress({"a": torch.zeros(4), "b": torch.zeros(4, device="meta")}, 0, 2)
+    packet = ferret.compress(torch.zeros(10), 0, 2)
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        ferret.reconstruct(packet, into=torch.zeros(10, dtype=torch.float64))
+
+
+def test_budget_below_block_count_and_unknown_options():
+    with pytest.raises(ValueError, match="below the number of blocks"):
+        ferret.compress(update_dict(), 0, 3)
+    with pytest.raises(ValueError, match="unknown allocation"):
+        ferret.compress(update_dict(), 0, 16, allocation="best")
+    with pytest.raises(ValueError, match="unknown basis"):
+        ferret.compress(update_dict(), 0, 16, basis="sobol")
+    with pytest.raises(ValueError, match="grouping"):
+        ferret.compress(update_dict(), 0, 16, grouping=-4)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        ferret.compress(update_dict(), 1.5, 16)
+
+
+def test_reconstruct_argument_errors_change_nothing():
+    t = torch.zeros(8, 8)
+    packet = ferret.compress(torch.randn(8, 8), 0, 4)
+    with pytest.raises(TypeError, match="exactly one"):
+        ferret.reconstruct(packet)
+    with pytest.raises(TypeError, match="Packet.from_bytes"):
+        ferret.reconstruct(packet.to_bytes(), into=t)
+    with pytest.raises(ValueError, match="finite"):
+        ferret.reconstruct(packet, into=t, scale=float("nan"))
+    with pytest.raises(ValueError, match="not contiguous"):
+        ferret.reconstruct(packet, into=torch.zeros(8, 8).t())
+    ro = np.zeros((8, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ferret.reconstruct(packet, into=ro)
+    assert float(t.abs().sum()) == 0
+
+
+def test_perturb_round_trip_and_errors():
+    params = {"a": torch.randn(100), "b": torch.randn(5, 5).bfloat16()}
+    before = {k: v.clone() for k, v in params.items()}
+    ferret.perturb(params, seed=11, eps=1e-3)
+    assert not torch.equal(params["a"], before["a"])
+    want = before["a"] + 1e-3 * torch.from_numpy(ferret.spec.rademacher(ferret.block_seed(11, 0), 0, 100))
+    assert torch.equal(params["a"], want)
+    with pytest.raises(ValueError, match="finite"):
+        ferret.perturb(params, 0, float("inf"))
+    with pytest.raises(ValueError, match="unknown basis"):
+        ferret.perturb(params, 0, 1e-3, basis="x")
+
+
+def test_packet_constructor_validates():
+    with pytest.raises(PacketError, match="counts sum"):
+        Packet(0, "rademacher", 0, bytes(16), np.array([2]), np.zeros(3, np.float32))
+    with pytest.raises(PacketError, match="NaN"):
+        Packet(0, "rademacher", 0, bytes(16), np.array([1]), np.array([np.nan], np.float32))
+    with pytest.raises(PacketError, match="outside"):
+        Packet(-1, "rademacher", 0, bytes(16), np.array([1]), np.zeros(1, np.float32))
