@@ -23,43 +23,12 @@ void fill_tile(float* tile, const void* x, DType dt, int64_t start, int64_t lo, 
 
 namespace {
 
-inline bool sign_bit(const uint32_t words[4], int64_t i) { return (words[(i >> 5) & 3] >> (i & 31)) & 1u; }
-
-void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
-                         int n_coords, double* partial) {
-  std::vector<float> tile(kTile);
-  std::fill(partial, partial + n_coords, 0.0);
-  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
-    fill_tile(tile.data(), x, dt, start, lo, hi, t0);
-    for (int k = 0; k < n_coords; k++) {
-      float acc = 0.0f;
-      uint32_t words[4];
-      for (int64_t g = 0; g < kTile / 128; g++) {
-        basis_words(seed, uint32_t(k), uint32_t((t0 >> 7) + g), words);
-        for (int64_t e = 0; e < 128; e++) {
-          const float v = tile[g * 128 + e];
-          acc += sign_bit(words, e) ? -v : v;
-        }
-      }
-      partial[k] += acc;
-    }
-  }
-}
-
-void rademacher_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
-                            const float* gamma, int n_coords, float scale) {
-  std::vector<float> acc(kTile);
-  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int k = 0; k < n_coords; k++) {
-      uint32_t words[4];
-      for (int64_t g = 0; g < kTile / 128; g++) {
-        basis_words(seed, uint32_t(k), uint32_t((t0 >> 7) + g), words);
-        for (int64_t e = 0; e < 128; e++) acc[g * 128 + e] += sign_bit(words, e) ? -gamma[k] : gamma[k];
-      }
-    }
-    const int64_t a = std::max(lo, t0), b = std::min(hi, t0 + kTile);
-    apply_update(out, dt, a - start, acc.data() + (a - t0), b - a, scale);
+// Basis k over the tile starting at block index t0, as fp32 values: ±1 or N(0, 1).
+void rademacher_tile(uint64_t seed, int k, int64_t t0, float* v) {
+  uint32_t words[4];
+  for (int64_t g = 0; g < kTile / 128; g++) {
+    basis_words(seed, uint32_t(k), uint32_t((t0 >> 7) + g), words);
+    for (int64_t e = 0; e < 128; e++) v[g * 128 + e] = (words[e >> 5] >> (e & 31)) & 1u ? -1.0f : 1.0f;
   }
 }
 
@@ -71,46 +40,48 @@ inline float uniform(uint32_t w) {
   return float(x) * 4.6566127342e-10f;
 }
 
-inline void gaussian_quad(uint64_t seed, int k, int64_t quad, float z[4]) {
-  uint32_t w[4] = {uint32_t(quad), uint32_t(k), 0, 0};
-  philox(w, uint32_t(seed), uint32_t(seed >> 32));
-  for (int p = 0; p < 2; p++) {
-    const float u1 = std::max(1.0e-7f, uniform(w[2 * p]));
-    const float th = 6.283185307179586f * uniform(w[2 * p + 1]);
-    const float r = std::sqrt(-2.0f * std::log(u1));
-    z[2 * p] = r * std::cos(th);
-    z[2 * p + 1] = r * std::sin(th);
+void gaussian_tile(uint64_t seed, int k, int64_t t0, float* v) {
+  for (int64_t q = 0; q < kTile / 4; q++) {
+    uint32_t w[4] = {uint32_t((t0 >> 2) + q), uint32_t(k), 0, 0};
+    philox(w, uint32_t(seed), uint32_t(seed >> 32));
+    for (int p = 0; p < 2; p++) {
+      const float u1 = std::max(1.0e-7f, uniform(w[2 * p]));
+      const float th = 6.283185307179586f * uniform(w[2 * p + 1]);
+      const float r = std::sqrt(-2.0f * std::log(u1));
+      v[4 * q + 2 * p] = r * std::cos(th);
+      v[4 * q + 2 * p + 1] = r * std::sin(th);
+    }
   }
 }
 
-void gaussian_compress(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
-                       int n_coords, double* partial) {
-  std::vector<float> tile(kTile);
+using TileBasis = void (*)(uint64_t, int, int64_t, float*);
+
+template <TileBasis basis>
+void compress_chunk(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed, int n_coords,
+                    double* partial) {
+  std::vector<float> tile(kTile), v(kTile);
   std::fill(partial, partial + n_coords, 0.0);
   for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
     fill_tile(tile.data(), x, dt, start, lo, hi, t0);
     for (int k = 0; k < n_coords; k++) {
-      float acc = 0.0f, z[4];
-      for (int64_t q = 0; q < kTile / 4; q++) {
-        gaussian_quad(seed, k, (t0 >> 2) + q, z);
-        for (int e = 0; e < 4; e++) acc += tile[4 * q + e] * z[e];
-      }
+      basis(seed, k, t0, v.data());
+      float acc = 0.0f;
+      for (int64_t i = 0; i < kTile; i++) acc += tile[i] * v[i];
       partial[k] += acc;
     }
   }
 }
 
-void gaussian_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
-                          const float* gamma, int n_coords, float scale) {
-  std::vector<float> acc(kTile);
+// acc[i] = acc[i] + v_k[i] * gamma[k] in k order (for ±1 the product is exact: ±gamma[k]).
+template <TileBasis basis>
+void reconstruct_chunk(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                       const float* gamma, int n_coords, float scale) {
+  std::vector<float> acc(kTile), v(kTile);
   for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int k = 0; k < n_coords; k++) {
-      float z[4];
-      for (int64_t q = 0; q < kTile / 4; q++) {
-        gaussian_quad(seed, k, (t0 >> 2) + q, z);
-        for (int e = 0; e < 4; e++) acc[4 * q + e] += z[e] * gamma[k];
-      }
+      basis(seed, k, t0, v.data());
+      for (int64_t i = 0; i < kTile; i++) acc[i] += v[i] * gamma[k];
     }
     const int64_t a = std::max(lo, t0), b = std::min(hi, t0 + kTile);
     apply_update(out, dt, a - start, acc.data() + (a - t0), b - a, scale);
@@ -119,7 +90,7 @@ void gaussian_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_
 
 }  // namespace
 
-const ChunkKernels kRademacherPortable = {rademacher_compress, rademacher_reconstruct};
-const ChunkKernels kGaussian = {gaussian_compress, gaussian_reconstruct};
+const ChunkKernels kRademacherPortable = {compress_chunk<rademacher_tile>, reconstruct_chunk<rademacher_tile>};
+const ChunkKernels kGaussian = {compress_chunk<gaussian_tile>, reconstruct_chunk<gaussian_tile>};
 
 }  // namespace ferret::detail

@@ -1,0 +1,34 @@
+"""Turn a pytest-benchmark JSON file into the Markdown table kept beside it.
+
+Usage: python bench/summarize.py bench/results/cpu_projection.json  (writes cpu_projection.md)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(path: str) -> None:
+    data = json.loads(Path(path).read_text())
+    machine = data.get("machine_info", {})
+    rows = ["| op | d | K | seconds | × FMA bound | memory bound (s) | official-style (s) | speed-up |",
+            "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        if "extra_peak_rss_mib" in x:
+            notes.append(f"- peak memory beyond input and output, compress + reconstruct at d=1e8, K=200: "
+                         f"{x['extra_peak_rss_mib']:.1f} MiB")
+            continue
+        op = b["name"].split("[")[0].replace("test_", "")
+        rows.append(f"| {op} | {x['d']:.0e} | {x['K']} | {x['seconds']:.4f} | {x['x_fma_bound']:.2f} | "
+                    f"{x['memory_bound_seconds']:.4f} | {x['official_style_seconds']:.1f} | "
+                    f"{x['speedup_vs_official_style']:,.0f}× |")
+    first = next(b["extra_info"] for b in data["benchmarks"] if "threads" in b["extra_info"])
+    head = (f"# CPU projection benchmark\n\n{machine.get('cpu', {}).get('brand_raw', 'CPU')}, "
+            f"{first['threads']} threads, {first['simd']} loops; {data.get('datetime', '')}\n\n")
+    Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
