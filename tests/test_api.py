@@ -242,3 +242,12 @@ def test_packet_constructor_validates():
         Packet(0, "rademacher", 0, bytes(16), np.array([1]), np.array([np.nan], np.float32))
     with pytest.raises(PacketError, match="outside"):
         Packet(-1, "rademacher", 0, bytes(16), np.array([1]), np.zeros(1, np.float32))
+
+
+def test_parameters_that_require_grad():
+    model = torch.nn.Linear(6, 3)
+    packet = ferret.compress(dict(model.named_parameters()), 0, 4)  # leaf tensors with requires_grad
+    before = model.weight.detach().clone()
+    ferret.reconstruct(packet, into=model.named_parameters(), scale=0.1)
+    ferret.perturb(model.named_parameters(), 1, 1e-3)
+    assert not torch.equal(model.weight.detach(), before) and model.weight.requires_grad

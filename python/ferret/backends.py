@@ -55,12 +55,9 @@ class TritonBackend:
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
         self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
 
-    def sum_squares(self, flat) -> float:
-        return float(torch.sum(flat.double() ** 2)) if flat.numel() < (1 << 24) else _chunked_sum_squares(flat)
-
-
-def _chunked_sum_squares(flat: torch.Tensor, chunk: int = 1 << 24) -> float:
-    return float(sum(torch.sum(flat[i : i + chunk].double() ** 2) for i in range(0, flat.numel(), chunk)))
+    def sum_squares(self, flat, chunk: int = 1 << 24) -> float:
+        # fp64 in chunks: no full-size fp64 copy of a large update.
+        return float(sum(torch.sum(flat[i : i + chunk].double() ** 2) for i in range(0, flat.numel(), chunk)))
 
 
 _BACKENDS: dict[str, object] = {}

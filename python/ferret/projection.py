@@ -43,7 +43,7 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     for name, x in items:
         check_dtype(name, x, "update")
     be = backend_for(device_of(items, "update"), backend)
-    layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [x_numel(x) for _, x in items]))
+    layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [_numel(x) for _, x in items]))
     flats = [_readable(x) for _, x in items]
     blocks = layout.block_entries
 
@@ -140,7 +140,7 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
     return params
 
 
-def x_numel(x) -> int:
+def _numel(x) -> int:
     return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
 
 
@@ -172,7 +172,7 @@ def _readable(x):
     flat = flat_view(x)
     if flat is not None:
         return flat
-    return x.contiguous().view(-1) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x).reshape(-1)
+    return x.detach().contiguous().view(-1) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x).reshape(-1)
 
 
 def _writable_flat(name: str, x):
@@ -181,6 +181,4 @@ def _writable_flat(name: str, x):
         raise ValueError(f"{name or 'the tensor'} is not contiguous: ferret writes in place only into contiguous tensors")
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         raise ValueError(f"{name or 'the array'} is read-only")
-    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled() and x.is_leaf:
-        return flat.detach()
     return flat

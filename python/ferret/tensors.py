@@ -70,7 +70,8 @@ def device_of(items: Named, what: str) -> torch.device:
 
 
 def flat_view(x):
-    """A 1-d view of ``x`` without a copy; ``None`` if ``x`` is not contiguous."""
+    """A 1-d view of ``x`` without a copy (detached: DLPack refuses tensors that require grad);
+    ``None`` if ``x`` is not contiguous."""
     if isinstance(x, torch.Tensor):
-        return x.view(-1) if x.is_contiguous() else None
+        return x.detach().view(-1) if x.is_contiguous() else None
     return x.reshape(-1) if x.flags.c_contiguous else None
