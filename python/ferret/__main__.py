@@ -51,18 +51,20 @@ def demo(model_dir: Path, budget: int, seed: int, grouping: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ferret", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
+    defaults = {"model": stories260k_dir(), "budget": 1024, "seed": 0, "grouping": "tensor"}
+    parser.set_defaults(**defaults)  # plain `ferret` runs the demo with these
     d = sub.add_parser("demo", help="compress and reconstruct a real model's weights (the default)")
-    d.add_argument("--model", type=Path, default=stories260k_dir(), help="a Hugging Face model dir with model.safetensors")
-    d.add_argument("--budget", type=int, default=1024, help="coordinates in the packet")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--grouping", default="tensor", choices=["tensor", "paper"])
+    d.add_argument("--model", type=Path, help="a Hugging Face model dir with model.safetensors")
+    d.add_argument("--budget", type=int, help="coordinates in the packet")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--grouping", choices=["tensor", "paper"])
+    d.set_defaults(**defaults)
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
     if args.command in (None, "demo"):
-        model = getattr(args, "model", stories260k_dir())
-        if not (model / "model.safetensors").is_file():
-            parser.error(f"{model} holds no model.safetensors")
+        if not (args.model / "model.safetensors").is_file():
+            parser.error(f"{args.model} holds no model.safetensors")
         try:
-            demo(model, getattr(args, "budget", 1024), getattr(args, "seed", 0), getattr(args, "grouping", "tensor"))
+            demo(args.model, args.budget, args.seed, args.grouping)
         except (ValueError, TypeError) as err:
             print(f"ferret: {err}", file=sys.stderr)
             return 2
