@@ -1,8 +1,8 @@
 // AVX2 + FMA loops (compiled for x86-64-v3; called only after a runtime CPU check).
 //
-// compress: for every 4 consecutive elements of a tile, the 16 signed sums ±x0±x1±x2±x3 are
-//   tabulated once (two 8-float tables, split on the sign of x3); then 8 bases at a time, each
-//   nibble of a Philox word picks its sum with two vpermps and a blend. Δ is read once per tile
+// compress: every word of 32 elements of a tile is cut into ten groups of 3 elements and one of 2;
+//   the 8 signed sums ±x0±x1±x2 of each group are tabulated once per tile. Then 8 bases at a
+//   time, each group's sign bits pick their sum with one vpermps. Δ is read once per tile
 //   whatever the number of bases.
 // reconstruct: the Philox words of every basis for a tile are generated first; then each stripe
 //   of 32 outputs keeps its accumulators in registers while all bases pass, adding ±gamma_k in
@@ -35,10 +35,13 @@ struct Scratch {
 };
 
 struct RoundKeys {
+  uint32_t s0[kPhiloxRounds], s1[kPhiloxRounds];
   __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
   explicit RoundKeys(uint64_t seed) {
     uint32_t a = uint32_t(seed), b = uint32_t(seed >> 32);
     for (int r = 0; r < kPhiloxRounds; r++) {
+      s0[r] = a;
+      s1[r] = b;
       k0[r] = _mm256_set1_epi32(int(a));
       k1[r] = _mm256_set1_epi32(int(b));
       a += kPhiloxW0;
@@ -47,30 +50,63 @@ struct RoundKeys {
   }
 };
 
-// Eight Philox4x32-10 evaluations with counters (c0[l], c1[l], 0, 0).
-inline void philox8(__m256i c0, __m256i c1, const RoundKeys& key, __m256i out[4]) {
-  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-#pragma GCC unroll 10
-  for (int r = 0; r < kPhiloxRounds; r++) {
-    const __m256i a_even = _mm256_mul_epu32(c0, m0), a_odd = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-    const __m256i b_even = _mm256_mul_epu32(c2, m1), b_odd = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-    const __m256i a_hi = _mm256_blend_epi32(_mm256_srli_epi64(a_even, 32), a_odd, 0xAA);
-    const __m256i a_lo = _mm256_blend_epi32(a_even, _mm256_slli_epi64(a_odd, 32), 0xAA);
-    const __m256i b_hi = _mm256_blend_epi32(_mm256_srli_epi64(b_even, 32), b_odd, 0xAA);
-    const __m256i b_lo = _mm256_blend_epi32(b_even, _mm256_slli_epi64(b_odd, 32), 0xAA);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(b_hi, c1), key.k0[r]);
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(a_hi, c3), key.k1[r]);
-    c1 = b_lo;
-    c3 = a_lo;
-    c0 = n0;
-    c2 = n2;
-  }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+inline __m256i splat(uint32_t v) { return _mm256_set1_epi32(int(v)); }
+
+// Lane-wise 32x32 -> 64-bit products of a and m, split into high and low words.
+inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
+
+// Philox rounds 2..9 on eight lanes; the first two rounds are done by the callers, where one
+// counter word is the same in every lane and half of the multiplications are scalar.
+inline void philox8_rounds(__m256i c[4], const RoundKeys& key) {
+  const __m256i m0 = splat(kPhiloxM0), m1 = splat(kPhiloxM1);
+#pragma GCC unroll 8
+  for (int r = 2; r < kPhiloxRounds; r++) {
+    __m256i a_hi, a_lo, b_hi, b_lo;
+    mulhilo(c[0], m0, a_hi, a_lo);
+    mulhilo(c[2], m1, b_hi, b_lo);
+    c[0] = _mm256_xor_si256(_mm256_xor_si256(b_hi, c[1]), key.k0[r]);
+    c[2] = _mm256_xor_si256(_mm256_xor_si256(a_hi, c[3]), key.k1[r]);
+    c[1] = b_lo;
+    c[3] = a_lo;
+  }
+}
+
+// Eight Philox4x32-10 evaluations with counters (group, k[l], 0, 0): compress's layout.
+inline void philox8_bases(uint32_t group, __m256i k, const RoundKeys& key, __m256i c[4]) {
+  const uint64_t p0 = uint64_t(kPhiloxM0) * group;  // round 0: the c2 product is 0
+  const uint32_t c2 = uint32_t(p0 >> 32) ^ key.s1[0], c3 = uint32_t(p0);
+  const __m256i c0 = _mm256_xor_si256(k, key.k0[0]);
+  const uint64_t p1 = uint64_t(kPhiloxM1) * c2;  // round 1: c2 is scalar, c0 is not
+  __m256i a_hi, a_lo;
+  mulhilo(c0, splat(kPhiloxM0), a_hi, a_lo);
+  c[0] = splat(uint32_t(p1 >> 32) ^ key.s0[1]);
+  c[1] = splat(uint32_t(p1));
+  c[2] = _mm256_xor_si256(_mm256_xor_si256(a_hi, splat(c3)), key.k1[1]);
+  c[3] = a_lo;
+  philox8_rounds(c, key);
+}
+
+// Eight Philox4x32-10 evaluations with counters (group[l], k, 0, 0): reconstruct's layout.
+inline void philox8_groups(__m256i group, uint32_t k, const RoundKeys& key, __m256i c[4]) {
+  __m256i a_hi, a_lo;  // round 0: the c2 product is 0 and c0 becomes scalar
+  mulhilo(group, splat(kPhiloxM0), a_hi, a_lo);
+  const uint32_t c0 = k ^ key.s0[0];
+  const __m256i c2 = _mm256_xor_si256(a_hi, key.k1[0]);
+  const uint64_t p0 = uint64_t(kPhiloxM0) * c0;  // round 1: c0 is scalar, c2 is not
+  __m256i b_hi, b_lo;
+  mulhilo(c2, splat(kPhiloxM1), b_hi, b_lo);
+  c[0] = _mm256_xor_si256(b_hi, key.k0[1]);  // c1 was 0
+  c[1] = b_lo;
+  c[2] = _mm256_xor_si256(_mm256_xor_si256(splat(uint32_t(p0 >> 32)), a_lo), key.k1[1]);
+  c[3] = splat(uint32_t(p0));
+  philox8_rounds(c, key);
+}
+
+constexpr int kGroupsPerWord = 11;  // 10 groups of 3 sign bits and one of 2
 
 // A function, not a global: no AVX instruction may run before the runtime CPU check.
 inline __m256i lanes() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
@@ -82,19 +118,22 @@ void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int
   Scratch sums_mem(sizeof(double) * padded);
   double* sums = static_cast<double*>(sums_mem.p);
   alignas(32) float tile[kTile];
-  alignas(32) __m256 plus[kTile / 4], minus[kTile / 4];  // sums with +x3 / -x3, indexed by 3 sign bits
+  // For every word of 32 elements: 10 tables of the 8 sums ±x0±x1±x2 over elements 3g..3g+2,
+  // and one of the 4 sums ±x30±x31, each indexed by that group's sign bits.
+  alignas(32) __m256 tables[kTile / 32][kGroupsPerWord];
   const __m256 s0 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
   const __m256 s1 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
   const __m256 s2 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
   for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
     fill_tile(tile, x, dt, start, lo, hi, t0);
-    for (int s = 0; s < kTile / 4; s++) {
-      __m256 t = _mm256_mul_ps(_mm256_set1_ps(tile[4 * s]), s0);
-      t = _mm256_fmadd_ps(_mm256_set1_ps(tile[4 * s + 1]), s1, t);
-      t = _mm256_fmadd_ps(_mm256_set1_ps(tile[4 * s + 2]), s2, t);
-      const __m256 x3 = _mm256_set1_ps(tile[4 * s + 3]);
-      plus[s] = _mm256_add_ps(t, x3);
-      minus[s] = _mm256_sub_ps(t, x3);
+    for (int w = 0; w < kTile / 32; w++) {
+      const float* e = tile + 32 * w;
+      for (int g = 0; g < kGroupsPerWord - 1; g++) {
+        __m256 t = _mm256_mul_ps(_mm256_set1_ps(e[3 * g]), s0);
+        t = _mm256_fmadd_ps(_mm256_set1_ps(e[3 * g + 1]), s1, t);
+        tables[w][g] = _mm256_fmadd_ps(_mm256_set1_ps(e[3 * g + 2]), s2, t);
+      }
+      tables[w][kGroupsPerWord - 1] = _mm256_fmadd_ps(_mm256_set1_ps(e[31]), s1, _mm256_mul_ps(_mm256_set1_ps(e[30]), s0));
     }
     const uint32_t group0 = uint32_t(t0 >> 7);
     for (int kb = 0; kb < padded; kb += 8) {
@@ -102,20 +141,14 @@ void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int
       const __m256i basis = _mm256_add_epi32(_mm256_set1_epi32(kb), lanes());
       for (int g = 0; g < kTile / 128; g++) {
         __m256i words[4];
-        philox8(_mm256_set1_epi32(int(group0 + g)), basis, key, words);
+        philox8_bases(group0 + g, basis, key, words);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; j++) {
           const __m256i r = words[j];
-          const __m256* tp = plus + g * 32 + j * 8;
-          const __m256* tm = minus + g * 32 + j * 8;
-#pragma GCC unroll 8
-          for (int m = 0; m < 8; m++) {
-            const __m256i idx = _mm256_srli_epi32(r, 4 * m);
-            const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(r, 28 - 4 * m));
-            const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tp[m], idx),
-                                              _mm256_permutevar8x32_ps(tm[m], idx), sel);
-            acc[m & 3] = _mm256_add_ps(acc[m & 3], v);
-          }
+          const __m256* tw = tables[4 * g + j];
+#pragma GCC unroll 11
+          for (int m = 0; m < kGroupsPerWord; m++)
+            acc[m & 3] = _mm256_add_ps(acc[m & 3], _mm256_permutevar8x32_ps(tw[m], _mm256_srli_epi32(r, 3 * m)));
         }
       }
       alignas(32) float lane_sums[8];
@@ -140,21 +173,25 @@ void rademacher_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int6
     const __m256i groups = _mm256_add_epi32(_mm256_set1_epi32(int(t0 >> 7)), lanes());
     for (int k = 0; k < n_coords; k++) {
       __m256i w[4];
-      philox8(groups, _mm256_set1_epi32(k), key, w);
+      philox8_groups(groups, uint32_t(k), key, w);
       for (int j = 0; j < 4; j++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(&words[size_t(k) * 32 + j * 8]), w[j]);
     }
     for (int l = 0; l < 8; l++)
-      for (int j = 0; j < 4; j++) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int j = 0; j < 4; j += 2) {  // a stripe of 64 outputs: words j and j + 1 of group l
+        __m256 acc[8];
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
         const uint32_t* wk = &words[j * 8 + l];
         for (int k = 0; k < n_coords; k++) {
-          const __m256i w = _mm256_set1_epi32(int(wk[size_t(k) * 32]));
+          const __m256i w0 = _mm256_set1_epi32(int(wk[size_t(k) * 32]));
+          const __m256i w1 = _mm256_set1_epi32(int(wk[size_t(k) * 32 + 8]));
           const __m256 pos = _mm256_set1_ps(gamma[k]), neg = _mm256_set1_ps(-gamma[k]);
 #pragma GCC unroll 4
-          for (int q = 0; q < 4; q++)
-            acc[q] = _mm256_add_ps(acc[q], _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_sllv_epi32(w, shift[q]))));
+          for (int q = 0; q < 4; q++) {
+            acc[q] = _mm256_add_ps(acc[q], _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_sllv_epi32(w0, shift[q]))));
+            acc[q + 4] = _mm256_add_ps(acc[q + 4], _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_sllv_epi32(w1, shift[q]))));
+          }
         }
-        for (int q = 0; q < 4; q++) _mm256_store_ps(acc_tile + l * 128 + j * 32 + 8 * q, acc[q]);
+        for (int q = 0; q < 8; q++) _mm256_store_ps(acc_tile + l * 128 + j * 32 + 8 * q, acc[q]);
       }
     const int64_t a = max64(lo, t0), b = min64(hi, t0 + kTile);
     apply_update(out, dt, a - start, acc_tile + (a - t0), b - a, scale);
