@@ -28,3 +28,22 @@ for dtype in ("fp32", "bf16", "fp16"):
     print(f"sm_90 compress rademacher {dtype}: cubin {len(kernel.asm['cubin'])} B")
 kernel = build(P._compress_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32"}, P.GAUSSIAN)
 print(f"sm_90 compress gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
+
+# LoRA: a stack of three clients with heterogeneous ranks, into fp32 and bf16 weights.
+from ferret.kernels import lora as L  # noqa: E402
+
+ranks = (64, 8, 4)
+for dtype in ("fp32", "bf16"):
+    signature = {"w_ptr": f"*{dtype}", "a_ptrs": (f"*{dtype}",) * 3, "b_ptrs": (f"*{dtype}",) * 3,
+                 "coefs": ("fp32",) * 3, "M": "i32", "N": "i32", "stride_wm": "i32", "stride_wn": "i32",
+                 "RANKS": "constexpr", "RANK_BLOCKS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    constexprs = {"RANKS": ranks, "RANK_BLOCKS": tuple(L.rank_block(r) for r in ranks),
+                  "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N}
+    kernel = triton.compile(ASTSource(L._merge_kernel, signature, constexprs), target=TARGET)
+    print(f"sm_90 lora merge ranks {ranks} {dtype}: cubin {len(kernel.asm['cubin'])} B")
+signature = {"x_ptr": "*fp32", "w_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32",
+             **{k: "i32" for k in ("M", "N", "K", "R", "stride_xm", "stride_wn", "stride_wk", "stride_ym")},
+             **{k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")}}
+constexprs = {"BLOCK_M": 64, "BLOCK_N": L.BLOCK_N, "BLOCK_K": 32, "BLOCK_R": 128}
+kernel = triton.compile(ASTSource(L._stacked_linear_kernel, signature, constexprs), target=TARGET)
+print(f"sm_90 lora stacked linear fp32: cubin {len(kernel.asm['cubin'])} B")

@@ -118,3 +118,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fused-fma 0" in proc.stdout
+    assert proc.stdout.count("sm_90 lora merge") == 2 and "sm_90 lora stacked linear" in proc.stdout

@@ -7,11 +7,13 @@ The seeded projection (this release's core)::
     ferret.reconstruct(packet, into=params, scale=server_lr)           # params += lr * update
     ferret.perturb(params, seed, eps)                                  # params += eps * z(seed)
 
+LoRA aggregation (FLoRA's stacking and its baselines) lives in :mod:`ferret.lora`.
+
 CPU tensors and NumPy arrays run on the compiled core, CUDA tensors on the Triton kernels; both
 follow the basis spec in :mod:`ferret.spec` bit for bit.
 """
 
-from . import spec
+from . import lora, spec
 from ._core import num_threads, set_num_threads, simd_level
 from .allocation import allocate
 from .layout import Layout
@@ -28,6 +30,7 @@ __all__ = [
     "allocate",
     "block_seed",
     "compress",
+    "lora",
     "normalize_seed",
     "num_threads",
     "perturb",

@@ -1,0 +1,128 @@
+"""A LoRA update as ferret holds it: per base module, a sum of low-rank terms ``coef · B @ A``.
+
+One client's PEFT adapter is one term per module (``coef`` = its scaling α/r or α/√r). FLoRA's
+stack keeps every client's term side by side; FedIT and zero-padding produce one averaged term.
+The same object is merged into base weights, turned back into a PEFT adapter, or applied
+unmerged, whatever produced it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class LoraError(ValueError):
+    """A LoRA adapter, or a set of them, that ferret cannot aggregate or merge as given."""
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``coef · B @ A`` for one module: ``A`` is (rank, in_features), ``B`` (out_features, rank)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    coef: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+class LoraAdapter:
+    """LoRA updates for a set of modules of one base model.
+
+    ``terms`` maps a module name of the base model (``"model.layers.0.self_attn.q_proj"``) to its
+    terms. Each module's update has the shape (out_features, in_features) of a ``torch.nn.Linear``
+    weight; with ``fan_in_fan_out`` (GPT-2's ``Conv1D``) the base weight stores its transpose.
+    Tensors are kept as given (detached, not copied). Raises :class:`LoraError` for terms whose
+    A and B ranks disagree, for shapes that differ between terms of one module, for more than
+    one dtype or device, and for NaN or Inf anywhere.
+    """
+
+    def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False):
+        if not terms:
+            raise LoraError("a LoRA adapter needs at least one module")
+        self.terms: dict[str, tuple[LoraTerm, ...]] = {}
+        for name, module_terms in terms.items():
+            module_terms = tuple(module_terms)
+            if not module_terms:
+                raise LoraError(f"module {name!r} has no LoRA terms")
+            self.terms[name] = tuple(_checked(name, t) for t in module_terms)
+            shapes = {self.shape(name, i) for i in range(len(module_terms))}
+            if len(shapes) > 1:
+                raise LoraError(f"module {name!r}: terms disagree on the update's shape: {sorted(shapes)}")
+        dtypes = {t.A.dtype for ts in self.terms.values() for t in ts}
+        if len(dtypes) > 1:
+            raise LoraError(f"mixed dtypes in one adapter: {sorted(map(str, dtypes))}")
+        devices = {t.A.device for ts in self.terms.values() for t in ts}
+        if len(devices) > 1:
+            raise LoraError(f"one adapter's tensors lie on several devices: {sorted(map(str, devices))}")
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+
+    @property
+    def modules(self) -> list[str]:
+        """The module names, in insertion order."""
+        return list(self.terms)
+
+    def shape(self, name: str, term: int = 0) -> tuple[int, int]:
+        """(out_features, in_features) of module ``name``'s update."""
+        t = self.terms[name][term]
+        return (t.B.shape[0], t.A.shape[1])
+
+    def rank(self, name: str) -> int:
+        """The total rank of module ``name``: the sum of its terms' ranks."""
+        return sum(t.rank for t in self.terms[name])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.terms.values()))[0].A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.terms.values()))[0].A.device
+
+    def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module ``name`` as one adapter of rank Σr with unit scaling: ``(A, B)`` in fp32 with
+        ``B @ A`` equal to the update; each term's coefficient is folded into its rows of A."""
+        terms = self.terms[name]
+        A = torch.cat([t.A.float() * t.coef for t in terms])
+        B = torch.cat([t.B.float() for t in terms], dim=1)
+        return A, B
+
+    def delta(self, name: str) -> torch.Tensor:
+        """Module ``name``'s update as a dense fp32 (out_features, in_features) matrix."""
+        A, B = self.stacked(name)
+        return B @ A
+
+    def __repr__(self) -> str:
+        ranks = sorted({self.rank(n) for n in self.terms})
+        return f"LoraAdapter({len(self.terms)} modules, rank {ranks if len(ranks) > 1 else ranks[0]})"
+
+
+def _checked(name: str, term: LoraTerm) -> LoraTerm:
+    A, B = term.A, term.B
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+        raise LoraError(f"module {name!r}: A and B must be tensors")
+    if A.dim() != 2 or B.dim() != 2:
+        raise LoraError(f"module {name!r}: A and B must be 2-d, got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+    if A.shape[0] != B.shape[1]:
+        raise LoraError(
+            f"module {name!r}: rank mismatch, A is {tuple(A.shape)} (rank {A.shape[0]}) but B is "
+            f"{tuple(B.shape)} (rank {B.shape[1]})"
+        )
+    if A.dtype != B.dtype:
+        raise LoraError(f"module {name!r}: A is {A.dtype} but B is {B.dtype}")
+    if not A.is_floating_point():
+        raise LoraError(f"module {name!r}: LoRA weights must be floating point, got {A.dtype}")
+    if A.device != B.device:
+        raise LoraError(f"module {name!r}: A is on {A.device} but B on {B.device}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise LoraError(f"module {name!r}: A or B holds NaN or Inf")
+    coef = float(term.coef)
+    if not math.isfinite(coef):
+        raise LoraError(f"module {name!r}: the scaling {term.coef} is not finite")
+    return LoraTerm(A.detach(), B.detach(), coef)

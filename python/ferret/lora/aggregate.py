@@ -1,0 +1,123 @@
+"""Server-side aggregation of client LoRA adapters: FLoRA's stacking and the two baselines.
+
+All three take the participating clients' adapters (any subset of the federation) and their
+weights (example counts, or ``None`` for equal weights; normalised to p_i = w_i / Σw) and return
+a :class:`LoraAdapter`:
+
+* :func:`stack` (FLoRA): every client's term kept side by side with coefficient p_i·s_i, so
+  B_stack @ A_stack = Σ_i p_i s_i B_i A_i exactly, for any ranks.
+* :func:`fedit` (FedIT): A = Σ p_i A_i and B = Σ p_i s_i B_i, for equal ranks. The product of
+  averages is not the average of products: this is the noise FLoRA removes.
+* :func:`zero_pad`: each client's A and B padded with zeros to the largest rank, then averaged as
+  FedIT does; equal to :func:`fedit` when the ranks are equal.
+
+The averaging baselines fold each client's scaling s_i into its B before averaging, so clients
+with different ``lora_alpha`` still combine into one adapter with unit scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .adapter import LoraAdapter, LoraError, LoraTerm
+
+
+def client_weights(weights: Sequence[float] | None, n_clients: int) -> list[float]:
+    """Normalise ``weights`` (``None``: equal) to non-negative floats summing to 1.
+
+    Raises :class:`LoraError` for a count that differs from ``n_clients``, for negative or
+    non-finite weights, and for weights that do not sum to a positive number.
+    """
+    if n_clients == 0:
+        raise LoraError("no client adapters to aggregate")
+    if weights is None:
+        return [1.0 / n_clients] * n_clients
+    w = [float(x) for x in weights]
+    if len(w) != n_clients:
+        raise LoraError(f"{len(w)} weights for {n_clients} client adapters")
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise LoraError(f"client weights must be finite and non-negative, got {w}")
+    total = sum(w)
+    if total <= 0:
+        raise LoraError(f"client weights must sum to a positive number, got {w}")
+    return [x / total for x in w]
+
+
+def stack(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
+    """FLoRA: the clients' adapters stacked into one of rank Σr_i whose update is Σ p_i s_i B_i A_i.
+
+    Nothing is copied: the result refers to each client's A_i and B_i.
+    """
+    p = client_weights(weights, len(adapters))
+    _check_compatible(adapters)
+    return LoraAdapter(
+        {name: [LoraTerm(t.A, t.B, p_i * t.coef) for p_i, a in zip(p, adapters) for t in a.terms[name]]
+         for name in adapters[0].modules},
+        fan_in_fan_out=adapters[0].fan_in_fan_out,
+    )
+
+
+def fedit(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
+    """FedIT: the weighted average of the clients' A and of their (scaled) B; ranks must be equal."""
+    _check_compatible(adapters)
+    for name in adapters[0].modules:
+        ranks = [a.rank(name) for a in adapters]
+        if len(set(ranks)) > 1:
+            raise LoraError(f"FedIT averages adapters of equal rank; module {name!r} has ranks {ranks} "
+                            f"(use zero_pad or stack for heterogeneous ranks)")
+    return zero_pad(adapters, weights)
+
+
+def zero_pad(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
+    """Zero-padding: each client's A and B padded to the largest rank, then averaged as FedIT does."""
+    p = client_weights(weights, len(adapters))
+    _check_compatible(adapters)
+    averaged = {}
+    for name in adapters[0].modules:
+        r_max = max(a.rank(name) for a in adapters)
+        out_features, in_features = adapters[0].shape(name)
+        A = torch.zeros(r_max, in_features, dtype=torch.float32, device=adapters[0].device)
+        B = torch.zeros(out_features, r_max, dtype=torch.float32, device=adapters[0].device)
+        for p_i, adapter in zip(p, adapters):
+            A_i, B_i = _single_term(adapter, name)
+            A[: A_i.shape[0]] += p_i * A_i.float()
+            B[:, : B_i.shape[1]] += p_i * adapter.terms[name][0].coef * B_i.float()
+        averaged[name] = [LoraTerm(A, B, 1.0)]
+    return LoraAdapter(averaged, fan_in_fan_out=adapters[0].fan_in_fan_out)
+
+
+def _single_term(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    terms = adapter.terms[name]
+    if len(terms) != 1:
+        raise LoraError(f"module {name!r}: averaging takes one client adapter per term, got a stack of {len(terms)}")
+    return terms[0].A, terms[0].B
+
+
+def _check_compatible(adapters: Sequence[LoraAdapter]) -> None:
+    """Same modules, update shapes, dtype, device and weight layout in every client's adapter."""
+    if not adapters:
+        raise LoraError("no client adapters to aggregate")
+    for i, a in enumerate(adapters):
+        if not isinstance(a, LoraAdapter):
+            raise TypeError(f"client {i}: expected a LoraAdapter (see ferret.lora.from_peft), got {type(a).__name__}")
+    first = adapters[0]
+    names = set(first.modules)
+    for i, a in enumerate(adapters[1:], start=1):
+        if set(a.modules) != names:
+            missing = sorted(names - set(a.modules))
+            extra = sorted(set(a.modules) - names)
+            raise LoraError(f"client {i} adapts different modules than client 0: "
+                            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                            f"extra {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        for name in first.modules:
+            if a.shape(name) != first.shape(name):
+                raise LoraError(f"module {name!r}: client {i}'s update is {a.shape(name)}, client 0's {first.shape(name)}")
+        if a.dtype != first.dtype:
+            raise LoraError(f"mixed dtypes: client 0's adapter is {first.dtype}, client {i}'s {a.dtype}")
+        if a.device != first.device:
+            raise LoraError(f"client 0's adapter is on {first.device}, client {i}'s on {a.device}")
+        if a.fan_in_fan_out != first.fan_in_fan_out:
+            raise LoraError(f"client 0 and client {i} disagree on fan_in_fan_out")
