@@ -1,6 +1,7 @@
 """Turn a pytest-benchmark JSON file into the Markdown table kept beside it.
 
 Usage: python bench/summarize.py bench/results/cpu_projection.json  (writes cpu_projection.md)
+       python bench/summarize.py bench/results/cpu_lora.json        (writes cpu_lora.md)
 """
 
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 
 def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
+    if any("method" in b["extra_info"] for b in data["benchmarks"]):
+        return lora_table(path, data)
     machine = data.get("machine_info", {})
     rows = ["| op | d | K | seconds | × FMA bound | memory bound (s) | official-style (s) | speed-up |",
             "|---|---|---|---|---|---|---|---|"]
@@ -28,6 +31,25 @@ def main(path: str) -> None:
     head = (f"# CPU projection benchmark\n\n{machine.get('cpu', {}).get('brand_raw', 'CPU')}, "
             f"{first['threads']} threads, {first['simd']} loops; {data.get('datetime', '')}\n\n")
     Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n")
+
+
+def lora_table(path: str, data: dict) -> None:
+    """One row per layer: each method's seconds and its ratio to one addmm of the stacked size."""
+    methods = ["ferret", "per_client_addmm", "peft_cat", "one_addmm"]
+    seconds: dict[str, dict[str, float]] = {}
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        seconds.setdefault(x["layer"], {})[x["method"]] = x["seconds"]
+    rows = ["| layer | " + " | ".join(methods) + " | ferret / one_addmm |", "|---" * (len(methods) + 2) + "|"]
+    for layer, by_method in seconds.items():
+        bound = by_method["one_addmm"]
+        cells = [f"{by_method[m] * 1e3:.2f} ms ({by_method[m] / bound:.2f}×)" for m in methods]
+        rows.append(f"| {layer} | " + " | ".join(cells) + f" | {by_method['ferret'] / bound:.2f} |")
+    x = data["benchmarks"][0]["extra_info"]
+    head = (f"# LoRA merge benchmark\n\n{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}, "
+            f"{x['threads']} threads; 10 clients, total rank {x['total_rank']}, fp32, best of 20 "
+            f"(PEFT: best of 5); {data.get('datetime', '')}\n\n")
+    Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

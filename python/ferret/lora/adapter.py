@@ -43,7 +43,8 @@ class LoraAdapter:
     one dtype or device, and for NaN or Inf anywhere.
     """
 
-    def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False):
+    def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False,
+                 _checked_terms: bool = False):
         if not terms:
             raise LoraError("a LoRA adapter needs at least one module")
         self.terms: dict[str, tuple[LoraTerm, ...]] = {}
@@ -51,7 +52,8 @@ class LoraAdapter:
             module_terms = tuple(module_terms)
             if not module_terms:
                 raise LoraError(f"module {name!r} has no LoRA terms")
-            self.terms[name] = tuple(_checked(name, t) for t in module_terms)
+            # Aggregates of checked adapters skip the finiteness scans, which cost as much as a merge.
+            self.terms[name] = module_terms if _checked_terms else tuple(_checked(name, t) for t in module_terms)
             shapes = {self.shape(name, i) for i in range(len(module_terms))}
             if len(shapes) > 1:
                 raise LoraError(f"module {name!r}: terms disagree on the update's shape: {sorted(shapes)}")
@@ -85,12 +87,24 @@ class LoraAdapter:
     def device(self) -> torch.device:
         return next(iter(self.terms.values()))[0].A.device
 
-    def stacked(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked(self, name: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``name`` as one adapter of rank Σr with unit scaling: ``(A, B)`` in fp32 with
-        ``B @ A`` equal to the update; each term's coefficient is folded into its rows of A."""
+        ``B @ A`` equal to the update; each term's coefficient is folded into its rows of A.
+
+        ``out``, a 1-d fp32 tensor of at least ``Σr · (in_features + out_features)`` elements on
+        the adapter's device, holds the result (views into it) instead of new tensors.
+        """
         terms = self.terms[name]
-        A = torch.cat([t.A.float() * t.coef for t in terms])
-        B = torch.cat([t.B.float() for t in terms], dim=1)
+        out_features, in_features = self.shape(name)
+        rank = self.rank(name)
+        if out is None:
+            out = torch.empty(rank * (in_features + out_features), dtype=torch.float32, device=self.device)
+        A = out[: rank * in_features].view(rank, in_features)
+        B = out[rank * in_features : rank * (in_features + out_features)].view(out_features, rank)
+        torch.cat([t.A for t in terms], out=A)
+        row_coefs = [t.coef for t in terms for _ in range(t.rank)]
+        A.mul_(torch.tensor(row_coefs, dtype=torch.float32).to(A.device)[:, None])
+        torch.cat([t.B for t in terms], dim=1, out=B)
         return A, B
 
     def delta(self, name: str) -> torch.Tensor:

@@ -57,6 +57,7 @@ def stack(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = Non
         {name: [LoraTerm(t.A, t.B, p_i * t.coef) for p_i, a in zip(p, adapters) for t in a.terms[name]]
          for name in adapters[0].modules},
         fan_in_fan_out=adapters[0].fan_in_fan_out,
+        _checked_terms=True,
     )
 
 

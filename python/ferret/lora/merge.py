@@ -7,6 +7,7 @@ fused Triton kernel, which reads every client's A_i and B_i where they lie.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from .adapter import LoraAdapter, LoraError
 
 CHUNK_BYTES = 64 << 20  # fp32 scratch for one chunk of a low-precision weight
+_scratch = threading.local()
 
 
 def merge_into(base, adapter: LoraAdapter, *, backend: str | None = None) -> None:
@@ -56,7 +58,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, adapter: LoraAdapter, name: s
 
 
 def _merge_torch(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:
-    A, B = adapter.stacked(name)
+    A, B = adapter.stacked(name, out=_workspace(adapter.rank(name) * sum(adapter.shape(name)), weight.device))
     # weight += lhs @ rhs, in the weight's own layout
     lhs, rhs = (A.T, B.T) if adapter.fan_in_fan_out else (B, A)
     if weight.dtype == torch.float32:
@@ -67,6 +69,15 @@ def _merge_torch(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:
         block = weight[r0 : r0 + rows].float()
         block.addmm_(lhs[r0 : r0 + rows], rhs)
         weight[r0 : r0 + rows].copy_(block)
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """A per-thread fp32 buffer for stacked factors, kept between merges: fresh multi-MB
+    allocations fault in new pages every time, which cost more than the copy itself."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
 
 
 def _merge_triton(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:
