@@ -18,7 +18,7 @@ from ._core import num_threads, set_num_threads, simd_level
 from .allocation import allocate
 from .layout import Layout
 from .packet import Packet, PacketError
-from .projection import compress, perturb, reconstruct
+from .projection import compress, merge_packets, perturb, reconstruct
 from .spec import block_seed, normalize_seed
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "block_seed",
     "compress",
     "lora",
+    "merge_packets",
     "normalize_seed",
     "num_threads",
     "perturb",

@@ -118,6 +118,40 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
     return dict(targets)
 
 
+def merge_packets(packets, weights=None) -> Packet:
+    """One packet whose reconstruction is the weighted mean of the packets' reconstructions.
+
+    ``packets`` share a round seed, basis and layout (their clients projected onto the same
+    bases); their per-block counts may differ (``norm`` allocation). Block b of client i rebuilds
+    (1/n_bi) Σ_k γ_ik v_k, so the merged coordinate k is n_b · Σ_i p_i γ_ik / n_bi over the clients
+    with k < n_bi, with n_b = max_i n_bi: one reconstruction serves the whole round. ``weights``
+    (default: equal) are normalised to sum to 1. Raises :class:`PacketError` for packets that do
+    not share seed, basis and layout, and ``ValueError`` for bad weights.
+    """
+    packets = list(packets)
+    if not packets:
+        raise ValueError("no packets to merge")
+    first = packets[0]
+    for i, p in enumerate(packets):
+        if not isinstance(p, Packet):
+            raise TypeError(f"packet {i} is a {type(p).__name__}, not a Packet")
+        if (p.round_seed, p.basis, p.group_size, p.fingerprint, p.n_blocks) != (
+                first.round_seed, first.basis, first.group_size, first.fingerprint, first.n_blocks):
+            raise PacketError(f"packet {i} was made with another round seed, basis or layout than packet 0")
+    w = np.full(len(packets), 1.0 / len(packets)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(packets),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be {len(packets)} finite non-negative numbers with a positive sum")
+    w = w / w.sum()
+    counts = np.max([p.counts for p in packets], axis=0).astype(np.uint32)
+    merged = np.zeros(int(counts.sum(dtype=np.int64)), dtype=np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)[:-1]])
+    for p, p_i in zip(packets, w):
+        for b in range(p.n_blocks):
+            own = p.block_coords(b).astype(np.float64)
+            merged[starts[b] : starts[b] + own.size] += p_i * int(counts[b]) / own.size * own
+    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, merged.astype(np.float32))
+
+
 def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend: str | None = None):
     """In place: add ``eps * z`` to every tensor, ``z`` drawn from ``block_seed(seed, i)`` for tensor ``i``.
 

@@ -1,0 +1,77 @@
+"""The interface every federated algorithm implements, free of any engine (the embedded loop and
+a Flower app drive the same objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data import Encoded
+
+
+class NonFiniteUpdate(ValueError):
+    """A client's update holds NaN or Inf; the engine drops that client from the round."""
+
+
+@dataclass
+class LocalTraining:
+    """First-order local training: ``steps`` optimiser steps of ``batch_size`` examples."""
+
+    steps: int = 10
+    batch_size: int = 4
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    grad_accum: int = 1
+    clip: float | None = None
+
+
+@dataclass
+class ClientContext:
+    """What the engine tells a client about the round: ids, the round's shared seed, its rng."""
+
+    round: int
+    client: int
+    round_seed: int
+    rng: np.random.Generator
+
+
+@dataclass
+class RoundContext:
+    round: int
+    round_seed: int
+    clients: list[int] = field(default_factory=list)
+
+
+class Algorithm:
+    """One federated algorithm: what a client computes and uploads (bytes), how the server
+    aggregates the uploads into the global model, and what it broadcasts back (bytes)."""
+
+    name = "algorithm"
+    full_parameter = True  # whether clients train (and the server updates) every parameter
+
+    def __init__(self):
+        self.broadcast = b""  # the last aggregate sent to the clients, as encoded
+
+    def client_update(self, model: torch.nn.Module, data: Encoded, ctx: ClientContext) -> bytes:
+        """Train ``model`` (a working copy holding the global weights) on ``data``; return the upload."""
+        raise NotImplementedError
+
+    def aggregate(self, model: torch.nn.Module, uploads: list[bytes], weights: list[float], ctx: RoundContext) -> None:
+        """Apply the clients' uploads (weights normalised to sum to 1) to the global ``model`` in place."""
+        raise NotImplementedError
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def difference(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ − start for every parameter in ``start``; raises :class:`NonFiniteUpdate` on NaN/Inf."""
+    params = dict(model.named_parameters())
+    delta = {n: (params[n].detach() - s).float() for n, s in start.items()}
+    if not all(torch.isfinite(d).all() for d in delta.values()):
+        raise NonFiniteUpdate("the local update holds NaN or Inf")
+    return delta

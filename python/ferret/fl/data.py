@@ -1,0 +1,222 @@
+"""Instruction data for federated runs: loading, the papers' splits, and tokenisation.
+
+Sources: Dolly-15K (a jsonl path), Natural Instructions (a directory of task json files, one
+client per task), and :func:`synthetic_tasks`, the project's own deterministic instruction data
+(several task families, so a split over clients is non-IID), which needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A dataset or split that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    response: str
+    category: str
+    context: str = ""
+
+
+def prompt_of(ex: Example) -> str:
+    """The prompt template: instruction, optional input, then the response header."""
+    context = f"### Input:\n{ex.context}\n\n" if ex.context else ""
+    return f"### Instruction:\n{ex.instruction}\n\n{context}### Response:\n"
+
+
+def load_dolly(path: str | Path) -> list[Example]:
+    """Dolly-15K records (``instruction``, ``context``, ``response``, ``category``) from a jsonl file.
+
+    Raises :class:`DataError` naming the line of the first malformed record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no Dolly file at {path}")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                examples.append(Example(str(rec["instruction"]), str(rec["response"]), str(rec["category"]),
+                                        str(rec.get("context") or "")))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{line_no}: not a Dolly record ({type(err).__name__}: {err})") from None
+    if not examples:
+        raise DataError(f"{path} holds no records")
+    return examples
+
+
+def load_natural_instructions(directory: str | Path, max_per_task: int | None = None) -> dict[str, list[Example]]:
+    """Natural Instructions tasks from ``directory/*.json``: task name -> examples (one client each).
+
+    Each example's instruction is the task's definition, its input the instance input and its
+    response the first reference output. Raises :class:`DataError` for a malformed task file.
+    """
+    directory = Path(directory)
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise DataError(f"no task json files in {directory}")
+    tasks = {}
+    for file in files:
+        try:
+            task = json.loads(file.read_text(encoding="utf-8"))
+            definition = task["Definition"][0] if isinstance(task["Definition"], list) else task["Definition"]
+            instances = task["Instances"][:max_per_task] if max_per_task else task["Instances"]
+            tasks[file.stem] = [Example(str(definition), str(inst["output"][0]), file.stem, str(inst["input"]))
+                                for inst in instances]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+            raise DataError(f"{file}: not a Natural Instructions task ({type(err).__name__}: {err})") from None
+        if not tasks[file.stem]:
+            raise DataError(f"{file}: the task has no instances")
+    return tasks
+
+
+_WORDS = ["cat", "dog", "ball", "tree", "sun", "fish", "bird", "cake", "boat", "frog", "star", "hat",
+          "moon", "bear", "duck", "kite", "lily", "tom", "ben", "sue", "box", "cup", "car", "toy"]
+_COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "black",
+           "apple": "red", "orange": "orange", "cloud": "white", "leaf": "green", "sea": "blue"}
+
+
+def synthetic_tasks(n_per_family: int = 200, seed: int = 0) -> list[Example]:
+    """The project's own instruction data: five templated task families, deterministic in ``seed``.
+
+    Families (the examples' categories): ``repeat`` (say a word twice), ``reverse`` (spell a word
+    backwards), ``count`` (the number after n), ``color`` (the color of a thing) and ``join``
+    (two words with "and").
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_per_family):
+        w, v = (_WORDS[i] for i in rng.choice(len(_WORDS), 2, replace=False))
+        n = int(rng.integers(0, 50))
+        thing = list(_COLORS)[int(rng.integers(len(_COLORS)))]
+        out += [
+            Example(f"Say the word {w} two times.", f"{w} {w}", "repeat"),
+            Example(f"Spell {w} backwards.", w[::-1], "reverse"),
+            Example(f"What number comes after {n}?", str(n + 1), "count"),
+            Example(f"What color is the {thing}?", f"The {thing} is {_COLORS[thing]}.", "color"),
+            Example(f"Join {w} and {v}.", f"{w} and {v}", "join"),
+        ]
+    return out
+
+
+def holdout(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split off ``n_eval`` examples stratified by category (largest remainder); returns (train, eval)."""
+    if not 0 < n_eval < len(examples):
+        raise DataError(f"cannot hold out {n_eval} of {len(examples)} examples")
+    rng = np.random.default_rng(seed)
+    by_cat = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_cat[ex.category].append(i)
+    cats = sorted(by_cat)
+    quota = np.array([n_eval * len(by_cat[c]) / len(examples) for c in cats])
+    take = np.floor(quota).astype(int)
+    for j in np.argsort(-(quota - take), kind="stable")[: n_eval - take.sum()]:
+        take[j] += 1
+    chosen = set()
+    for c, k in zip(cats, take):
+        chosen.update(rng.choice(by_cat[c], size=min(k, len(by_cat[c])), replace=False).tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in chosen]
+    return train, [examples[i] for i in sorted(chosen)]
+
+
+def dirichlet_split(examples: list[Example], n_clients: int, alpha: float, seed: int,
+                    min_per_client: int = 2, max_tries: int = 100) -> list[list[Example]]:
+    """Spread ``examples`` over ``n_clients`` with per-category proportions drawn from Dirichlet(α).
+
+    Redraws (deterministically) until every client holds at least ``min_per_client`` examples;
+    raises :class:`DataError` when there are more clients than the data can serve.
+    """
+    if n_clients < 1:
+        raise DataError(f"need at least one client, got {n_clients}")
+    if len(examples) < n_clients * min_per_client:
+        raise DataError(f"{len(examples)} examples cannot give {n_clients} clients {min_per_client} each")
+    if not alpha > 0:
+        raise DataError(f"the Dirichlet concentration must be positive, got {alpha}")
+    rng = np.random.default_rng(seed)
+    by_cat = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_cat[ex.category].append(i)
+    for _ in range(max_tries):
+        shards: list[list[int]] = [[] for _ in range(n_clients)]
+        for c in sorted(by_cat):
+            idx = rng.permutation(by_cat[c])
+            cuts = (np.cumsum(rng.dirichlet([alpha] * n_clients)) * len(idx)).astype(int)[:-1]
+            for client, part in enumerate(np.split(idx, cuts)):
+                shards[client].extend(part.tolist())
+        if min(map(len, shards)) >= min_per_client:
+            return [[examples[i] for i in sorted(s)] for s in shards]
+    raise DataError(f"no Dirichlet({alpha}) split gave all {n_clients} clients {min_per_client} examples "
+                    f"in {max_tries} draws: use fewer clients or a larger alpha")
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: ``input_ids`` and ``labels`` (-100 on prompt tokens), one list each."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, rows) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` right-padded into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+        width = max(len(self.input_ids[r]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            n = len(self.input_ids[r])
+            ids[j, :n] = torch.tensor(self.input_ids[r])
+            labels[j, :n] = torch.tensor(self.labels[r])
+            mask[j, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def encode(examples: list[Example], tokenizer, max_prompt: int = 128, max_length: int = 256) -> Encoded:
+    """Tokenise prompt + response (+ EOS); the loss covers response tokens only. Prompts are cut
+    to ``max_prompt`` tokens and examples to ``max_length``."""
+    if not 0 < max_prompt < max_length:
+        raise DataError(f"need 0 < max_prompt < max_length, got {max_prompt} and {max_length}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids_all, labels_all = [], []
+    for ex in examples:
+        prompt = tokenizer(prompt_of(ex))["input_ids"][:max_prompt]
+        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [eos]
+        ids = (prompt + response)[:max_length]
+        ids_all.append(ids)
+        labels_all.append([-100] * len(prompt) + ids[len(prompt):])
+    return Encoded(ids_all, labels_all, pad)
+
+
+def batch_schedule(n_examples: int, steps: int, batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """``steps`` batches of row indices: passes over a fresh permutation, wrapping as needed."""
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += rng.permutation(n_examples).tolist()
+    per = min(batch_size, n_examples)
+    return [order[s * per : (s + 1) * per] for s in range(steps)] if per else []
+
+
+def weights_of(shards: list, mode: str) -> list[float]:
+    """Client weights: ``"examples"`` (proportional to the shard sizes) or ``"equal"``."""
+    if mode == "examples":
+        return [float(len(s)) for s in shards]
+    if mode == "equal":
+        return [1.0] * len(shards)
+    raise DataError(f"unknown client weighting {mode!r}: use 'examples' or 'equal'")

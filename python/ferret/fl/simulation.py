@@ -1,0 +1,105 @@
+"""The embedded engine: a server and N clients in one process.
+
+Each round samples a fraction of the clients, gives each a working copy of the global weights,
+collects their uploads (bytes, counted as sent), aggregates, and evaluates. Everything random
+derives from one seed, so two runs with the same arguments produce identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..spec import block_seed
+from .algorithms import Algorithm, ClientContext, NonFiniteUpdate, RoundContext
+from .data import DataError, Encoded, weights_of
+from .train import eval_loss
+
+
+@dataclass
+class RoundRecord:
+    """One round's accounting: the columns of the Ferret paper's Tables 2 and 3."""
+
+    round: int
+    eval_loss: float
+    clients: list[int]
+    dropped: list[int]
+    upload_bytes: dict[int, int]       # per client
+    download_bytes: int                # per client: the previous round's broadcast
+    local_seconds: dict[int, float]    # per client
+    aggregate_seconds: float
+
+
+@dataclass
+class RunResult:
+    initial_eval_loss: float
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def final_eval_loss(self) -> float:
+        return self.rounds[-1].eval_loss if self.rounds else self.initial_eval_loss
+
+
+def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, *,
+        rounds: int, fraction: float = 1.0, seed: int = 0, weighting: str = "examples",
+        progress: bool = False, on_round=None) -> RunResult:
+    """Run ``rounds`` rounds of ``algorithm`` over the clients' ``shards``, updating ``model`` in place.
+
+    ``fraction`` of the clients (at least one) is sampled each round; their uploads are weighted by
+    example count or equally (``weighting``). ``on_round(record)`` is called after each round.
+    A client whose update is NaN/Inf is dropped from its round with a warning. Returns the
+    per-round records.
+    """
+    if not shards:
+        raise DataError("no clients")
+    if any(len(s) == 0 for s in shards):
+        raise DataError(f"client {next(i for i, s in enumerate(shards) if len(s) == 0)} has no examples")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    client_weights = weights_of(shards, weighting)
+    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    worker = copy.deepcopy(model)
+    rounds_iter = range(rounds)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds_iter = tqdm(rounds_iter, desc=algorithm.name, unit="round")
+    for t in rounds_iter:
+        rng = np.random.default_rng([seed, t])
+        m = max(1, round(fraction * len(shards)))
+        chosen = sorted(rng.choice(len(shards), size=m, replace=False).tolist())
+        ctx = RoundContext(round=t, round_seed=block_seed(seed, t), clients=chosen)
+        download = len(algorithm.broadcast)
+        uploads, weights, up_bytes, local_s, dropped = [], [], {}, {}, []
+        for c in chosen:
+            worker.load_state_dict(model.state_dict())
+            torch.manual_seed(block_seed(ctx.round_seed, c))
+            start = time.perf_counter()
+            try:
+                upload = algorithm.client_update(worker, shards[c], ClientContext(
+                    round=t, client=c, round_seed=ctx.round_seed, rng=np.random.default_rng([seed, t, c])))
+            except NonFiniteUpdate as err:
+                warnings.warn(f"round {t}: client {c} dropped: {err}", RuntimeWarning, stacklevel=2)
+                dropped.append(c)
+                continue
+            local_s[c] = time.perf_counter() - start
+            up_bytes[c] = len(upload)
+            uploads.append(upload)
+            weights.append(client_weights[c])
+        start = time.perf_counter()
+        if uploads:
+            total = sum(weights)
+            algorithm.aggregate(model, uploads, [w / total for w in weights], ctx)
+        agg_s = time.perf_counter() - start
+        record = RoundRecord(t, eval_loss(model, eval_data), chosen, dropped, up_bytes, download, local_s, agg_s)
+        result.rounds.append(record)
+        if progress:
+            rounds_iter.set_postfix(eval_loss=f"{record.eval_loss:.3f}")
+        if on_round is not None:
+            on_round(record)
+    return result
