@@ -4,7 +4,6 @@ runs are deterministic, bytes are counted from the real payloads, bad data is re
 
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
