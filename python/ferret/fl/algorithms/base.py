@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data import Encoded
+from ..train import trainable
 
 
 class NonFiniteUpdate(ValueError):
@@ -65,7 +66,7 @@ class Algorithm:
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the trainable parameters, by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in trainable(model)}
 
 
 def difference(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from ... import compress, merge_packets, reconstruct
 from ...packet import Packet
-from ..train import first_order_steps
+from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, difference, snapshot
 
 
@@ -45,7 +45,7 @@ class Ferret(Algorithm):
 
     def aggregate(self, model, uploads, weights, ctx):
         merged = merge_packets([Packet.from_bytes(u) for u in uploads], weights)
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = trainable(model)
         with torch.no_grad():
             if self.clip is None:
                 reconstruct(merged, into=params, scale=self.server_lr)
