@@ -141,6 +141,56 @@ def test_merge_packets_reconstructs_the_weighted_mean():
         ferret.merge_packets([packets[0], ferret.compress(updates[0], seed=78, budget=60)])
 
 
+@pytest.mark.parametrize("bases", ["shared", "client"])
+def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
+    from ferret.fl.algorithms import RoundContext
+
+    rng = np.random.default_rng(1)
+    net = torch.nn.Linear(30, 20)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    algorithm = fl.Ferret(40, bases=bases, momentum=0.5)
+    weights = [0.6, 0.4]
+    expected_velocity = None
+    for t in range(2):
+        ctx = RoundContext(round=t, round_seed=100 + t, clients=[0, 1])
+        updates = [{n: torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32))
+                    for n, p in net.named_parameters()} for _ in weights]
+        packets = [ferret.compress(u, algorithm.seed_of(ctx.round_seed, c), 40) for c, u in enumerate(updates)]
+        assert (packets[0].round_seed == packets[1].round_seed) == (bases == "shared")
+        algorithm.aggregate(net, [p.to_bytes() for p in packets], weights, ctx)
+        mean = {n: sum(w * ferret.reconstruct(p, like=updates[0])[n] for w, p in zip(weights, packets)) for n in start}
+        broadcast = ferret.Packet.split(algorithm.broadcast)
+        assert len(broadcast) == (1 if bases == "shared" else 2)
+        for n in start:
+            rebuilt = sum(ferret.reconstruct(p, like=updates[0])[n] for p in broadcast)
+            torch.testing.assert_close(rebuilt, mean[n], rtol=1e-5, atol=1e-5)
+        expected_velocity = mean if expected_velocity is None else {
+            n: 0.5 * expected_velocity[n] + mean[n] for n in start}
+        start = {n: start[n] + expected_velocity[n] for n in start}
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(p.detach(), start[n], rtol=1e-5, atol=1e-5)
+    restored = fl.Ferret(40, bases=bases, momentum=0.5)
+    restored.load_state_dict(algorithm.state_dict())
+    assert restored.velocity.keys() == algorithm.velocity.keys()
+
+
+def test_ferret_rejects_unknown_options():
+    with pytest.raises(ValueError, match="unknown bases 'own'"):
+        fl.Ferret(bases="own")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        fl.Ferret(momentum=1.0)
+
+
+def test_packets_split_from_a_concatenation():
+    rng = np.random.default_rng(2)
+    packets = [ferret.compress(torch.from_numpy(rng.standard_normal(500).astype(np.float32)), seed=s, budget=10 + s)
+               for s in range(3)]
+    wire = b"".join(p.to_bytes() for p in packets)
+    assert ferret.Packet.split(wire) == packets
+    with pytest.raises(ferret.PacketError):
+        ferret.Packet.split(wire[:-3])
+
+
 # --- data ------------------------------------------------------------------------------------------
 
 

@@ -110,6 +110,23 @@ class Packet:
         coords = np.frombuffer(data, dtype="<f4", count=n_coords, offset=counts_end)
         return cls(seed, BASES[basis], group_size, fingerprint, counts, coords)
 
+    @classmethod
+    def split(cls, data: bytes) -> list["Packet"]:
+        """Decode a concatenation of encoded packets (e.g. a broadcast of several), in order."""
+        data, packets, at = bytes(data), [], 0
+        while at < len(data):
+            if len(data) - at < _HEADER.size:
+                raise PacketError(f"{len(data) - at} trailing bytes are too short for a packet")
+            n_blocks = _HEADER.unpack_from(data, at)[-1]
+            counts_end = at + _HEADER.size + 4 * n_blocks
+            if counts_end > len(data):
+                raise PacketError("packet truncated inside the block counts")
+            n_coords = int(np.frombuffer(data, dtype="<u4", count=n_blocks, offset=at + _HEADER.size).sum(dtype=np.int64))
+            end = counts_end + 4 * n_coords + 4
+            packets.append(cls.from_bytes(data[at:end]))
+            at = end
+        return packets
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Packet) and self.to_bytes() == other.to_bytes()
 

@@ -36,7 +36,7 @@ def first_order_steps(model, data: Encoded, *, steps: int, batch_size: int, lr: 
         for rows in schedule[s * grad_accum : (s + 1) * grad_accum]:
             loss = model(**data.batch(rows)).loss / grad_accum
             loss.backward()
-            losses.append(float(loss) * grad_accum)
+            losses.append(float(loss.detach()) * grad_accum)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()

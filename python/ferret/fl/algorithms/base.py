@@ -63,6 +63,13 @@ class Algorithm:
         """Apply the clients' uploads (weights normalised to sum to 1) to the global ``model`` in place."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The server-side state carried from round to round (e.g. momentum), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the trainable parameters, by name."""

@@ -1,20 +1,31 @@
-"""Ferret: first-order local steps, the update projected onto the round's shared seeded bases
-(K coordinates uploaded), the coordinates merged linearly and one reconstruction per round."""
+"""Ferret: first-order local steps, the update projected onto seeded bases (K coordinates
+uploaded), the coordinates merged linearly and reconstructed on the server."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+
 import torch
 
-from ... import compress, merge_packets, reconstruct
+from ... import compress, merge_packets, reconstruct, spec
 from ...packet import Packet
 from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, difference, snapshot
+
+BASES = ("shared", "client")
 
 
 class Ferret(Algorithm):
     """Ferret with ``budget`` coordinates per client per round.
 
-    ``clip``: the server clips each tensor's reconstructed update to this norm (the
+    ``bases``: ``"shared"`` (the paper's: every client projects onto the round's bases, so the
+    server merges all coordinates and reconstructs once) or ``"client"`` (each client projects
+    onto bases of its own seed, so the server reconstructs once per client, and the estimate
+    averages independent projections: its variance falls with the number of clients at the
+    same upload). ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃,
+    θ ← θ + server_lr·v). ``clip``: the server clips each tensor's update to this norm (the
     official code clips blocks at 10). :meth:`paper` gives the official code's choices.
     """
 
@@ -22,37 +33,78 @@ class Ferret(Algorithm):
 
     def __init__(self, budget: int = 3800, local: LocalTraining | None = None, server_lr: float = 1.0, *,
                  basis: str = "rademacher", allocation: str = "norm", grouping="tensor",
-                 clip: float | None = None):
+                 bases: str = "shared", momentum: float = 0.0, clip: float | None = None):
         super().__init__()
+        if bases not in BASES:
+            raise ValueError(f"unknown bases {bases!r}: use one of {', '.join(BASES)}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.budget, self.server_lr = budget, server_lr
         self.local = local or LocalTraining()
         self.basis, self.allocation, self.grouping = basis, allocation, grouping
-        self.clip = clip
+        self.bases, self.momentum, self.clip = bases, momentum, clip
+        self.velocity: dict[str, torch.Tensor] = {}
 
     @classmethod
     def paper(cls, budget: int = 3800, local: LocalTraining | None = None, server_lr: float = 1.0) -> "Ferret":
-        """The official code's method: blocks of 0.9 × the median tensor, norm allocation,
-        updates clipped to norm 10. Its server learning rate (3 to 10) compensates a
+        """The official code's method: shared bases, blocks of 0.9 × the median tensor, norm
+        allocation, updates clipped to norm 10. Its server learning rate (3 to 10) compensates a
         reconstruction that is about Δ/3 in expectation; ours is unbiased, so 1 matches it."""
         return cls(budget, local, server_lr, grouping="paper", allocation="norm", clip=10.0)
+
+    def seed_of(self, round_seed: int, client: int) -> int:
+        """The seed client ``client`` projects with in the round of ``round_seed``."""
+        return round_seed if self.bases == "shared" else spec.block_seed(round_seed, 1 + client)
 
     def client_update(self, model, data, ctx):
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, **vars(self.local))
-        packet = compress(difference(model, start), ctx.round_seed, self.budget, basis=self.basis,
-                          allocation=self.allocation, grouping=self.grouping)
+        packet = compress(difference(model, start), self.seed_of(ctx.round_seed, ctx.client), self.budget,
+                          basis=self.basis, allocation=self.allocation, grouping=self.grouping)
         return packet.to_bytes()
 
     def aggregate(self, model, uploads, weights, ctx):
-        merged = merge_packets([Packet.from_bytes(u) for u in uploads], weights)
+        merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
         params = trainable(model)
         with torch.no_grad():
-            if self.clip is None:
-                reconstruct(merged, into=params, scale=self.server_lr)
+            if self.clip is None and self.momentum == 0.0:
+                for packet in merged:  # straight into the weights: no full-size buffer
+                    reconstruct(packet, into=params, scale=self.server_lr)
             else:
-                update = reconstruct(merged, like={n: p for n, p in params})
-                for name, p in params:
-                    norm = float(update[name].norm())
-                    factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
-                    p.add_(update[name].to(p.dtype), alpha=self.server_lr * factor)
-        self.broadcast = merged.to_bytes()
+                update = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params}
+                for packet in merged:
+                    reconstruct(packet, into=update)
+                self._apply(params, update)
+        self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
+
+    def _apply(self, params, update: dict[str, torch.Tensor]) -> None:
+        for name, p in params:
+            u = update[name]
+            if self.clip is not None:
+                norm = float(u.norm())
+                if norm > self.clip:
+                    u.mul_(self.clip / norm)
+            if self.momentum:
+                if name in self.velocity:
+                    u = self.velocity[name].mul_(self.momentum).add_(u)
+                self.velocity[name] = u
+            p.add_(u.to(p.dtype), alpha=self.server_lr)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"velocity.{n}": v for n, v in self.velocity.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.velocity = {k.removeprefix("velocity."): v.clone() for k, v in state.items() if k.startswith("velocity.")}
+
+
+def merge_by_seed(packets: list[Packet], weights: list[float]) -> list[Packet]:
+    """One packet per distinct seed whose reconstructions sum to Σ_i w_i·(packet i's reconstruction)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(packets):
+        groups.setdefault(p.round_seed, []).append(i)
+    out = []
+    for members in groups.values():
+        w = [weights[i] for i in members]
+        m = merge_packets([packets[i] for i in members], w)
+        out.append(m if len(groups) == 1 else dataclasses.replace(m, coords=(m.coords * np.float32(sum(w)))))
+    return out
