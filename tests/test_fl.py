@@ -41,8 +41,8 @@ ALGORITHMS = {
     "ferret": lambda: fl.Ferret(3800, LOCAL),
     "ferret_paper": lambda: fl.Ferret.paper(3800, LOCAL),
     "fedavg": lambda: fl.FedAvg(LOCAL),
-    "fedzo": lambda: fl.FedZO(steps=5, lr=5e-5, eps=1e-3),
-    "fedkseed": lambda: fl.FedKSeed(k=32, steps=5, lr=5e-5, eps=1e-3),
+    "fedzo": lambda: fl.FedZO(fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
+    "fedkseed": lambda: fl.FedKSeed(32, fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
     "flora": lambda: fl.FLoRA([8, 4, 2], ADAM),
     "fedit": lambda: fl.FedIT(4, ADAM),
     "zeropad": lambda: fl.ZeroPadding([8, 4, 2], ADAM),
@@ -93,7 +93,7 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == _HEADER.size + 4 * n_tensors + 4 * merged.coords.size + 4
     fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=1, seed=4)
     assert all(4 * d < b < 4 * d + 16384 for b in fedavg.rounds[0].upload_bytes.values())
-    kseed = fl.run(fl.FedKSeed(k=32, steps=2, lr=1e-5), model(), shards, held, rounds=1, seed=4)
+    kseed = fl.run(fl.FedKSeed(32, fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1, seed=4)
     assert set(kseed.rounds[0].upload_bytes.values()) == {4 * 32}
 
 

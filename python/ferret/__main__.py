@@ -1,74 +1,191 @@
 """``ferret`` on the command line.
 
-``ferret demo`` (the default) compresses a real model's weights, treated as a full-parameter
-update, sends them through the packet encoding, reconstructs them, and reports sizes, timings
-and the estimator's error against theory.
+``ferret run``      one federated fine-tuning experiment (with no flags: the offline default)
+``ferret compare``  several algorithms on identical splits and seeds, one table and plots
+``ferret bench``    the microbenchmarks, then their summary
+``ferret demo``     compress and reconstruct a real model's weights, with sizes and error
+
+Bad input (an unknown key, a wrong type, a path that does not load, an output directory that
+cannot be written or already holds results) exits with status 2 and one message.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from . import Layout, Packet, compress, num_threads, reconstruct, simd_level
-from .models import stories260k_dir
-
-
-def demo(model_dir: Path, budget: int, seed: int, grouping: str) -> None:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(model_dir / "model.safetensors"))
-    update = {name: w.float() for name, w in weights.items()}
-    d = sum(w.numel() for w in update.values())
-    print(f"model: {model_dir.name}, {len(update)} tensors, {d:,} parameters "
-          f"(core: {simd_level()}, {num_threads()} threads)", flush=True)
-
-    t0 = time.perf_counter()
-    packet = compress(update, seed=seed, budget=budget, grouping=grouping)
-    t1 = time.perf_counter()
-    wire = packet.to_bytes()
-    estimate = reconstruct(Packet.from_bytes(wire), like=update)
-    t2 = time.perf_counter()
-
-    full_bytes = 4 * d
-    print(f"packet: {packet.n_blocks} blocks, {packet.coords.size} coordinates, {len(wire):,} bytes "
-          f"(full update: {full_bytes:,} bytes, {full_bytes / len(wire):,.0f}x smaller)")
-    print(f"compress {1e3 * (t1 - t0):.1f} ms, reconstruct {1e3 * (t2 - t1):.1f} ms")
-    layout = Layout.of(update, grouping)
-    names = [e.name for e in layout.entries]
-    block_norm2 = [sum(float(update[names[i]].double().pow(2).sum()) for i in entries) for entries in layout.block_entries]
-    # Rademacher: E||estimate - update||^2 = sum over blocks of (d_b - 1) / n_b * ||update_b||^2.
-    theory = sum((size - 1) / int(n) * nb for size, n, nb in zip(layout.block_sizes, packet.counts, block_norm2))
-    err = sum(float((estimate[n] - update[n]).double().pow(2).sum()) for n in update)
-    print(f"one-draw squared error {err:.4g}, expected {theory:.4g} "
-          f"(relative to ||update||^2 = {sum(block_norm2):.4g}: {err / sum(block_norm2):.1f} vs {theory / sum(block_norm2):.1f})")
+EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ferret", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-    defaults = {"model": stories260k_dir(), "budget": 1024, "seed": 0, "grouping": "tensor"}
-    parser.set_defaults(**defaults)  # plain `ferret` runs the demo with these
-    d = sub.add_parser("demo", help="compress and reconstruct a real model's weights (the default)")
-    d.add_argument("--model", type=Path, help="a Hugging Face model dir with model.safetensors")
-    d.add_argument("--budget", type=int, help="coordinates in the packet")
-    d.add_argument("--seed", type=int)
-    d.add_argument("--grouping", choices=["tensor", "paper"])
-    d.set_defaults(**defaults)
+    parser = build_parser()
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
-    if args.command in (None, "demo"):
-        if not (args.model / "model.safetensors").is_file():
-            parser.error(f"{args.model} holds no model.safetensors")
-        try:
-            demo(args.model, args.budget, args.seed, args.grouping)
-        except (ValueError, TypeError) as err:
-            print(f"ferret: {err}", file=sys.stderr)
-            return 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .fl.checkpoint import CheckpointError
+    from .fl.config import ConfigError
+    from .fl.data import DataError
+    from .fl.models import ModelError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DataError, ModelError, CheckpointError) as err:
+        print(f"ferret {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"ferret {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferret", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:6]))
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run one federated experiment (no flags: the offline default)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the killed or stopped run in DIR")
+    _experiment_flags(run, algorithm=True)
+    run.set_defaults(handler=cmd_run)
+
+    compare = sub.add_parser("compare", help="compare algorithms on identical splits and seeds")
+    compare.add_argument("entries", nargs="*", default=["ferret", "fedavg", "fedkseed", "flora"],
+                         metavar="ALGORITHM[:key=value,...]",
+                         help="algorithms to run (default: ferret fedavg fedkseed flora)")
+    compare.add_argument("--target", type=float, help="eval loss to count rounds to (default: the worst final loss)")
+    compare.add_argument("--resume", action="store_true", help="continue the comparison in --out")
+    _experiment_flags(compare, algorithm=False)
+    compare.set_defaults(handler=cmd_compare)
+
+    bench = sub.add_parser("bench", help="run the microbenchmarks and print their summary")
+    bench.add_argument("--path", type=Path, help="the bench/ directory (default: the checkout's)")
+    bench.add_argument("-k", dest="select", help="only benchmarks matching this pytest -k expression")
+    bench.set_defaults(handler=cmd_bench)
+
+    demo = sub.add_parser("demo", help="compress and reconstruct a real model's weights")
+    demo.add_argument("--model", type=Path, help="a Hugging Face model dir with model.safetensors")
+    demo.add_argument("--budget", type=int, default=1024, help="coordinates in the packet")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--grouping", choices=["tensor", "paper"], default="tensor")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
+    from .fl.config import Config
+
+    parser.add_argument("--config", type=Path, help="a TOML file of settings (flags override it)")
+    parser.add_argument("--out", type=Path, help="results directory (default: runs/<name>-<time>)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the algorithm, e.g. --option budget=3800 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-round lines")
+    kinds = {"str": str, "int": int, "float": float}
+    for f in dataclasses.fields(Config):
+        if f.name == "options" or (f.name == "algorithm" and not algorithm):
+            continue
+        kind = kinds[str(f.type).split("|")[0].strip()]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            metavar=f.name.upper())
+
+
+def _config(args, base=None):
+    """The configuration: ``base`` (a Config) or defaults, then ``--config``, then flags and options."""
+    from .fl.compare import parse_value
+    from .fl.config import Config, ConfigError
+
+    values = base.to_dict() if base is not None else {}
+    if args.config is not None:
+        values = Config.load(args.config).to_dict()
+    fields = {f.name for f in dataclasses.fields(Config)} - {"options"}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
+    options = dict(values.get("options", {}))
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = parse_value(value.strip())
+    values["options"] = options
+    return Config.from_dict(values, str(args.config or "flags"))
+
+
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args) -> int:
+    from .fl import experiment
+    from .fl.config import ConfigError
+
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError("--resume names the run directory: leave out --out")
+        experiment.check_out_dir(args.resume, resume=True)
+        config = _config(args, base=experiment.resumed_config(args.resume, None))
+        experiment.run(config, args.resume, resume=True, progress=not args.no_progress, echo=_echo)
+        return 0
+    config = _config(args)
+    experiment.run(config, args.out or _default_out(config.algorithm), progress=not args.no_progress, echo=_echo)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from .fl import compare
+    from .fl.config import ConfigError
+
+    base = _config(args)
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out, the comparison's directory")
+    compare.compare(base, args.entries, args.out or _default_out("compare"), target=args.target,
+                    resume=args.resume, progress=not args.no_progress, echo=_echo)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .fl.config import ConfigError
+
+    bench = args.path or Path(__file__).resolve().parents[2] / "bench"
+    if not (bench / "summarize.py").is_file():
+        raise ConfigError(f"no benchmarks at {bench}: run from a ferret checkout or pass --path")
+    results = bench / "results"
+    status = 0
+    for name, out in (("test_projection.py", "cpu_projection.json"), ("test_lora.py", "cpu_lora.json")):
+        cmd = [sys.executable, "-m", "pytest", str(bench / name), "-q", "--benchmark-only",
+               f"--benchmark-json={results / out}"] + (["-k", args.select] if args.select else [])
+        status = subprocess.call(cmd) or status
+        if (results / out).is_file():
+            subprocess.call([sys.executable, str(bench / "summarize.py"), str(results / out)])
+            print((results / out).with_suffix(".md").read_text(encoding="utf-8"))
+    return status
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+    from .models import stories260k_dir
+
+    model = args.model or stories260k_dir()
+    if not (model / "model.safetensors").is_file():
+        print(f"ferret demo: error: {model} holds no model.safetensors", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        demo(model, args.budget, args.seed, args.grouping)
+    except (ValueError, TypeError) as err:
+        print(f"ferret demo: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _echo(line: str) -> None:
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from .algorithms import (ALGORITHMS, Algorithm, FedAvg, FedIT, FedKSeed, FedZO, 
 from .data import (DataError, Example, dirichlet_split, encode, holdout, load_dolly, load_natural_instructions,
                    synthetic_tasks)
 from .simulation import RoundRecord, RunResult, run
-from .train import eval_loss, rouge_l
+from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
 
 __all__ = ["ALGORITHMS", "Algorithm", "DataError", "Example", "FLoRA", "FedAvg", "FedIT", "FedKSeed", "FedZO",
            "Ferret", "LocalTraining", "RoundRecord", "RunResult", "ZeroPadding", "dirichlet_split", "encode",
-           "eval_loss", "holdout", "load_dolly", "load_natural_instructions", "rouge_l", "run", "synthetic_tasks"]
+           "eval_loss", "holdout", "load_mmlu", "mmlu_accuracy", "load_dolly", "load_natural_instructions", "rouge_l", "run", "synthetic_tasks"]

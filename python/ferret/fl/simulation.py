@@ -18,7 +18,7 @@ import torch
 from ..spec import block_seed
 from .algorithms import Algorithm, ClientContext, NonFiniteUpdate, RoundContext
 from .data import DataError, Encoded, weights_of
-from .train import eval_loss
+from .evaluate import eval_loss
 
 
 @dataclass
@@ -33,6 +33,7 @@ class RoundRecord:
     download_bytes: int                # per client: the previous round's broadcast
     local_seconds: dict[int, float]    # per client
     aggregate_seconds: float
+    rouge_l: float | None = None       # when the caller scores generations this round
 
 
 @dataclass
@@ -47,13 +48,16 @@ class RunResult:
 
 def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, *,
         rounds: int, fraction: float = 1.0, seed: int = 0, weighting: str = "examples",
-        progress: bool = False, on_round=None) -> RunResult:
-    """Run ``rounds`` rounds of ``algorithm`` over the clients' ``shards``, updating ``model`` in place.
+        progress: bool = False, on_round=None, resume: RunResult | None = None) -> RunResult:
+    """Run rounds of ``algorithm`` over the clients' ``shards`` until ``rounds`` are done, updating
+    ``model`` in place.
 
     ``fraction`` of the clients (at least one) is sampled each round; their uploads are weighted by
     example count or equally (``weighting``). ``on_round(record)`` is called after each round.
-    A client whose update is NaN/Inf is dropped from its round with a warning. Returns the
-    per-round records.
+    A client whose update is NaN/Inf is dropped from its round with a warning. ``resume`` (the
+    records of an interrupted run, with ``model`` and ``algorithm`` restored to their state after
+    its last round) continues that run: every round's randomness derives from ``(seed, round)``,
+    so the result equals an uninterrupted run's. Returns the per-round records.
     """
     if not shards:
         raise DataError("no clients")
@@ -62,13 +66,13 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     client_weights = weights_of(shards, weighting)
-    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    result = resume if resume is not None else RunResult(initial_eval_loss=eval_loss(model, eval_data))
     worker = copy.deepcopy(model)
-    rounds_iter = range(rounds)
+    rounds_iter = range(len(result.rounds), rounds)
     if progress:
         from tqdm.auto import tqdm
 
-        rounds_iter = tqdm(rounds_iter, desc=algorithm.name, unit="round")
+        rounds_iter = tqdm(rounds_iter, desc=algorithm.name, unit="round", initial=len(result.rounds), total=rounds)
     for t in rounds_iter:
         rng = np.random.default_rng([seed, t])
         m = max(1, round(fraction * len(shards)))
@@ -76,7 +80,7 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
         ctx = RoundContext(round=t, round_seed=block_seed(seed, t), clients=chosen)
         download = len(algorithm.broadcast)
         uploads, weights, up_bytes, local_s, dropped = [], [], {}, {}, []
-        for c in chosen:
+        for c in (tqdm(chosen, desc=f"round {t + 1} clients", unit="client", leave=False) if progress else chosen):
             worker.load_state_dict(model.state_dict())
             torch.manual_seed(block_seed(ctx.round_seed, c))
             start = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Local training and evaluation on a causal LM: first-order steps, zeroth-order (MeZO two-point)
-steps on seeded perturbations, eval loss over response tokens, and Rouge-L of greedy generations."""
+"""Local training on a causal LM: first-order steps, and zeroth-order (MeZO two-point) steps on
+seeded perturbations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .. import perturb
-from .data import Encoded, Example, batch_schedule, prompt_of
+from .data import Encoded, batch_schedule
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -57,37 +57,3 @@ def zeroth_order_step(model, batch: dict, seed: int, eps: float, lr: float) -> f
     if math.isfinite(g):
         perturb(params, seed, -lr * g)
     return g
-
-
-@torch.no_grad()
-def eval_loss(model, data: Encoded, batch_size: int = 16) -> float:
-    """Mean cross-entropy per response token over ``data``."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        tokens += int((labels != -100).sum())
-    return total / max(tokens, 1)
-
-
-@torch.no_grad()
-def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128, max_prompt: int = 128) -> float:
-    """Mean Rouge-L F (``rouge-score``) of greedy generations against the reference responses."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    model.eval()
-    scores = []
-    for ex in examples:
-        ids = torch.tensor([tokenizer(prompt_of(ex))["input_ids"][:max_prompt]])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
-    return float(np.mean(scores)) if scores else float("nan")

@@ -7,6 +7,7 @@ from .ferret import Ferret
 from .lora import FedIT, FLoRA, ZeroPadding
 
 ALGORITHMS = {cls.name: cls for cls in (Ferret, FedAvg, FedZO, FedKSeed, FLoRA, FedIT, ZeroPadding)}
+ALGORITHMS["ferret-paper"] = Ferret.paper
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "FLoRA", "FedAvg", "FedIT", "FedKSeed", "FedZO", "Ferret",
            "LocalTraining", "NonFiniteUpdate", "RoundContext", "ZeroPadding"]

@@ -51,6 +51,7 @@ class Algorithm:
 
     name = "algorithm"
     full_parameter = True  # whether clients train (and the server updates) every parameter
+    default_local = LocalTraining()  # the local training a client runs unless told otherwise
 
     def __init__(self):
         self.broadcast = b""  # the last aggregate sent to the clients, as encoded

@@ -16,10 +16,11 @@ class FedAvg(Algorithm):
     """Clients upload their full fp32 update Δ_i; the server adds server_lr · Σ p_i Δ_i."""
 
     name = "fedavg"
+    default_local = LocalTraining()
 
     def __init__(self, local: LocalTraining | None = None, server_lr: float = 1.0):
         super().__init__()
-        self.local = local or LocalTraining()
+        self.local = local or self.default_local
         self.server_lr = server_lr
 
     def local_train(self, model, data: Encoded, ctx: ClientContext) -> None:
@@ -44,13 +45,15 @@ class FedAvg(Algorithm):
 
 class FedZO(FedAvg):
     """FedAvg whose clients take zeroth-order steps: per step, a two-point estimate along a fresh
-    seeded direction (``ferret.perturb``), then θ ← θ − lr·g·z."""
+    seeded direction (``ferret.perturb``) with perturbation ``eps``, then θ ← θ − lr·g·z
+    (``local.optimizer`` and ``local.clip`` do not apply)."""
 
     name = "fedzo"
 
-    def __init__(self, steps: int = 10, batch_size: int = 4, lr: float = 3e-7, eps: float = 5e-4,
-                 server_lr: float = 1.0):
-        super().__init__(LocalTraining(steps=steps, batch_size=batch_size, lr=lr), server_lr)
+    default_local = LocalTraining(steps=10, batch_size=4, lr=3e-7)
+
+    def __init__(self, local: LocalTraining | None = None, server_lr: float = 1.0, *, eps: float = 5e-4):
+        super().__init__(local or self.default_local, server_lr)
         self.eps = eps
 
     def local_train(self, model, data, ctx):

@@ -8,15 +8,21 @@ import numpy as np
 from ... import perturb, spec
 from ..data import batch_schedule
 from ..train import trainable, zeroth_order_step
-from .base import Algorithm, NonFiniteUpdate
+from .base import Algorithm, LocalTraining, NonFiniteUpdate
 
 
 class FedKSeed(Algorithm):
-    name = "fedkseed"
+    """FedKSeed with ``k`` candidate seeds: ``local.steps`` two-point zeroth-order steps of
+    ``local.batch_size`` examples at ``local.lr`` with perturbation ``eps``."""
 
-    def __init__(self, k: int = 1024, steps: int = 200, batch_size: int = 4, lr: float = 3e-7, eps: float = 5e-4):
+    name = "fedkseed"
+    default_local = LocalTraining(steps=200, batch_size=4, lr=3e-7)
+
+    def __init__(self, k: int = 1024, local: LocalTraining | None = None, *, eps: float = 5e-4):
         super().__init__()
-        self.k, self.steps, self.batch_size, self.lr, self.eps = k, steps, batch_size, lr, eps
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k, self.local, self.eps = k, local or self.default_local, eps
         self._seeds: tuple[int, list[int]] = (-1, [])
 
     def seeds(self, round_seed: int) -> list[int]:
@@ -28,9 +34,9 @@ class FedKSeed(Algorithm):
     def client_update(self, model, data, ctx):
         seeds = self.seeds(ctx.round_seed)
         acc = np.zeros(self.k, dtype=np.float64)
-        for rows in batch_schedule(len(data), self.steps, self.batch_size, ctx.rng):
+        for rows in batch_schedule(len(data), self.local.steps, self.local.batch_size, ctx.rng):
             j = int(ctx.rng.integers(self.k))
-            acc[j] += zeroth_order_step(model, data.batch(rows), seeds[j], self.eps, self.lr)
+            acc[j] += zeroth_order_step(model, data.batch(rows), seeds[j], self.eps, self.local.lr)
         if not np.all(np.isfinite(acc)):
             raise NonFiniteUpdate("a zeroth-order estimate is NaN or Inf")
         return acc.astype("<f4").tobytes()
@@ -40,5 +46,5 @@ class FedKSeed(Algorithm):
         params = trainable(model)
         for seed, g in zip(self.seeds(ctx.round_seed), total):
             if g != 0.0:
-                perturb(params, seed, -self.lr * float(g))
+                perturb(params, seed, -self.local.lr * float(g))
         self.broadcast = total.astype("<f4").tobytes()

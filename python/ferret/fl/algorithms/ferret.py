@@ -30,6 +30,7 @@ class Ferret(Algorithm):
     """
 
     name = "ferret"
+    default_local = LocalTraining()
 
     def __init__(self, budget: int = 3800, local: LocalTraining | None = None, server_lr: float = 1.0, *,
                  basis: str = "rademacher", allocation: str = "norm", grouping="tensor",
@@ -40,7 +41,7 @@ class Ferret(Algorithm):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.budget, self.server_lr = budget, server_lr
-        self.local = local or LocalTraining()
+        self.local = local or self.default_local
         self.basis, self.allocation, self.grouping = basis, allocation, grouping
         self.bases, self.momentum, self.clip = bases, momentum, clip
         self.velocity: dict[str, torch.Tensor] = {}

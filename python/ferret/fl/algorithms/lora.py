@@ -22,12 +22,13 @@ class LoraAlgorithm(Algorithm):
     """Shared client side; subclasses choose the server's aggregation."""
 
     full_parameter = False
+    default_local = LocalTraining(lr=1e-3, optimizer="adamw")
 
     def __init__(self, ranks: int | list[int] = 8, local: LocalTraining | None = None, *,
                  alpha_per_rank: float = 2.0, target_modules=DEFAULT_TARGETS):
         super().__init__()
         self.ranks = ranks
-        self.local = local or LocalTraining(lr=1e-3, optimizer="adamw")
+        self.local = local or self.default_local
         self.alpha_per_rank = alpha_per_rank
         self.target_modules = list(target_modules)
 

@@ -1,0 +1,111 @@
+"""Evaluation of a causal LM: eval loss over response tokens, Rouge-L of greedy generations, and
+MMLU accuracy scored by the log-likelihood of the four options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DataError, Encoded, Example, prompt_of
+
+
+@torch.no_grad()
+def eval_loss(model, data: Encoded, batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token over ``data``."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        tokens += int((labels != -100).sum())
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128, max_prompt: int = 128,
+            batch_size: int = 16) -> float:
+    """Mean Rouge-L F (``rouge-score``) of greedy generations against the reference responses.
+    Prompts are cut to ``max_prompt`` tokens and generated ``batch_size`` at a time (left-padded)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [tokenizer(prompt_of(ex))["input_ids"][:max_prompt] for ex in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        for ex, row in zip(chunk, out[:, width:]):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+LETTERS = "ABCD"
+
+
+def load_mmlu(path: str | Path, limit: int = 0) -> list[Example]:
+    """MMLU questions from a JSON array of {instruction, input, output, class} records (FLoRA's
+    1,444-question file), the first ``limit`` if given. The response is the correct letter.
+    Raises :class:`DataError` naming the first malformed record."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"cannot read MMLU file {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not JSON: {err}") from None
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{path} is not a non-empty JSON array of questions")
+    questions = []
+    for i, rec in enumerate(records[: limit or None]):
+        try:
+            answer = rec["output"].split("The answer is:")[1].strip()[0]
+            if answer not in LETTERS:
+                raise ValueError(f"answer {answer!r} is not one of {LETTERS}")
+            questions.append(Example(rec["instruction"], answer, rec.get("class", ""), rec["input"]))
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
+            raise DataError(f"{path}: record {i} is not an MMLU question ({type(err).__name__}: {err})") from None
+    return questions
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tokenizer, questions: list[Example]) -> float:
+    """Fraction of ``questions`` whose correct letter has the highest log-likelihood among A–D
+    as the continuation of the prompt followed by ``"The answer is: "``."""
+    model.eval()
+    letter_ids = [tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]
+    stem = tokenizer("The answer is: ", add_special_tokens=False)["input_ids"]
+    correct = 0
+    for q in questions:
+        prompt = tokenizer(prompt_of(q))["input_ids"]
+        rows = [prompt + ids for ids in letter_ids]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        scores = []
+        for j, r in enumerate(rows):
+            # the tokens the letter adds after the shared stem (tokenisers may merge the space)
+            first = len(prompt) + _common_prefix(stem, letter_ids[j])
+            scores.append(sum(float(logp[j, p - 1, r[p]]) for p in range(first, len(r))))
+        correct += LETTERS[int(np.argmax(scores))] == q.response
+    return correct / max(len(questions), 1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,67 @@
+"""The two references a federated run is judged against: centralized training (one trainer on
+every client's data) and standalone training (each client alone, never aggregating)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from ..spec import block_seed
+from .algorithms import LocalTraining
+from .data import DataError, Encoded
+from .simulation import RoundRecord, RunResult
+from .evaluate import eval_loss
+from .train import first_order_steps
+
+
+def centralized(model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, local: LocalTraining, *,
+                rounds: int, seed: int = 0, on_round=None) -> RunResult:
+    """Train ``model`` in place on the union of ``shards``: per round, as many optimiser steps as
+    all clients together take in a federated round (``local.steps`` × clients), so the compute
+    matches. Returns per-round records (nothing is uploaded)."""
+    pooled = _pool(shards)
+    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    steps = local.steps * len(shards)
+    for t in range(rounds):
+        torch.manual_seed(block_seed(seed, t))
+        start = time.perf_counter()
+        first_order_steps(model, pooled, rng=np.random.default_rng([seed, t]), **{**vars(local), "steps": steps})
+        record = RoundRecord(t, eval_loss(model, eval_data), [0], [], {0: 0}, 0,
+                             {0: time.perf_counter() - start}, 0.0)
+        result.rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+    return result
+
+
+def standalone(model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, local: LocalTraining, *,
+               rounds: int, seed: int = 0, on_round=None) -> RunResult:
+    """Each client trains its own copy of ``model`` on its own shard, ``local.steps`` per round,
+    with no communication; a round's eval loss is the clients' mean. ``model`` is left unchanged.
+    Returns per-round records."""
+    if not shards:
+        raise DataError("no clients")
+    copies = [copy.deepcopy(model) for _ in shards]
+    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    for t in range(rounds):
+        seconds = {}
+        for c, (own, shard) in enumerate(zip(copies, shards)):
+            torch.manual_seed(block_seed(block_seed(seed, t), c))
+            start = time.perf_counter()
+            first_order_steps(own, shard, rng=np.random.default_rng([seed, t, c]), **vars(local))
+            seconds[c] = time.perf_counter() - start
+        loss = float(np.mean([eval_loss(own, eval_data) for own in copies]))
+        record = RoundRecord(t, loss, list(range(len(shards))), [], {c: 0 for c in seconds}, 0, seconds, 0.0)
+        result.rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+    return result
+
+
+def _pool(shards: list[Encoded]) -> Encoded:
+    if not shards:
+        raise DataError("no clients")
+    return Encoded([r for s in shards for r in s.input_ids], [r for s in shards for r in s.labels], shards[0].pad_id)

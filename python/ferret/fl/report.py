@@ -1,0 +1,124 @@
+"""What a run leaves for people and programs: metrics as JSON lines, a summary table in the
+layout of the Ferret paper's Tables 2 and 3, and plots of eval loss against rounds and bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .simulation import RoundRecord, RunResult
+
+
+def round_lines(record: RoundRecord) -> list[dict]:
+    """The metrics.jsonl records of one round: one per client, then the round's overall record."""
+    lines = [{"kind": "client", "round": record.round + 1, "client": c, "upload_bytes": record.upload_bytes[c],
+              "local_seconds": record.local_seconds[c]} for c in record.upload_bytes]
+    overall = {"kind": "round", "round": record.round + 1, "eval_loss": record.eval_loss, "clients": record.clients,
+               "dropped": record.dropped, "upload_bytes": sum(record.upload_bytes.values()),
+               "download_bytes": record.download_bytes * len(record.clients),
+               "local_seconds": sum(record.local_seconds.values()), "aggregate_seconds": record.aggregate_seconds}
+    if record.rouge_l is not None:
+        overall["rouge_l"] = record.rouge_l
+    return lines + [overall]
+
+
+def write_metrics(path: str | Path, result: RunResult, extra: dict | None = None) -> None:
+    """Rewrite ``path`` with every record of ``result`` (a start record with ``extra``, then the rounds)."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "start", "round": 0, "eval_loss": result.initial_eval_loss, **(extra or {})}) + "\n")
+        for record in result.rounds:
+            for line in round_lines(record):
+                f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
+
+
+def append_metrics(path: str | Path, lines: list[dict]) -> None:
+    """Append records to ``path``, one JSON object per line."""
+    with open(path, "a", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+
+
+@dataclass
+class Summary:
+    """One run's row of the comparison table."""
+
+    name: str
+    local_seconds: float        # per client per round (mean)
+    aggregate_seconds: float    # per round (mean)
+    upload_per_round: float     # bytes per client per round (mean)
+    upload_total: int           # bytes, all clients, all rounds
+    download_per_round: float   # bytes per client per round (mean)
+    rounds_to_target: int | None
+    final_eval_loss: float
+    rouge_l: float | None
+
+    @classmethod
+    def of(cls, name: str, result: RunResult, target: float | None = None, rouge_l: float | None = None) -> "Summary":
+        rounds = result.rounds
+        per_client = [s for r in rounds for s in r.local_seconds.values()]
+        uploads = [b for r in rounds for b in r.upload_bytes.values()]
+        reached = next((r.round + 1 for r in rounds if target is not None and r.eval_loss <= target), None)
+        return cls(name, _mean(per_client), _mean([r.aggregate_seconds for r in rounds]), _mean(uploads),
+                   int(sum(uploads)), _mean([r.download_bytes for r in rounds]), reached, result.final_eval_loss,
+                   rouge_l)
+
+
+def table(rows: list[Summary], target: float | None = None) -> str:
+    """A Markdown table of ``rows`` (Ferret paper Tables 2 and 3: compute, communication, quality)."""
+    reach = f"rounds to loss ≤ {target:.3f}" if target is not None else "rounds to target"
+    head = ["algorithm", "local s / client / round", "aggregation s / round", "upload / client / round",
+            "upload total", "download / client / round", reach, "final eval loss", "Rouge-L"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.name, f"{r.local_seconds:.2f}", f"{r.aggregate_seconds:.3f}", human_bytes(r.upload_per_round),
+                 human_bytes(r.upload_total), human_bytes(r.download_per_round),
+                 "—" if r.rounds_to_target is None else str(r.rounds_to_target), f"{r.final_eval_loss:.4f}",
+                 "—" if r.rouge_l is None else f"{100 * r.rouge_l:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes with a binary unit, e.g. ``15.2 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> None:
+    """A PNG of eval loss against rounds and against cumulative upload per client, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, result in results.items():
+        losses = [result.initial_eval_loss] + [r.eval_loss for r in result.rounds]
+        by_round.plot(range(len(losses)), losses, marker="o", markersize=3, label=name)
+        sent = np.cumsum([_mean(list(r.upload_bytes.values())) for r in result.rounds])
+        if sent.size and sent[-1] > 0:
+            by_bytes.plot(sent, losses[1:], marker="o", markersize=3, label=name)
+    by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
+    by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
+                 title="eval loss by communication")
+    for ax in (by_round, by_bytes):
+        ax.grid(alpha=0.3)
+    by_round.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else 0.0

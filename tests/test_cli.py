@@ -1,0 +1,157 @@
+"""The real command line, driven in subprocesses: the default run, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+SMALL = ["--clients", "3", "--rounds", "3", "--steps", "3", "--n-eval", "20", "--synthetic-per-family", "20",
+         "--rouge-samples", "0", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def ferret(*args, cwd=None, check=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ferret", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_default_run_writes_every_artefact(tmp_path):
+    import matplotlib.image
+
+    out = tmp_path / "default"
+    proc = ferret("run", "--out", out, "--no-progress", check=True)
+    assert "round 5/5: eval loss" in proc.stdout + proc.stderr
+    for name in ("config.toml", "metrics.jsonl", "summary.md", "loss.png", "run.log", "checkpoint.safetensors",
+                 "model/model.safetensors", "model/config.json"):
+        assert (out / name).is_file(), name
+    lines = metrics(out)
+    rounds = [x for x in lines if x["kind"] == "round"]
+    clients = [x for x in lines if x["kind"] == "client"]
+    assert [x["round"] for x in rounds] == [1, 2, 3, 4, 5]
+    assert len(clients) == 5 * 5 and all(x["upload_bytes"] > 0 for x in clients)
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "end" and 0 <= lines[-1]["rouge_l"] <= 1
+    assert rounds[-1]["eval_loss"] < lines[0]["eval_loss"] - 1.0  # it learns
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(out / "loss.png").shape[2] in (3, 4)
+    assert "| ferret |" in (out / "summary.md").read_text()
+
+
+def test_run_killed_in_round_two_resumes_to_identical_weights(tmp_path):
+    args = ["run", *SMALL, "--option", "bases=\"client\"", "--option", "momentum=0.5"]
+    whole = tmp_path / "whole"
+    ferret(*args, "--out", whole, check=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "ferret", *args, "--out", str(cut)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (cut / "metrics.jsonl").is_file() and any(x["kind"] == "round" for x in metrics(cut)):
+                break  # round 1 is checkpointed: round 2 is under way
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not (cut / "model").exists()
+    assert ferret("run", "--out", cut, *SMALL).returncode == 2  # results there are never overwritten
+
+    resumed = ferret("run", "--resume", cut, "--no-progress", check=True)
+    assert "resuming after round" in resumed.stdout + resumed.stderr
+    a, b = weights(whole), weights(cut)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    rounds = [x for x in metrics(cut) if x["kind"] == "round"]
+    assert [x["round"] for x in rounds] == [1, 2, 3]
+    assert [x["eval_loss"] for x in rounds] == [x["eval_loss"] for x in metrics(whole) if x["kind"] == "round"]
+
+
+def _bad_inputs(tmp_path: Path):
+    dolly = tmp_path / "bad.jsonl"
+    dolly.write_text('{"instruction": "a", "response": "b", "category": "c"}\n{"instruction": 1}\n')
+    unknown_key = tmp_path / "unknown.toml"
+    unknown_key.write_text('algorithm = "ferret"\nround = 3\n')
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text('rounds = "three"\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text("{}\n")
+    other = tmp_path / "other"
+    return [
+        (["run", "--config", unknown_key], "unknown key 'round'"),
+        (["run", "--config", wrong_type], "rounds must be an integer, got 'three'"),
+        (["run", "--rounds", "three"], "invalid int value: 'three'"),
+        (["run", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
+        (["run", "--option", "budgett=10"], "unknown option 'budgett' for ferret"),
+        (["run", "--model", tmp_path], "is neither 'stories260k', 'smollm2' nor a Hugging Face model directory"),
+        (["run", "--data", dolly], "bad.jsonl:2: not a Dolly record"),
+        (["run", "--clients", "500", *SMALL[2:]], "cannot give 500 clients"),
+        (["run", "--out", blocker / "sub"], "cannot write to output directory"),
+        (["run", "--out", done], "already holds the results of a run"),
+        (["run", "--resume", other], "holds no checkpoint to resume from"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path):
+    for args, message in _bad_inputs(tmp_path):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        proc = ferret(*args, "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, args
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    run = tmp_path / "run"
+    ferret("run", *SMALL, "--out", run, check=True)
+    before = (run / "metrics.jsonl").read_bytes()
+    proc = ferret("run", "--resume", run, "--rounds", "4", "--no-progress")
+    assert proc.returncode == 2 and "another configuration: rounds is 3 there, 4 here" in proc.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_compare_writes_one_table_over_identical_splits(tmp_path):
+    out = tmp_path / "cmp"
+    ferret("compare", "fedavg", "ferret:budget=2000", *SMALL, "--out", out, check=True)
+    table = (out / "table.md").read_text()
+    assert "| fedavg |" in table and "| ferret:budget=2000 |" in table
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in rows] == ["fedavg", "ferret:budget=2000"]
+    assert rows[0]["upload_per_round"] > 50 * rows[1]["upload_per_round"]
+    starts = {metrics(d)[0]["eval_loss"] for d in out.iterdir() if d.is_dir()}
+    assert len(starts) == 1  # the same held-out data and model for every entry
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ferret("compare", "fedavg", *SMALL, "--out", out).returncode == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "ferret:budget"], "settings are key=value"),
+    (["compare", "ferret", "ferret"], "an entry is named twice"),
+])
+def test_compare_bad_entries(tmp_path, args, message):
+    proc = ferret(*args, "--out", tmp_path / "x", cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "x").exists()
