@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ferret
 from ferret import fl
-from ferret.fl.data import DataError
+from ferret.fl.data import DataError, prompt_of
 from ferret.models import stories260k_dir
 from ferret.packet import _HEADER
 from ferret.spec import block_seed
@@ -243,3 +243,57 @@ def test_real_dolly_loads_when_present():
         pytest.skip("Dolly-15K is not on this machine (it never ships with the repo)")
     examples = fl.load_dolly(path)
     assert len(examples) > 15000 and len({e.category for e in examples}) == 8
+
+
+# --- references and evaluation --------------------------------------------------------------------
+
+def test_centralized_and_standalone_references_learn(data):
+    from ferret.fl.references import centralized, standalone
+
+    shards, held = data
+    pooled = centralized(model(), shards, held, LOCAL, rounds=2, seed=0)
+    assert pooled.final_eval_loss < pooled.initial_eval_loss - 0.5
+    base = model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    alone = standalone(base, shards, held, LOCAL, rounds=2, seed=0)
+    assert alone.final_eval_loss < alone.initial_eval_loss - 0.5
+    assert len(alone.rounds[0].local_seconds) == len(shards)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # each client trained a copy
+
+
+def test_mmlu_scores_the_most_likely_letter(tmp_path, tokenizer):
+    letters = "ABCD"
+    records = [{"instruction": "Answer.", "input": f"Question: {q}? Options: A. red, B. blue, C. one, D. cat",
+                "output": f"The answer is: {letters[i % 4]}. x", "class": "toy"}
+               for i, q in enumerate(["what color is the sky", "how many suns", "which is a pet", "what is red",
+                                      "what is big", "who runs"])]
+    path = tmp_path / "mmlu.json"
+    path.write_text(json.dumps(records))
+    questions = fl.load_mmlu(path)
+    m = model()
+    got = fl.mmlu_accuracy(m, tokenizer, questions)
+    # naive: the log-likelihood of every token after the prompt, one sequence at a time
+    correct = 0
+    with torch.no_grad():
+        for q in questions:
+            prompt = tokenizer(prompt_of(q))["input_ids"]
+            scores = []
+            for x in letters:
+                ids = prompt + tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(m(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                scores.append(sum(float(logp[p - 1, ids[p]]) for p in range(len(prompt), len(ids))))
+            correct += letters[int(np.argmax(scores))] == q.response
+    assert got == correct / len(questions)
+    path.write_text(json.dumps(records[:1] + [{"instruction": "x", "input": "y", "output": "no answer"}]))
+    with pytest.raises(fl.DataError, match="record 1 is not an MMLU question"):
+        fl.load_mmlu(path)
+
+
+def test_real_mmlu_subset_loads_when_present():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared/assets/data/mmlu/mmlu_test_1444.json"
+    if not path.is_file():
+        pytest.skip("the MMLU subset is not on this machine")
+    questions = fl.load_mmlu(path)
+    assert len(questions) == 1444 and {q.response for q in questions} == set("ABCD")

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the microbenchmarks and print their summary")
     bench.add_argument("--path", type=Path, help="the bench/ directory (default: the checkout's)")
     bench.add_argument("-k", dest="select", help="only benchmarks matching this pytest -k expression")
+    bench.add_argument("--out", type=Path, help="where the JSON and Markdown results go (default: a temporary "
+                       "directory; bench/results holds the recorded ones)")
     bench.set_defaults(handler=cmd_bench)
 
     demo = sub.add_parser("demo", help="compress and reconstruct a real model's weights")
@@ -151,7 +154,8 @@ def cmd_bench(args) -> int:
     bench = args.path or Path(__file__).resolve().parents[2] / "bench"
     if not (bench / "summarize.py").is_file():
         raise ConfigError(f"no benchmarks at {bench}: run from a ferret checkout or pass --path")
-    results = bench / "results"
+    results = args.out or Path(tempfile.mkdtemp(prefix="ferret-bench-"))
+    results.mkdir(parents=True, exist_ok=True)
     status = 0
     for name, out in (("test_projection.py", "cpu_projection.json"), ("test_lora.py", "cpu_lora.json")):
         cmd = [sys.executable, "-m", "pytest", str(bench / name), "-q", "--benchmark-only",
@@ -160,6 +164,7 @@ def cmd_bench(args) -> int:
         if (results / out).is_file():
             subprocess.call([sys.executable, str(bench / "summarize.py"), str(results / out)])
             print((results / out).with_suffix(".md").read_text(encoding="utf-8"))
+    print(f"results in {results}")
     return status
 
 

@@ -83,29 +83,17 @@ def load_mmlu(path: str | Path, limit: int = 0) -> list[Example]:
 
 @torch.no_grad()
 def mmlu_accuracy(model, tokenizer, questions: list[Example]) -> float:
-    """Fraction of ``questions`` whose correct letter has the highest log-likelihood among A–D
-    as the continuation of the prompt followed by ``"The answer is: "``."""
+    """Fraction of ``questions`` whose correct letter X among A–D gives the continuation
+    ``"The answer is: X"`` of the prompt the highest log-likelihood."""
     model.eval()
     letter_ids = [tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]
-    stem = tokenizer("The answer is: ", add_special_tokens=False)["input_ids"]
     correct = 0
     for q in questions:
         prompt = tokenizer(prompt_of(q))["input_ids"]
         rows = [prompt + ids for ids in letter_ids]
         width = max(map(len, rows))
-        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])  # causal: right padding is inert
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-        scores = []
-        for j, r in enumerate(rows):
-            # the tokens the letter adds after the shared stem (tokenisers may merge the space)
-            first = len(prompt) + _common_prefix(stem, letter_ids[j])
-            scores.append(sum(float(logp[j, p - 1, r[p]]) for p in range(first, len(r))))
+        scores = [sum(float(logp[j, p - 1, r[p]]) for p in range(len(prompt), len(r))) for j, r in enumerate(rows)]
         correct += LETTERS[int(np.argmax(scores))] == q.response
     return correct / max(len(questions), 1)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
