@@ -1,0 +1,53 @@
+"""The issue-4 targets, read off a ``ferret compare`` directory, as Markdown.
+
+Usage: python bench/fl_summary.py RUN_DIR OUT_PREFIX
+  copies table.md / compare.json / loss.png and each entry's metrics.jsonl and config.toml to
+  OUT_PREFIX/ and writes OUT_PREFIX.md: the comparison table, then Ferret against FedAvg
+  (final loss gap), FedKSeed (rounds to its final loss, compute per round) and the upload ratio.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ferret.fl.compare import label_dir, read_metrics
+
+
+def main(run_dir: str, out_prefix: str) -> None:
+    run, out = Path(run_dir), Path(out_prefix)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("table.md", "compare.json", "loss.png"):
+        shutil.copy(run / name, out / name)
+    rows = {r["name"]: r for r in json.loads((run / "compare.json").read_text())}
+    results = {}
+    for sub in sorted(p for p in run.iterdir() if p.is_dir()):
+        (out / sub.name).mkdir(exist_ok=True)
+        for name in ("metrics.jsonl", "config.toml"):
+            shutil.copy(sub / name, out / sub.name / name)
+    for label in rows:
+        sub = run / label_dir(label)
+        results[label] = read_metrics(sub / "metrics.jsonl")[0]
+
+    lines = [(run / "table.md").read_text(), "## Targets\n"]
+    fedavg = rows.get("fedavg")
+    kseed = next((k for k in rows if k.startswith("fedkseed")), None)
+    for label in (k for k in rows if k.startswith("ferret")):
+        r, res = rows[label], results[label]
+        if fedavg:
+            gap = r["final_eval_loss"] / fedavg["final_eval_loss"] - 1
+            lines.append(f"- {label}: final eval loss {r['final_eval_loss']:.4f}, {100 * gap:+.1f}% against FedAvg's "
+                         f"{fedavg['final_eval_loss']:.4f} (target ≤ +5%); upload per client per round "
+                         f"{fedavg['upload_per_round'] / r['upload_per_round']:,.0f}× smaller than FedAvg's")
+        if kseed:
+            target = rows[kseed]["final_eval_loss"]
+            reached = next((x.round + 1 for x in res.rounds if x.eval_loss <= target), None)
+            k_rounds = len(results[kseed].rounds)
+            lines.append(f"  - reaches {kseed}'s final loss {target:.4f} in {reached} round(s) against its "
+                         f"{k_rounds} (target ≤ {k_rounds / 5:g}); local compute per client per round "
+                         f"{rows[kseed]['local_seconds'] / r['local_seconds']:.2f}× below {kseed}'s")
+    Path(str(out) + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
