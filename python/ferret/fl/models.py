@@ -63,6 +63,10 @@ def load(model: str, dtype: torch.dtype = torch.float32):
     finally:
         logging.set_verbosity(verbosity)
         logging.enable_progress_bar()
+    if gguf:  # the weights arrive de-quantized to ``dtype``: what gets trained and saved is a plain model
+        lm.hf_quantizer = None
+        if getattr(lm.config, "quantization_config", None) is not None:
+            del lm.config.quantization_config
     tokenizer.model_max_length = max(tokenizer.model_max_length or 0, 1 << 20)  # we cut examples ourselves
     return lm, tokenizer
 
