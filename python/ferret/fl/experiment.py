@@ -140,11 +140,12 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
                                    max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
     if setup.mmlu:
         final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
+    models.save(setup.model, setup.tokenizer, out / "model")
+    report.plot({config.algorithm: result}, out / "loss.png", title=f"{config.algorithm} on {config.model}")
     report.append_metrics(out / "metrics.jsonl", [final])
     summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))
+    # summary.md comes last: its presence marks a finished run (ferret compare --resume skips it)
     (out / "summary.md").write_text(f"# {config.algorithm}\n\n" + report.table([summary]), encoding="utf-8")
-    report.plot({config.algorithm: result}, out / "loss.png", title=f"{config.algorithm} on {config.model}")
-    models.save(setup.model, setup.tokenizer, out / "model")
     say(f"done: eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f}"
         + (f", Rouge-L {100 * final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
     return result
