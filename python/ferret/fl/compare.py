@@ -77,7 +77,7 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
     if target is None:
         target = max(r.final_eval_loss for r in results.values())
     rows = [report.Summary.of(label, results[label], target, finals[label].get("rouge_l")) for label in labels]
-    title = f"{base.model}, {base.data}, {base.clients} clients, {base.rounds} rounds"
+    title = f"{base.model}, {Path(base.data).name}, {base.clients} clients, {base.rounds} rounds"
     (out / "table.md").write_text(f"# {title}\n\n" + report.table(rows, target), encoding="utf-8")
     (out / "compare.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1), encoding="utf-8")
     report.plot(results, out / "loss.png", title=title)

@@ -135,12 +135,14 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
     else:
         result = _run_federated(setup, out, resume, progress, say, extra)
     final = {"kind": "end", "round": len(result.rounds), "eval_loss": result.final_eval_loss}
-    if config.rouge_samples:
+    scored = config.algorithm != "standalone"  # standalone leaves one model per client, none global
+    if config.rouge_samples and scored:
         final["rouge_l"] = rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
                                    max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
-    if setup.mmlu:
+    if setup.mmlu and scored:
         final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
-    models.save(setup.model, setup.tokenizer, out / "model")
+    if scored:
+        models.save(setup.model, setup.tokenizer, out / "model")
     report.plot({config.algorithm: result}, out / "loss.png", title=f"{config.algorithm} on {config.model}")
     report.append_metrics(out / "metrics.jsonl", [final])
     summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))

@@ -99,6 +99,7 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, result in results.items():
@@ -110,6 +111,7 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
+    by_round.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
     by_round.legend(fontsize=8)
