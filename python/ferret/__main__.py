@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferret", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="ferret", description="Federated fine-tuning of LLMs: Ferret, FLoRA "
+                                     "and their baselines.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:6]))
     sub = parser.add_subparsers(dest="command")

@@ -11,6 +11,8 @@ from . import Layout, Packet, compress, num_threads, reconstruct, simd_level
 
 
 def demo(model_dir: Path, budget: int, seed: int, grouping: str) -> None:
+    """Compress the weights in ``model_dir/model.safetensors`` with ``budget`` coordinates, round-trip
+    the packet through bytes, reconstruct, and print sizes, timings and the error against theory."""
     from safetensors.torch import load_file
 
     weights = load_file(str(model_dir / "model.safetensors"))
