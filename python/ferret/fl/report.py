@@ -101,23 +101,25 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, result in results.items():
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(13, 4.6))
+    colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
+    for i, (name, result) in enumerate(results.items()):
+        style = dict(color=colors[i % len(colors)], marker="o", markersize=3)
         losses = [result.initial_eval_loss] + [r.eval_loss for r in result.rounds]
-        by_round.plot(range(len(losses)), losses, marker="o", markersize=3, label=name)
+        by_round.plot(range(len(losses)), losses, label=name, **style)
         sent = np.cumsum([_mean(list(r.upload_bytes.values())) for r in result.rounds])
         if sent.size and sent[-1] > 0:
-            by_bytes.plot(sent, losses[1:], marker="o", markersize=3, label=name)
+            by_bytes.plot(sent, losses[1:], **style)
     by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
     by_round.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in (by_round, by_bytes):
         ax.grid(alpha=0.3)
-    by_round.legend(fontsize=8)
+    fig.legend(loc="lower center", ncol=min(len(results), 3), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(results) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
