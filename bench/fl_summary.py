@@ -1,8 +1,8 @@
 """The issue-4 targets, read off a ``ferret compare`` directory, as Markdown.
 
 Usage: python bench/fl_summary.py RUN_DIR OUT_PREFIX
-  copies table.md / compare.json / loss.png and each entry's metrics.jsonl and config.toml to
-  OUT_PREFIX/ and writes OUT_PREFIX.md: the comparison table, then Ferret against FedAvg
+  copies table.md / compare.json / loss.png and each entry's config.toml to OUT_PREFIX/, writes
+  every entry's per-round records to OUT_PREFIX/runs.json, and writes OUT_PREFIX.md: the comparison table, then Ferret against FedAvg
   (final loss gap), FedKSeed (rounds to its final loss, compute per round) and the upload ratio.
 """
 
@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ferret.fl.checkpoint import to_json
 from ferret.fl.compare import label_dir, read_metrics
 
 
@@ -23,11 +24,10 @@ def main(run_dir: str, out_prefix: str) -> None:
     results = {}
     for sub in sorted(p for p in run.iterdir() if p.is_dir()):
         (out / sub.name).mkdir(exist_ok=True)
-        for name in ("metrics.jsonl", "config.toml"):
-            shutil.copy(sub / name, out / sub.name / name)
+        shutil.copy(sub / "config.toml", out / sub.name / "config.toml")
     for label in rows:
-        sub = run / label_dir(label)
-        results[label] = read_metrics(sub / "metrics.jsonl")[0]
+        results[label] = read_metrics(run / label_dir(label) / "metrics.jsonl")[0]
+    (out / "runs.json").write_text(json.dumps({k: to_json(v) for k, v in results.items()}, indent=1))
 
     lines = [(run / "table.md").read_text(), "## Targets\n"]
     fedavg = rows.get("fedavg")
