@@ -20,7 +20,7 @@ from . import checkpoint, models, references, report
 from .config import REFERENCES, Config, ConfigError
 from .data import (DataError, Encoded, Example, dirichlet_split, encode, holdout, load_dolly,
                    load_natural_instructions, synthetic_tasks)
-from .evaluate import load_mmlu, mmlu_accuracy, rouge_l
+from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
 from .simulation import RunResult
 from .simulation import run as run_rounds
 
@@ -131,14 +131,13 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
     if setup.mmlu and not resume:
         extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
     if config.algorithm in REFERENCES:
-        result = _run_reference(setup, out, say)
+        result = _run_reference(setup, out, say, extra)
     else:
         result = _run_federated(setup, out, resume, progress, say, extra)
     final = {"kind": "end", "round": len(result.rounds), "eval_loss": result.final_eval_loss}
     scored = config.algorithm != "standalone"  # standalone leaves one model per client, none global
     if config.rouge_samples and scored:
-        final["rouge_l"] = rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
-                                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
+        final["rouge_l"] = _rouge(setup)
     if setup.mmlu and scored:
         final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
     if scored:
@@ -158,43 +157,33 @@ def _run_federated(setup: Setup, out: Path, resume: bool, progress: bool, say, e
     algorithm = config.build_algorithm()
     metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.safetensors"
     config_toml = config.dumps()
-    previous = None
     if resume:
         previous = checkpoint.load(ckpt, setup.model, algorithm)
         report.write_metrics(metrics, previous, _start_extra(metrics))  # drop lines of a round cut short
         say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
     else:
-        previous = RunResult(initial_eval_loss=_initial_loss(setup))
+        previous = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data))
         report.write_metrics(metrics, previous, extra)
 
     def on_round(record) -> None:
         if config.rouge_every and (record.round + 1) % config.rouge_every == 0:
-            record.rouge_l = rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
-                                     max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
-        checkpoint.save(ckpt, setup.model, algorithm, result_so_far(record), config_toml)
+            record.rouge_l = _rouge(setup)
+        checkpoint.save(ckpt, setup.model, algorithm, so_far, config_toml)
         report.append_metrics(metrics, report.round_lines(record))
         say(_round_line(record, config.rounds))
 
-    done = []
-
-    def result_so_far(record):
-        done.append(record)
-        return RunResult(previous.initial_eval_loss, previous.rounds + done)
-
-    result = run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
-                        fraction=config.fraction, seed=config.seed, weighting=config.weighting,
-                        progress=progress, on_round=on_round,
-                        resume=RunResult(previous.initial_eval_loss, list(previous.rounds)))
-    return result
+    so_far = RunResult(previous.initial_eval_loss, list(previous.rounds))  # the engine appends each round
+    return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
+                      fraction=config.fraction, seed=config.seed, weighting=config.weighting,
+                      progress=progress, on_round=on_round, resume=so_far)
 
 
-def _run_reference(setup: Setup, out: Path, say) -> RunResult:
+def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
     config = setup.config
     train = getattr(references, config.algorithm)
     local = config.local(references.LocalTraining())
     metrics = out / "metrics.jsonl"
-    start = RunResult(initial_eval_loss=_initial_loss(setup))
-    report.write_metrics(metrics, start)
+    report.write_metrics(metrics, RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data)), extra)
 
     def on_round(record):
         report.append_metrics(metrics, report.round_lines(record))
@@ -204,10 +193,10 @@ def _run_reference(setup: Setup, out: Path, say) -> RunResult:
                  on_round=on_round)
 
 
-def _initial_loss(setup: Setup) -> float:
-    from .evaluate import eval_loss
-
-    return eval_loss(setup.model, setup.eval_data)
+def _rouge(setup: Setup) -> float:
+    config = setup.config
+    return rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
+                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
 
 
 def _start_extra(metrics: Path) -> dict:

@@ -53,7 +53,8 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
     ``model`` in place.
 
     ``fraction`` of the clients (at least one) is sampled each round; their uploads are weighted by
-    example count or equally (``weighting``). ``on_round(record)`` is called after each round.
+    example count or equally (``weighting``). ``on_round(record)`` is called after each round, once
+    ``record`` is in the result (the ``resume`` object itself when given).
     A client whose update is NaN/Inf is dropped from its round with a warning. ``resume`` (the
     records of an interrupted run, with ``model`` and ``algorithm`` restored to their state after
     its last round) continues that run: every round's randomness derives from ``(seed, round)``,
