@@ -4,7 +4,6 @@ adapter of its own rank on the global weights; the server aggregates the adapter
 
 from __future__ import annotations
 
-import copy
 import json
 
 import torch
@@ -41,13 +40,16 @@ class LoraAlgorithm(Algorithm):
 
         r = self.rank_of(ctx.client)
         torch.manual_seed(ctx.round_seed ^ ctx.client)  # the fresh adapter's A
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        # The engine's working copy is wrapped in place and unwrapped afterwards: no copy of the model.
+        peft_model = get_peft_model(model, LoraConfig(
             r=r, lora_alpha=self.alpha_per_rank * r, target_modules=self.target_modules, lora_dropout=0.0))
-        first_order_steps(peft_model, data, rng=ctx.rng, **vars(self.local))
         try:
+            first_order_steps(peft_model, data, rng=ctx.rng, **vars(self.local))
             adapter = lora.from_peft(peft_model)
         except lora.LoraError as err:
             raise NonFiniteUpdate(str(err)) from None
+        finally:
+            peft_model.unload()
         return encode_adapter(adapter)
 
     def combine(self, adapters, weights) -> lora.LoraAdapter:
