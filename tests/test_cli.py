@@ -155,3 +155,21 @@ def test_compare_bad_entries(tmp_path, args, message):
     proc = ferret(*args, "--out", tmp_path / "x", cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_config_round_trips_through_toml_and_entries_split_settings_from_options(tmp_path):
+    from ferret.fl.compare import parse_entry
+    from ferret.fl.config import Config, ConfigError
+
+    config = Config(algorithm="flora", lr=0.003, optimizer="adamw", options={"ranks": [8, 4, 2]})
+    path = tmp_path / "c.toml"
+    path.write_text(config.dumps())
+    assert Config.load(path) == config
+    label, entry = parse_entry("ferret:budget=1000,bases=client,rounds=7", config)
+    assert (label, entry.algorithm, entry.rounds) == ("ferret:budget=1000,bases=client,rounds=7", "ferret", 7)
+    assert entry.options == {"budget": 1000, "bases": "client"}  # flora's options stay with flora
+    assert parse_entry("flora:alpha_per_rank=1.0", config)[1].options == {"ranks": [8, 4, 2], "alpha_per_rank": 1.0}
+    with pytest.raises(ConfigError, match="fraction must be in"):
+        Config(fraction=0.0)
+    with pytest.raises(ConfigError, match="ferret options: .*unknown bases 'own'"):
+        Config(options={"bases": "own"}).build_algorithm()

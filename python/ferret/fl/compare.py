@@ -3,7 +3,7 @@
 An entry is an algorithm name, optionally with settings after a colon, e.g. ``ferret``,
 ``ferret:budget=1000,bases=client`` or ``flora:lr=0.003``: keys of
 :class:`~ferret.fl.config.Config` override the shared settings for that entry, other keys are
-options of the algorithm. Each entry runs into its own subdirectory.
+options of the algorithm (added to the shared config's options when it names the same algorithm). Each entry runs into its own subdirectory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def parse_entry(entry: str, base: Config) -> tuple[str, Config]:
         if not eq:
             raise ConfigError(f"{entry!r}: settings are key=value, got {item!r}")
         (settings if key in fields else options)[key.strip()] = parse_value(value.strip())
-    values = {**base.to_dict(), **settings, "algorithm": name, "options": {**base.options, **options}}
+    inherited = base.options if name == base.algorithm else {}  # options belong to one algorithm
+    values = {**base.to_dict(), **settings, "algorithm": name, "options": {**inherited, **options}}
     return entry, Config.from_dict(values, entry)
 
 
