@@ -3,7 +3,8 @@
 An entry is an algorithm name, optionally with settings after a colon, e.g. ``ferret``,
 ``ferret:budget=1000,bases=client`` or ``flora:lr=0.003``: keys of
 :class:`~ferret.fl.config.Config` override the shared settings for that entry, other keys are
-options of the algorithm (added to the shared config's options when it names the same algorithm). Each entry runs into its own subdirectory.
+options of the algorithm (added to the shared config's options when it names the same
+algorithm). Each entry runs into its own subdirectory.
 """
 
 from __future__ import annotations
