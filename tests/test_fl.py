@@ -4,6 +4,7 @@ runs are deterministic, bytes are counted from the real payloads, bad data is re
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,12 +236,16 @@ def test_bad_data_files_are_refused(tmp_path):
         fl.load_natural_instructions(tasks)
 
 
-def test_real_dolly_loads_when_present():
-    from pathlib import Path
+def shared_asset(relative: str) -> Path:
+    """A dataset under ../shared/assets (datasets never ship with the repo), or skip the test."""
+    path = Path(__file__).resolve().parents[2] / "shared/assets/data" / relative
+    if not path.is_file():
+        pytest.skip(f"{relative} is not on this machine (datasets never ship with the repo)")
+    return path
 
-    path = Path(__file__).resolve().parents[2] / "shared/assets/data/dolly/databricks-dolly-15k.jsonl"
-    if not path.exists():
-        pytest.skip("Dolly-15K is not on this machine (it never ships with the repo)")
+
+def test_real_dolly_loads_when_present():
+    path = shared_asset("dolly/databricks-dolly-15k.jsonl")
     examples = fl.load_dolly(path)
     assert len(examples) > 15000 and len({e.category for e in examples}) == 8
 
@@ -290,10 +295,6 @@ def test_mmlu_scores_the_most_likely_letter(tmp_path, tokenizer):
 
 
 def test_real_mmlu_subset_loads_when_present():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "shared/assets/data/mmlu/mmlu_test_1444.json"
-    if not path.is_file():
-        pytest.skip("the MMLU subset is not on this machine")
+    path = shared_asset("mmlu/mmlu_test_1444.json")
     questions = fl.load_mmlu(path)
     assert len(questions) == 1444 and {q.response for q in questions} == set("ABCD")

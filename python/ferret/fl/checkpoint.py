@@ -93,7 +93,7 @@ def _metadata(path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except (OSError, Exception) as err:  # safetensors raises its own error type for a bad header
+    except Exception as err:  # OSError, or safetensors' own error type for a bad header
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ferret checkpoint")

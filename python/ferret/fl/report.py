@@ -86,11 +86,12 @@ def table(rows: list[Summary], target: float | None = None) -> str:
 
 def human_bytes(n: float) -> str:
     """``n`` bytes with a binary unit, e.g. ``15.2 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> None:
