@@ -5,6 +5,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <stdexcept>
 #include <string>
@@ -30,6 +31,20 @@ ferret::DType dtype_of(const A& a, const char* what) {
 ferret::Basis basis_of(int b) {
   if (b != 0 && b != 1) throw nb::value_error("basis must be 0 (rademacher) or 1 (gaussian)");
   return ferret::Basis(b);
+}
+
+// The segments of one block: buffers with the block index of their first element.
+template <class A>
+std::vector<ferret::Segment> segments_of(const std::vector<A>& xs, const std::vector<int64_t>& starts,
+                                         int64_t block_n, const char* what) {
+  if (xs.size() != starts.size()) throw nb::value_error("give one start per segment");
+  std::vector<ferret::Segment> segments;
+  for (size_t s = 0; s < xs.size(); s++) {
+    const int64_t n = int64_t(xs[s].size());
+    if (starts[s] < 0 || starts[s] + n > block_n) throw nb::value_error("a segment lies outside its block");
+    segments.push_back({const_cast<void*>(xs[s].data()), dtype_of(xs[s], what), n, starts[s]});
+  }
+  return segments;
 }
 
 }  // namespace
@@ -81,6 +96,41 @@ NB_MODULE(_core, m) {
       },
       nb::arg("theta").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("eps"),
       "In place: theta += eps * v_0(seed).");
+
+  m.def(
+      "srht_rows",
+      [](uint64_t seed, int64_t n, nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu, nb::c_contig> rows) {
+        if (int64_t(rows.shape(0)) > n) throw nb::value_error("more rows asked for than the block has");
+        nb::gil_scoped_release release;
+        ferret::srht_rows(seed, n, int64_t(rows.shape(0)), rows.data());
+      },
+      nb::arg("seed"), nb::arg("n"), nb::arg("rows").noconvert(),
+      "rows[k] = the first rows.size rows of the block's seeded permutation of [0, n).");
+
+  m.def(
+      "srht_compress",
+      [](std::vector<Input> xs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+         nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords) {
+        const auto segments = segments_of(xs, starts, block_n, "the update");
+        nb::gil_scoped_release release;
+        ferret::srht_compress(segments.data(), int(segments.size()), block_n, seed, log2_size,
+                              int64_t(coords.shape(0)), coords.data());
+      },
+      nb::arg("xs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"),
+      nb::arg("coords").noconvert(), "coords[k] = SRHT coordinate k of the block the segments make up.");
+
+  m.def(
+      "srht_reconstruct",
+      [](std::vector<Output> outs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+         nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords, float scale) {
+        const auto segments = segments_of(outs, starts, block_n, "the output");
+        nb::gil_scoped_release release;
+        ferret::srht_reconstruct(segments.data(), int(segments.size()), block_n, seed, log2_size, coords.data(),
+                                 int64_t(coords.shape(0)), scale);
+      },
+      nb::arg("outs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"),
+      nb::arg("coords").noconvert(), nb::arg("scale"),
+      "In place: the segments += the SRHT estimate from coords, scaled (scale = alpha * n / m in fp32).");
 
   m.def(
       "sum_squares",

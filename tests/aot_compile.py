@@ -29,6 +29,25 @@ for dtype in ("fp32", "bf16", "fp16"):
 kernel = build(P._compress_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32"}, P.GAUSSIAN)
 print(f"sm_90 compress gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
 
+# SRHT: gather, transform and apply, at the default Hadamard size.
+from ferret.kernels import srht as S  # noqa: E402
+
+SIZE = 4096
+table = {"offsets_ptr": "*i64", "sizes_ptr": "*i64", "seed": "i64", "SIZE": "constexpr"}
+for dtype in ("fp32", "bf16"):
+    signature = {"x_ptr": f"*{dtype}", "n": "i64", "start": "i64", "tile_ptr": "*fp32", **table}
+    kernel = triton.compile(ASTSource(S._gather_kernel, signature, {"SIZE": SIZE}), target=TARGET)
+    print(f"sm_90 srht gather {dtype}: cubin {len(kernel.asm['cubin'])} B")
+    signature = {"out_ptr": f"*{dtype}", "n": "i64", "start": "i64", "tile_ptr": "*fp32", "factors_ptr": "*fp32",
+                 **table}
+    kernel = triton.compile(ASTSource(S._apply_kernel, signature, {"SIZE": SIZE}), target=TARGET,
+                            options={"enable_fp_fusion": False})
+    fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
+    print(f"sm_90 srht apply {dtype}: cubin {len(kernel.asm['cubin'])} B, fused-fma {fused}")
+kernel = triton.compile(ASTSource(S._fwht_kernel, {"tile_ptr": "*fp32", "sizes_ptr": "*i64", "SIZE": "constexpr",
+                                                   "LOG": "constexpr"}, {"SIZE": SIZE, "LOG": 12}), target=TARGET)
+print(f"sm_90 srht fwht {SIZE}: cubin {len(kernel.asm['cubin'])} B")
+
 # LoRA: a stack of three clients with heterogeneous ranks, into fp32 and bf16 weights.
 from ferret.kernels import lora as L  # noqa: E402
 

@@ -41,6 +41,7 @@ def model():
 ALGORITHMS = {
     "ferret": lambda: fl.Ferret(3800, LOCAL),
     "ferret_paper": lambda: fl.Ferret.paper(3800, LOCAL),
+    "ferret_srht": lambda: fl.Ferret(3800, LOCAL, basis="srht"),
     "fedavg": lambda: fl.FedAvg(LOCAL),
     "fedzo": lambda: fl.FedZO(fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
     "fedkseed": lambda: fl.FedKSeed(32, fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
@@ -180,6 +181,8 @@ def test_ferret_rejects_unknown_options():
         fl.Ferret(bases="own")
     with pytest.raises(ValueError, match="momentum must be in"):
         fl.Ferret(momentum=1.0)
+    with pytest.raises(ValueError, match="bad SRHT Hadamard size"):
+        fl.Ferret(basis="srht:100")
 
 
 def test_packets_split_from_a_concatenation():

@@ -104,6 +104,53 @@ def test_public_api_on_triton_backend_equals_core():
     assert all(torch.equal(a[k], b[k].cpu()) for k in update)
 
 
+SRHT_CASES = [(100, 64, 37), (12365, 4096, 30), (500, 2, 500), (3, 8, 3)]
+
+
+def _srht_segments(x: torch.Tensor):
+    cut = [0, x.numel() // 3, x.numel()]
+    return [(x[a:b], a) for a, b in zip(cut, cut[1:]) if b > a]
+
+
+@pytest.mark.parametrize("n,size,m", SRHT_CASES)
+def test_srht_compress_bit_identical_to_spec_and_core(n, size, m):
+    from ferret.backends import TritonBackend
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    got = TritonBackend().srht_compress(_srht_segments(torch.from_numpy(x).to(DEVICE)), n, SEED, size, m)
+    np.testing.assert_array_equal(got, spec.srht_compress(x, SEED, m, size))
+    on_core = np.zeros(m, np.float32)
+    _core.srht_compress([x], [0], n, SEED, size.bit_length() - 1, on_core)
+    np.testing.assert_array_equal(got, on_core)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n,size,m", SRHT_CASES)
+def test_srht_reconstruct_bit_identical_to_core(dtype, n, size, m):
+    from ferret.backends import TritonBackend
+
+    rng = np.random.default_rng(m)
+    coords = (rng.standard_normal(m) * 2).astype(np.float32)
+    base = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(DTYPES[dtype])
+    scale = np.float32(0.7 * n / m)
+    on_core = base.clone()
+    _core.srht_reconstruct([on_core], [0], n, SEED, size.bit_length() - 1, coords, scale)
+    on_triton = base.clone().to(DEVICE)
+    TritonBackend().srht_reconstruct(_srht_segments(on_triton), n, SEED, size, coords, scale)
+    assert torch.equal(on_triton.cpu().view(torch.uint8), on_core.view(torch.uint8))
+
+
+def test_srht_public_api_on_triton_backend_equals_core():
+    update = {"w": torch.randn(40, 50), "b": torch.randn(700)}
+    on_core = ferret.compress(update, seed=9, budget=60, basis="srht:256", grouping=5000)
+    on_triton = ferret.compress({k: v.to(DEVICE) for k, v in update.items()}, seed=9, budget=60, basis="srht:256",
+                                grouping=5000, backend="triton")
+    assert on_core == on_triton  # the transform is fp32 everywhere: identical coordinates
+    a = ferret.reconstruct(on_core, like=update)
+    b = ferret.reconstruct(on_core, like={k: v.to(DEVICE) for k, v in update.items()}, backend="triton")
+    assert all(torch.equal(a[k], b[k].cpu()) for k in update)
+
+
 def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="1-d contiguous"):
         P.reconstruct_(torch.zeros(4, 4), 0, 1, 0, torch.ones(1), 1.0)
@@ -118,4 +165,5 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fused-fma 0" in proc.stdout
+    assert proc.stdout.count("sm_90 srht") == 5
     assert proc.stdout.count("sm_90 lora merge") == 2 and "sm_90 lora stacked linear" in proc.stdout

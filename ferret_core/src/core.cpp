@@ -65,6 +65,10 @@ int threads_for(int64_t n, int n_coords) {
 
 }  // namespace
 
+namespace detail {
+bool use_avx2() { return cpu_has_avx2() && !g_force_portable.load(); }
+}  // namespace detail
+
 Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   Words4 r{{c0, c1, c2, c3}};
   detail::philox(r.w, k0, k1);

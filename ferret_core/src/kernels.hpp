@@ -32,3 +32,15 @@ extern const ChunkKernels kGaussian;
 void fill_tile(float* tile, const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, int64_t t0);
 
 }  // namespace ferret::detail
+
+namespace ferret::detail {
+
+// Unnormalised Walsh-Hadamard transform of x[0, n) in place, n a power of two: butterfly stages
+// h = 1, 2, 4, .. in that order, (a, b) -> (a + b, a - b) in fp32. Both builds are bit-identical.
+void fwht_portable(float* x, int64_t n);
+void fwht_avx2(float* x, int64_t n);
+
+// Whether the AVX2 loops are in use (built, present on this CPU, and not forced off).
+bool use_avx2();
+
+}  // namespace ferret::detail

@@ -203,3 +203,39 @@ void rademacher_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int6
 const ChunkKernels kRademacherAvx2 = {rademacher_compress, rademacher_reconstruct};
 
 }  // namespace ferret::detail
+
+namespace ferret::detail {
+
+// Stages 1, 2 and 4 happen inside one vector of 8: each lane pairs with its partner (a permute),
+// the low partner keeps a + b and the high one takes a - b (a blend). Wider stages pair vectors.
+void fwht_avx2(float* x, int64_t n) {
+  if (n < 8) {
+    for (int64_t h = 1; h < n; h *= 2)
+      for (int64_t i = 0; i < n; i += 2 * h)
+        for (int64_t j = i; j < i + h; j++) {
+          const float a = x[j], b = x[j + h];
+          x[j] = a + b;
+          x[j + h] = a - b;
+        }
+    return;
+  }
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    __m256 p = _mm256_permute_ps(v, 0xB1);  // h = 1: partners [1 0 3 2 ..]
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xAA);
+    p = _mm256_permute_ps(v, 0x4E);  // h = 2: partners [2 3 0 1 ..]
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xCC);
+    p = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4: the other 128-bit half
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+    _mm256_storeu_ps(x + i, v);
+  }
+  for (int64_t h = 8; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+        _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+      }
+}
+
+}  // namespace ferret::detail

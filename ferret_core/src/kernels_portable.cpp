@@ -94,3 +94,17 @@ const ChunkKernels kRademacherPortable = {compress_chunk<rademacher_tile>, recon
 const ChunkKernels kGaussian = {compress_chunk<gaussian_tile>, reconstruct_chunk<gaussian_tile>};
 
 }  // namespace ferret::detail
+
+namespace ferret::detail {
+
+void fwht_portable(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; j++) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+}
+
+}  // namespace ferret::detail

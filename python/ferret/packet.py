@@ -5,8 +5,8 @@ Encoding (little-endian), version 1::
 
     magic      4 bytes  b"FRPK"
     version    u16      1
-    basis      u8       0 rademacher, 1 gaussian
-    reserved   u8       0
+    basis      u8       0 rademacher, 1 gaussian, 2 srht
+    basis_arg  u8       srht: log2 of the Hadamard size; otherwise 0
     round_seed u64      in [0, 2**63)
     group_size u64      the layout's grouping (0: one block per tensor)
     layout     16 bytes the layout fingerprint
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .basis import KINDS, basis_name, parse_basis
+
 MAGIC = b"FRPK"
 VERSION = 1
-BASES = ("rademacher", "gaussian")
 _HEADER = struct.Struct("<4sHBBQQ16sI")
 
 
@@ -54,8 +55,10 @@ class Packet:
         counts.flags.writeable = coords.flags.writeable = False
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "coords", coords)
-        if self.basis not in BASES:
-            raise PacketError(f"unknown basis {self.basis!r}")
+        try:
+            object.__setattr__(self, "basis", basis_name(*parse_basis(self.basis)))
+        except (TypeError, ValueError) as err:
+            raise PacketError(str(err)) from None
         if not 0 <= self.round_seed < 2**63:
             raise PacketError(f"round seed {self.round_seed} is outside [0, 2**63)")
         if len(self.fingerprint) != 16:
@@ -78,9 +81,9 @@ class Packet:
 
     def to_bytes(self) -> bytes:
         """The packet in its versioned binary encoding (see the module docstring)."""
-        head = _HEADER.pack(
-            MAGIC, VERSION, BASES.index(self.basis), 0, self.round_seed, self.group_size, self.fingerprint, self.n_blocks
-        )
+        kind, size = parse_basis(self.basis)
+        head = _HEADER.pack(MAGIC, VERSION, KINDS.index(kind), size.bit_length() - 1 if size else 0, self.round_seed,
+                            self.group_size, self.fingerprint, self.n_blocks)
         body = head + self.counts.astype("<u4").tobytes() + self.coords.astype("<f4").tobytes()
         return body + struct.pack("<I", zlib.crc32(body))
 
@@ -90,7 +93,7 @@ class Packet:
         data = bytes(data)
         if len(data) < _HEADER.size + 4:
             raise PacketError(f"{len(data)} bytes is too short for a packet")
-        magic, version, basis, _, seed, group_size, fingerprint, n_blocks = _HEADER.unpack_from(data)
+        magic, version, basis, basis_arg, seed, group_size, fingerprint, n_blocks = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise PacketError("not a ferret packet (bad magic)")
         if version != VERSION:
@@ -98,8 +101,10 @@ class Packet:
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         if zlib.crc32(data[:-4]) != crc:
             raise PacketError("packet checksum mismatch: the bytes were truncated or corrupted")
-        if basis >= len(BASES):
+        if basis >= len(KINDS):
             raise PacketError(f"unknown basis code {basis}")
+        if basis_arg and KINDS[basis] != "srht" or basis_arg > 30:
+            raise PacketError(f"basis argument {basis_arg} does not fit basis {KINDS[basis]}")
         counts_end = _HEADER.size + 4 * n_blocks
         if counts_end > len(data) - 4:
             raise PacketError("packet truncated inside the block counts")
@@ -108,7 +113,8 @@ class Packet:
         if counts_end + 4 * n_coords != len(data) - 4:
             raise PacketError(f"packet length does not match its counts ({n_coords} coordinates)")
         coords = np.frombuffer(data, dtype="<f4", count=n_coords, offset=counts_end)
-        return cls(seed, BASES[basis], group_size, fingerprint, counts, coords)
+        name = KINDS[basis] if KINDS[basis] != "srht" else f"srht:{1 << basis_arg}"
+        return cls(seed, name, group_size, fingerprint, counts, coords)
 
     @classmethod
     def split(cls, data: bytes) -> list["Packet"]:

@@ -8,7 +8,9 @@ the same round seed and a model of the same shapes rebuilds an unbiased estimate
     ferret.reconstruct(ferret.Packet.from_bytes(wire), into=model.named_parameters(), scale=lr)
 
 Block ``b`` is projected on ``n_b`` bases drawn from ``block_seed(round_seed, b)``; its
-estimate is ``(1/n_b) * sum_k gamma_k v_k``. Nothing is written until every input is checked.
+estimate is ``(1/n_b) * sum_k gamma_k v_k``. With ``basis="srht"`` the coordinates are ``n_b``
+rows of the block's randomized Hadamard transform instead, at a cost that does not grow with
+``n_b`` (see :mod:`ferret.spec`). Nothing is written until every input is checked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 
 from .allocation import allocate
-from .backends import BASIS_CODES, backend_for
+from .backends import backend_for
+from .basis import basis_name, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
 from .spec import block_seed, normalize_seed
@@ -34,10 +37,11 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     (fp32, bf16 or fp16, all on one device), the round ``seed`` (any int; normalised to
     ``[0, 2**63)``), and the total number of coordinates ``budget``, shared among blocks by
     ``allocation`` (``"norm"`` or ``"uniform"``); ``grouping`` forms the blocks (``"tensor"``,
-    ``"paper"`` or a block size, see :mod:`ferret.layout`); ``basis`` is ``"rademacher"`` or
-    ``"gaussian"``. Returns a :class:`Packet`. Raises ``ValueError`` for NaN/Inf in the update.
+    ``"paper"`` or a block size, see :mod:`ferret.layout`); ``basis`` is ``"rademacher"``,
+    ``"gaussian"``, ``"srht"`` or ``"srht:<Hadamard size>"`` (see :mod:`ferret.basis`).
+    Returns a :class:`Packet`. Raises ``ValueError`` for NaN/Inf in the update.
     """
-    _check_basis(basis)
+    kind, hadamard = parse_basis(basis)
     seed = normalize_seed(seed)
     items = named_tensors(update)
     for name, x in items:
@@ -53,18 +57,25 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         for b, norm in enumerate(norms):
             if not math.isfinite(norm):
                 raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
-    counts = allocate(budget, layout.n_blocks, allocation, norms)
+    if kind == "srht" and 0 in layout.block_sizes:
+        raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, blocks[layout.block_sizes.index(0)])})")
+    counts = allocate(budget, layout.n_blocks, allocation, norms, caps=layout.block_sizes if kind == "srht" else None)
 
     coords = []
     for b, entries in enumerate(blocks):
-        gamma = np.zeros(int(counts[b]), dtype=np.float64)
         bseed = block_seed(seed, b)
-        for i in entries:
-            be.compress(flats[i], layout.entries[i].offset, bseed, basis, gamma)
+        if kind == "srht":
+            segments = [(flats[i], layout.entries[i].offset) for i in entries]
+            gamma = be.srht_compress(segments, layout.block_sizes[b], bseed, hadamard, int(counts[b])).astype(np.float64)
+        else:
+            gamma = np.zeros(int(counts[b]), dtype=np.float64)
+            for i in entries:
+                be.compress(flats[i], layout.entries[i].offset, bseed, kind, gamma)
         if not np.all(np.isfinite(gamma.astype(np.float32))):
             raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, entries)}")
         coords.append(gamma)
-    return Packet(seed, basis, layout.group_size, layout.fingerprint, counts, np.concatenate(coords))
+    return Packet(seed, basis_name(kind, hadamard), layout.group_size, layout.fingerprint, counts,
+                  np.concatenate(coords))
 
 
 def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, backend: str | None = None,
@@ -101,15 +112,25 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
             if device is None:
                 device = device_of(named_tensors(like, "like"), "like") if not isinstance(like, Layout) else "cpu"
             targets = [(e.name, torch.zeros(e.shape, dtype=torch.float32, device=device)) for e in layout.entries]
+    kind, hadamard = parse_basis(packet.basis)
+    if kind == "srht" and np.any(packet.counts > np.asarray(layout.block_sizes)):
+        b = int(np.argmax(packet.counts > np.asarray(layout.block_sizes)))
+        raise PacketError(f"block {b} has {layout.block_sizes[b]} elements, so at most that many srht rows, "
+                          f"but the packet holds {int(packet.counts[b])} coordinates for it")
     be = backend_for(device_of(targets, "parameters"), backend)
     flats = [_writable_flat(n, x) for n, x in targets]
 
     for b, entries in enumerate(layout.block_entries):
         coords = packet.block_coords(b)
-        block_scale = np.float32(scale / coords.size)
         bseed = block_seed(packet.round_seed, b)
+        if kind == "srht":
+            segments = [(flats[i], layout.entries[i].offset) for i in entries]
+            be.srht_reconstruct(segments, layout.block_sizes[b], bseed, hadamard, coords,
+                                np.float32(scale * layout.block_sizes[b] / coords.size))
+            continue
+        block_scale = np.float32(scale / coords.size)
         for i in entries:
-            be.reconstruct(flats[i], layout.entries[i].offset, bseed, packet.basis, coords, block_scale)
+            be.reconstruct(flats[i], layout.entries[i].offset, bseed, kind, coords, block_scale)
 
     if into is not None:
         return into
@@ -156,10 +177,11 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
     """In place: add ``eps * z`` to every tensor, ``z`` drawn from ``block_seed(seed, i)`` for tensor ``i``.
 
     The zeroth-order baselines perturb with ``+eps`` and undo with ``-eps`` (for Rademacher the
-    round trip is exact in fp32 whenever ``theta ± eps`` is). Takes the same containers as
-    :func:`compress`; returns ``params``.
+    round trip is exact in fp32 whenever ``theta ± eps`` is). ``basis`` is ``"rademacher"`` or
+    ``"gaussian"``. Takes the same containers as :func:`compress`; returns ``params``.
     """
-    _check_basis(basis)
+    if parse_basis(basis)[0] == "srht":
+        raise ValueError("perturb draws a direction from 'rademacher' or 'gaussian'; 'srht' is a projection basis")
     seed = normalize_seed(seed)
     eps = float(eps)
     if not math.isfinite(eps):
@@ -176,11 +198,6 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
 
 def _numel(x) -> int:
     return int(x.numel()) if isinstance(x, torch.Tensor) else int(x.size)
-
-
-def _check_basis(basis: str) -> None:
-    if basis not in BASIS_CODES:
-        raise ValueError(f"unknown basis {basis!r}: use one of {', '.join(BASIS_CODES)}")
 
 
 def _layout_for(packet: Packet, items) -> Layout:

@@ -17,6 +17,29 @@ Everything a client and a server must agree on bit for bit lives here:
 * **Gaussian basis** ``k``, element ``i``: ``tl.randn4x(s, (k << 32) | (i >> 2))[i & 3]``
   (Box-Muller on Philox words with Triton's constants). It depends on each platform's
   ``log``/``cos``, so devices agree only to a tolerance.
+* **SRHT basis** with Hadamard size ``B = 2**p`` (subsampled randomized Hadamard transform),
+  over a block of ``n`` elements:
+
+  - *Chunks.* The block is cut into chunks of ``B`` elements from index 0; the ``n mod B``
+    elements left over are cut by the binary digits of ``n mod B``, largest first (a block of
+    100 with ``B = 64`` has chunks 64, 32, 4). Every chunk is a power of two, so nothing is
+    padded and the block has exactly ``n`` rows.
+  - *Signs.* ``d_i`` is element ``i`` of Rademacher basis 0 of the block seed.
+  - *Rows.* The ``m`` coordinates are rows ``r_0, r_1, ..`` of a seeded permutation of
+    ``[0, n)`` by Fisher-Yates: draw ``t`` is ``t + u mod (n - t)`` with ``u`` the 64-bit word
+    ``w0 | w1 << 32`` of ``Philox(key=s, ctr=(t lo32, t hi32, SRHT_ROW_DOMAIN, 0))`` (the
+    modulo bias is below ``n / 2**64``). Row ``r`` sits in the chunk that holds element ``r``.
+    The first ``m`` rows do not depend on ``m``, so packets of different budgets share their
+    first coordinates, as with the other bases.
+  - *Coordinate* ``k``: entry ``r_k - o`` of ``fwht(d * x)`` over the chunk at offset ``o``.
+  - *Transform.* :func:`fwht`: unnormalised Walsh-Hadamard butterflies in fp32, stage
+    ``h = 1, 2, 4, ..`` in that order, each pair ``(a, b) -> (a + b, a - b)``.
+  - *Reconstruction.* Per chunk that holds at least one row: scatter the chunk's coordinates
+    at their rows into zeros, ``z = fwht(...)``, then ``out = out + (d * z) * c`` with two
+    roundings, ``c = scale * 2**-log2(size)`` (exact). ``scale`` is ``float32(alpha * n / m)``.
+    Chunks that hold no row are not touched. With ``u_r`` the orthonormal rows, this is
+    ``(n / m) * sum_k <x, u_rk> u_rk``: unbiased, with error ``(n / m - 1) * |x|**2`` against
+    Rademacher's ``(n - 1) / m * |x|**2``.
 * **Coordinates** ``gamma_k = <x, v_k>`` (computed once by the sender; fp64 here).
 * **Reconstruction** of one block, element-wise and in fp32:
   ``acc = 0; for k in order: acc = acc + (v_k[i] * gamma_k)`` (for Rademacher the product is
@@ -31,6 +54,7 @@ import numpy as np
 
 SEED_MODULUS = 1 << 63
 BLOCK_SEED_DOMAIN = 0x0B10C5ED
+SRHT_ROW_DOMAIN = 0x5247A4D5
 
 _M32 = np.uint64(0xFFFFFFFF)
 _PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -145,3 +169,89 @@ def reconstruct(gamma, seed: int, n: int, scale: float, kind: str = "rademacher"
         acc = acc + basis_vector(kind, seed, k, n, start) * g
     base = np.zeros(n, np.float32) if out is None else np.asarray(out, dtype=np.float32).ravel()
     return base + acc * np.float32(scale)
+
+
+def hadamard_chunks(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The SRHT chunks of a block of ``n`` elements for Hadamard size ``size``: (offsets, sizes), int64."""
+    full = n // size
+    offsets = [np.arange(full, dtype=np.int64) * size]
+    sizes = [np.full(full, size, dtype=np.int64)]
+    at, rest = full * size, n - full * size
+    for bit in reversed(range(rest.bit_length())):
+        if rest >> bit & 1:
+            offsets.append(np.array([at], dtype=np.int64))
+            sizes.append(np.array([1 << bit], dtype=np.int64))
+            at += 1 << bit
+    return np.concatenate(offsets), np.concatenate(sizes)
+
+
+def chunk_of(rows, n: int, size: int) -> np.ndarray:
+    """Index into :func:`hadamard_chunks` of the chunk holding each row (element index) of a block."""
+    offsets, _ = hadamard_chunks(n, size)
+    return np.searchsorted(offsets, np.asarray(rows, dtype=np.int64), side="right") - 1
+
+
+def srht_rows(seed: int, n: int, m: int) -> np.ndarray:
+    """The first ``m`` rows of the block's seeded permutation of ``[0, n)`` (int64, see above)."""
+    if not 0 <= m <= n:
+        raise ValueError(f"an SRHT block of {n} elements has {n} rows; {m} were asked for")
+    s = normalize_seed(seed)
+    t = np.arange(m, dtype=np.int64)
+    w = philox4x32(t & 0xFFFFFFFF, t >> 32, SRHT_ROW_DOMAIN, 0, s & 0xFFFFFFFF, s >> 32)
+    u = w[0].astype(np.uint64) | (w[1].astype(np.uint64) << np.uint64(32))
+    draws = t + (u % (n - t).astype(np.uint64)).astype(np.int64)
+    moved: dict[int, int] = {}
+    rows = np.empty(m, dtype=np.int64)
+    for k, r in enumerate(draws.tolist()):
+        rows[k] = moved.get(r, r)
+        moved[r] = moved.get(k, k)
+    return rows
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised fast Walsh-Hadamard transform in fp32, butterfly stages h = 1, 2, 4, .. in order."""
+    y = np.array(x, dtype=np.float32).ravel()
+    h = 1
+    while h < y.size:
+        pairs = y.reshape(-1, 2, h)
+        a, b = pairs[:, 0, :], pairs[:, 1, :]
+        y = np.stack([a + b, a - b], axis=1).reshape(-1)
+        h *= 2
+    return y
+
+
+def srht_compress(x: np.ndarray, seed: int, m: int, size: int) -> np.ndarray:
+    """The ``m`` SRHT coordinates of a whole block ``x`` (Hadamard size ``size``); float32."""
+    x = np.asarray(x, dtype=np.float32).ravel()
+    rows = srht_rows(seed, x.size, m)
+    offsets, sizes = hadamard_chunks(x.size, size)
+    owner = chunk_of(rows, x.size, size)
+    coords = np.empty(m, dtype=np.float32)
+    signs = rademacher(seed, 0, x.size)
+    for c in np.unique(owner):
+        o, sz = int(offsets[c]), int(sizes[c])
+        y = fwht(signs[o : o + sz] * x[o : o + sz])
+        mine = owner == c
+        coords[mine] = y[rows[mine] - o]
+    return coords
+
+
+def srht_reconstruct(coords, seed: int, n: int, scale, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``out`` plus the SRHT estimate from ``coords`` exactly as the spec orders it; float32 of length ``n``.
+
+    ``scale`` is the fp32 ``alpha * n / m``; ``out`` defaults to zeros.
+    """
+    coords = np.asarray(coords, dtype=np.float32)
+    rows = srht_rows(seed, n, coords.size)
+    offsets, sizes = hadamard_chunks(n, size)
+    owner = chunk_of(rows, n, size)
+    out = np.zeros(n, np.float32) if out is None else np.array(out, dtype=np.float32).ravel()
+    signs = rademacher(seed, 0, n)
+    for c in np.unique(owner):
+        o, sz = int(offsets[c]), int(sizes[c])
+        z = np.zeros(sz, np.float32)
+        mine = owner == c
+        z[rows[mine] - o] = coords[mine]
+        factor = np.float32(scale) * np.float32(1.0 / sz)
+        out[o : o + sz] = out[o : o + sz] + (signs[o : o + sz] * fwht(z)) * factor
+    return out

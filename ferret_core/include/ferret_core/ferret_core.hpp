@@ -10,6 +10,11 @@
 //   Gaussian basis k, element i:    Box-Muller on Philox(key=seed, ctr=(i>>2, k, 0, 0)), as
 //                                   Triton's tl.randn4x(seed, (k<<32) | (i>>2))[i&3]
 //
+//   SRHT (Hadamard size B = 2^p):    chunks of B elements, then the binary digits of n mod B;
+//                                   coordinate k = row r_k of fwht(d * x) over r_k's chunk, with
+//                                   d = Rademacher basis 0 and r = a seeded Fisher-Yates
+//                                   permutation of [0, n) (counter (t, t>>32, kSrhtRowDomain, 0))
+//
 // Results never depend on the number of threads: work is cut into fixed chunks of the block's
 // index space, and every reduction adds fp64 chunk partials in chunk order.
 #pragma once
@@ -38,6 +43,30 @@ void reconstruct(void* out, DType dtype, int64_t n, int64_t start, uint64_t seed
 
 // theta[j] = theta[j] + eps * v_0[start + j]: the zeroth-order perturbation z(seed).
 void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, float eps);
+
+// One contiguous piece of a block: n elements of dtype sitting at block indices [start, start + n).
+struct Segment {
+  void* data;
+  DType dtype;
+  int64_t n;
+  int64_t start;
+};
+
+constexpr uint32_t kSrhtRowDomain = 0x5247A4D5u;
+
+// rows[k] for k < m: the first m rows of the block's seeded permutation of [0, n); needs m <= n.
+void srht_rows(uint64_t seed, int64_t n, int64_t m, int64_t* rows);
+
+// coords[k] = row r_k (srht_rows) of the SRHT of a block of block_n elements, Hadamard size 2^log2_size,
+// read from segments that together cover [0, block_n) exactly once. Only chunks holding a row are read.
+// Throws std::invalid_argument for m > block_n or a Hadamard size outside 2^1 .. 2^15.
+void srht_compress(const Segment* segments, int n_segments, int64_t block_n, uint64_t seed, int log2_size,
+                   int64_t m, float* coords);
+
+// out = out + (d * fwht(coords scattered at their rows)) * (scale / chunk size), per chunk holding
+// a row, on the segments in place (see spec.py). scale is alpha * block_n / m in fp32.
+void srht_reconstruct(const Segment* segments, int n_segments, int64_t block_n, uint64_t seed, int log2_size,
+                      const float* coords, int64_t m, float scale);
 
 // Sum of squares of x in fp64, deterministic (chunked like compress).
 double sum_squares(const void* x, DType dtype, int64_t n);

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ... import compress, merge_packets, reconstruct, spec
+from ...basis import parse_basis
 from ...packet import Packet
 from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, difference, snapshot
@@ -26,7 +27,8 @@ class Ferret(Algorithm):
     averages independent projections: its variance falls with the number of clients at the
     same upload). ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃,
     θ ← θ + server_lr·v). ``clip``: the server clips each tensor's update to this norm (the
-    official code clips blocks at 10). :meth:`paper` gives the official code's choices.
+    official code clips blocks at 10). ``basis``: ``"rademacher"``, ``"gaussian"`` or
+    ``"srht[:size]"`` (see :mod:`ferret.basis`). :meth:`paper` gives the official code's choices.
     """
 
     name = "ferret"
@@ -40,6 +42,7 @@ class Ferret(Algorithm):
             raise ValueError(f"unknown bases {bases!r}: use one of {', '.join(BASES)}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        parse_basis(basis)
         self.budget, self.server_lr = budget, server_lr
         self.local = local or self.default_local
         self.basis, self.allocation, self.grouping = basis, allocation, grouping
