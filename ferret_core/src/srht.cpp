@@ -68,13 +68,11 @@ void flip_signs(float* x, int64_t o, int64_t size, uint64_t seed) {
       detail::basis_words(seed, 0, uint32_t(group), words);
     }
     const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
-    const int64_t len = std::min<int64_t>(32, size - j0);
-    for (int64_t e = 0; e < len; e++) {
-      uint32_t bits;
-      std::memcpy(&bits, x + j0 + e, 4);
-      bits ^= ((w >> e) & 1u) << 31;
-      std::memcpy(x + j0 + e, &bits, 4);
-    }
+    const int len = int(std::min<int64_t>(32, size - j0));
+    uint32_t bits[32];
+    std::memcpy(bits, x + j0, size_t(len) * 4);
+    for (int e = 0; e < len; e++) bits[e] ^= ((w >> e) & 1u) << 31;
+    std::memcpy(x + j0, bits, size_t(len) * 4);
   }
 }
 
@@ -134,8 +132,11 @@ void srht_compress(const Segment* segments, int n_segments, int64_t block_n, uin
     const int64_t o = t.chunk.offset, end = o + t.chunk.size;
     for (int s = 0; s < n_segments; s++) {
       const Segment& seg = segments[s];
-      for (int64_t i = std::max(o, seg.start); i < std::min(end, seg.start + seg.n); i++)
-        buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
+      const int64_t lo = std::max(o, seg.start), hi = std::min(end, seg.start + seg.n);
+      if (lo < hi && seg.dtype == DType::f32)
+        std::memcpy(buf + (lo - o), static_cast<const float*>(seg.data) + (lo - seg.start), size_t(hi - lo) * 4);
+      else
+        for (int64_t i = lo; i < hi; i++) buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
     }
     flip_signs(buf, o, t.chunk.size, seed);
     fwht(buf, t.chunk.size);
