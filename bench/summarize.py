@@ -2,6 +2,7 @@
 
 Usage: python bench/summarize.py bench/results/cpu_projection.json  (writes cpu_projection.md)
        python bench/summarize.py bench/results/cpu_lora.json        (writes cpu_lora.md)
+       python bench/summarize.py bench/results/cpu_srht.json        (writes cpu_srht.md)
 """
 
 import json
@@ -13,6 +14,8 @@ def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
     if any("method" in b["extra_info"] for b in data["benchmarks"]):
         return lora_table(path, data)
+    if any("basis" in b["extra_info"] for b in data["benchmarks"]):
+        return srht_table(path, data)
     machine = data.get("machine_info", {})
     rows = ["| op | d | K | seconds | × FMA bound | memory bound (s) | official-style (s) | speed-up |",
             "|---|---|---|---|---|---|---|---|"]
@@ -49,6 +52,28 @@ def lora_table(path: str, data: dict) -> None:
     head = (f"# LoRA merge benchmark\n\n{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}, "
             f"{x['threads']} threads; 10 clients, total rank {x['total_rank']}, fp32, best of 20 "
             f"(PEFT: best of 5); {data.get('datetime', '')}\n\n")
+    Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
+
+
+def srht_table(path: str, data: dict) -> None:
+    """One row per (op, K): Rademacher and SRHT seconds, their ratio, and SRHT against the memory bound."""
+    cells: dict[tuple[str, int], dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        cells.setdefault((x["op"], x["K"]), {})[x["basis"]] = x
+    rows = ["| op | K | rademacher (s) | srht (s) | srht speed-up | srht × memory bound | srht ns / element |",
+            "|---|---|---|---|---|---|---|"]
+    for (op, k), by_basis in cells.items():
+        s = by_basis["srht"]
+        r = by_basis.get("rademacher")
+        rows.append(f"| {op} | {k:,} | {r['seconds']:.3f} | " if r else f"| {op} | {k:,} | – | ")
+        rows[-1] += (f"{s['seconds']:.4f} | {r['seconds'] / s['seconds']:,.0f}× | " if r else f"{s['seconds']:.4f} | – | ")
+        rows[-1] += f"{s['x_memory_bound']:.2f} | {s['ns_per_element']:.3f} |"
+    x = data["benchmarks"][0]["extra_info"]
+    head = (f"# SRHT against Rademacher bases\n\n{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}, "
+            f"{x['threads']} threads, {x['simd']} loops; d = {x['d']:.0e} fp32 in one block, Hadamard size "
+            f"{x['hadamard']}; memory bound (reading Δ once) {x['memory_bound_seconds']:.4f} s; best of 2 "
+            f"(Rademacher) or 5 (SRHT); {data.get('datetime', '')}\n\n")
     Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
 
 

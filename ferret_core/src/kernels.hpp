@@ -40,6 +40,10 @@ namespace ferret::detail {
 void fwht_portable(float* x, int64_t n);
 void fwht_avx2(float* x, int64_t n);
 
+// x[e] = -x[e] (sign bit flipped) where bit e of w is set, for e < len <= 32.
+void flip_by_bits_portable(float* x, int len, uint32_t w);
+void flip_by_bits_avx2(float* x, int len, uint32_t w);
+
 // Whether the AVX2 loops are in use (built, present on this CPU, and not forced off).
 bool use_avx2();
 

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "convert.hpp"
 #include "kernels.hpp"
@@ -205,6 +206,22 @@ const ChunkKernels kRademacherAvx2 = {rademacher_compress, rademacher_reconstruc
 }  // namespace ferret::detail
 
 namespace ferret::detail {
+
+void flip_by_bits_avx2(float* x, int len, uint32_t w) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int e = 0;
+  for (; e + 8 <= len; e += 8) {
+    const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w >> e)), lanes), _mm256_set1_epi32(1));
+    const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(bit, 31));
+    _mm256_storeu_ps(x + e, _mm256_xor_ps(_mm256_loadu_ps(x + e), sign));
+  }
+  for (; e < len; e++) {
+    uint32_t bits;
+    std::memcpy(&bits, x + e, 4);
+    bits ^= ((w >> e) & 1u) << 31;
+    std::memcpy(x + e, &bits, 4);
+  }
+}
 
 // Stages 1, 2 and 4 happen inside one vector of 8: each lane pairs with its partner (a permute),
 // the low partner keeps a + b and the high one takes a - b (a blend). Wider stages pair vectors.

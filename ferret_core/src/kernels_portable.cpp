@@ -97,6 +97,13 @@ const ChunkKernels kGaussian = {compress_chunk<gaussian_tile>, reconstruct_chunk
 
 namespace ferret::detail {
 
+void flip_by_bits_portable(float* x, int len, uint32_t w) {
+  uint32_t bits[32];
+  std::memcpy(bits, x, size_t(len) * 4);
+  for (int e = 0; e < len; e++) bits[e] ^= ((w >> e) & 1u) << 31;
+  std::memcpy(x, bits, size_t(len) * 4);
+}
+
 void fwht_portable(float* x, int64_t n) {
   for (int64_t h = 1; h < n; h *= 2)
     for (int64_t i = 0; i < n; i += 2 * h)

@@ -69,10 +69,13 @@ void flip_signs(float* x, int64_t o, int64_t size, uint64_t seed) {
     }
     const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
     const int len = int(std::min<int64_t>(32, size - j0));
-    uint32_t bits[32];
-    std::memcpy(bits, x + j0, size_t(len) * 4);
-    for (int e = 0; e < len; e++) bits[e] ^= ((w >> e) & 1u) << 31;
-    std::memcpy(x + j0, bits, size_t(len) * 4);
+#ifdef FERRET_HAVE_AVX2_BUILD
+    if (detail::use_avx2()) {
+      detail::flip_by_bits_avx2(x + j0, len, w);
+      continue;
+    }
+#endif
+    detail::flip_by_bits_portable(x + j0, len, w);
   }
 }
 
