@@ -14,7 +14,6 @@
 #include <immintrin.h>
 
 #include <cstdlib>
-#include <cstring>
 
 #include "convert.hpp"
 #include "kernels.hpp"
@@ -215,27 +214,13 @@ void flip_by_bits_avx2(float* x, int len, uint32_t w) {
     const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(bit, 31));
     _mm256_storeu_ps(x + e, _mm256_xor_ps(_mm256_loadu_ps(x + e), sign));
   }
-  for (; e < len; e++) {
-    uint32_t bits;
-    std::memcpy(&bits, x + e, 4);
-    bits ^= ((w >> e) & 1u) << 31;
-    std::memcpy(x + e, &bits, 4);
-  }
+  if (e < len) flip_by_bits_portable(x + e, len - e, w >> e);
 }
 
 // Stages 1, 2 and 4 happen inside one vector of 8: each lane pairs with its partner (a permute),
 // the low partner keeps a + b and the high one takes a - b (a blend). Wider stages pair vectors.
 void fwht_avx2(float* x, int64_t n) {
-  if (n < 8) {
-    for (int64_t h = 1; h < n; h *= 2)
-      for (int64_t i = 0; i < n; i += 2 * h)
-        for (int64_t j = i; j < i + h; j++) {
-          const float a = x[j], b = x[j + h];
-          x[j] = a + b;
-          x[j + h] = a - b;
-        }
-    return;
-  }
+  if (n < 8) return fwht_portable(x, n);  // no whole vector: the portable loop, same arithmetic
   for (int64_t i = 0; i < n; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
     __m256 p = _mm256_permute_ps(v, 0xB1);  // h = 1: partners [1 0 3 2 ..]
