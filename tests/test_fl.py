@@ -59,6 +59,24 @@ def test_every_algorithm_lowers_eval_loss(name, data):
                                                                        [r.eval_loss for r in result.rounds])
 
 
+@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "fedavg", "fedkseed", "flora"])
+def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
+    """What a distributed engine's clients do: apply each round's broadcast to their own replica."""
+    from ferret.fl.algorithms import RoundContext
+
+    shards, held = data
+    global_model, replica, client_side = model(), model(), ALGORITHMS[name]()
+    algorithm = ALGORITHMS[name]()
+
+    def replay(record):
+        ctx = RoundContext(round=record.round, round_seed=block_seed(3, record.round), clients=record.clients)
+        client_side.apply(replica, algorithm.broadcast, ctx)
+
+    fl.run(algorithm, global_model, shards, held, rounds=2, seed=3, on_round=replay)
+    for (n, a), (_, b) in zip(global_model.state_dict().items(), replica.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 def test_ferret_tracks_fedavg(data):
     shards, held = data
     fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=3, seed=2)

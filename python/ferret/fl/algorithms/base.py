@@ -64,6 +64,12 @@ class Algorithm:
         """Apply the clients' uploads (weights normalised to sum to 1) to the global ``model`` in place."""
         raise NotImplementedError
 
+    def apply(self, model: torch.nn.Module, broadcast: bytes, ctx: RoundContext) -> None:
+        """Apply a round's ``broadcast`` to ``model`` in place, exactly as :meth:`aggregate` applied
+        it to the global model: :meth:`aggregate` builds the broadcast and calls this, and the
+        clients of a distributed engine call it to keep their replica of the global model in step."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The server-side state carried from round to round (e.g. momentum), for checkpoints."""
         return {}

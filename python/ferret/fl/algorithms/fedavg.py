@@ -32,15 +32,18 @@ class FedAvg(Algorithm):
         return st_save(difference(model, start))
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
-        params = dict(model.named_parameters())
         total: dict[str, torch.Tensor] = {}
         for upload, w in zip(uploads, weights):
             for name, d in st_load(upload).items():
                 total[name] = total[name] + w * d if name in total else w * d
-        with torch.no_grad():
-            for name, d in total.items():
-                params[name].add_(d.to(params[name].dtype), alpha=self.server_lr)
         self.broadcast = st_save(total)
+        self.apply(model, self.broadcast, ctx)
+
+    def apply(self, model, broadcast, ctx):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, d in st_load(broadcast).items():
+                params[name].add_(d.to(params[name].dtype), alpha=self.server_lr)
 
 
 class FedZO(FedAvg):

@@ -43,8 +43,11 @@ class FedKSeed(Algorithm):
 
     def aggregate(self, model, uploads, weights, ctx):
         total = sum(w * np.frombuffer(u, dtype="<f4").astype(np.float64) for u, w in zip(uploads, weights))
+        self.broadcast = total.astype("<f4").tobytes()
+        self.apply(model, self.broadcast, ctx)
+
+    def apply(self, model, broadcast, ctx):
         params = trainable(model)
-        for seed, g in zip(self.seeds(ctx.round_seed), total):
+        for seed, g in zip(self.seeds(ctx.round_seed), np.frombuffer(broadcast, dtype="<f4")):
             if g != 0.0:
                 perturb(params, seed, -self.local.lr * float(g))
-        self.broadcast = total.astype("<f4").tobytes()

@@ -69,17 +69,20 @@ class Ferret(Algorithm):
 
     def aggregate(self, model, uploads, weights, ctx):
         merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
+        self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
+        self.apply(model, self.broadcast, ctx)
+
+    def apply(self, model, broadcast, ctx):
         params = trainable(model)
         with torch.no_grad():
             if self.clip is None and self.momentum == 0.0:
-                for packet in merged:  # straight into the weights: no full-size buffer
+                for packet in Packet.split(broadcast):  # straight into the weights: no full-size buffer
                     reconstruct(packet, into=params, scale=self.server_lr)
             else:
                 update = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params}
-                for packet in merged:
+                for packet in Packet.split(broadcast):
                     reconstruct(packet, into=update)
                 self._apply(params, update)
-        self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
 
     def _apply(self, params, update: dict[str, torch.Tensor]) -> None:
         for name, p in params:

@@ -56,9 +56,11 @@ class LoraAlgorithm(Algorithm):
         raise NotImplementedError
 
     def aggregate(self, model, uploads, weights, ctx):
-        update = self.combine([decode_adapter(u) for u in uploads], weights)
-        lora.merge_into(model, update)
-        self.broadcast = encode_adapter(update)
+        self.broadcast = encode_adapter(self.combine([decode_adapter(u) for u in uploads], weights))
+        self.apply(model, self.broadcast, ctx)
+
+    def apply(self, model, broadcast, ctx):
+        lora.merge_into(model, decode_adapter(broadcast))
 
 
 class FLoRA(LoraAlgorithm):
