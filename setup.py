@@ -37,7 +37,7 @@ class CMakeBuild(build_ext):
 
 setup(
     package_dir={"ferret": "python/ferret", "ferret.kernels": "kernels"},
-    packages=["ferret", "ferret.lora", "ferret.fl", "ferret.fl.algorithms", "ferret.kernels"],
+    packages=["ferret", "ferret.lora", "ferret.fl", "ferret.fl.algorithms", "ferret.flower", "ferret.kernels"],
     package_data={"ferret": ["py.typed", "assets/stories260K/*"]},
     ext_modules=[CMakeExtension("ferret._core")],
     cmdclass={"build_ext": CMakeBuild},

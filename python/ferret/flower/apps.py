@@ -1,0 +1,154 @@
+"""A Flower ServerApp and ClientApp for every algorithm of the loop, configured like ``ferret run``.
+
+The run config holds :class:`~ferret.fl.Config` keys (``algorithm``, ``model``, ``data``,
+``clients``, ``rounds``, ``seed``, ...; dashes or underscores), the algorithm's options as one
+string (``options = "budget=3800,bases='client'"``), and Flower's own:
+
+* ``min-replies`` (default 1): good replies a round needs to be aggregated;
+* ``round-timeout`` (seconds, default 3600): how long the server waits for a round's replies;
+* ``out``: a directory for the final model (``model.safetensors``) and ``metrics.jsonl``;
+* ``threads``: torch threads in every process (equal counts make runs bit-comparable).
+
+A client keeps its replica of the global model in its node's ``context.state`` and brings it up
+to date by replaying the broadcasts the server sends (:meth:`Algorithm.apply`), so a round
+downloads what the algorithm broadcasts, not the model. The model, tokenizer and data are loaded
+once per ClientApp process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..fl.algorithms import ClientContext, RoundContext
+from ..fl.compare import parse_value
+from ..fl.config import Config, ConfigError
+from ..fl.experiment import prepare
+from ..fl.report import write_metrics
+from ..spec import block_seed
+from .records import codec_for
+from .strategy import AlgorithmStrategy
+
+FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 0}
+_REPLICA, _SYNC = "ferret-replica", "ferret-sync"
+
+
+def config_from_run(run_config: dict, defaults: Config | None = None,
+                    flower_defaults: dict | None = None) -> tuple[Config, dict]:
+    """(the experiment's Config, Flower's own settings) from a Flower run config over ``defaults``
+    and ``flower_defaults`` (keys of ``FLOWER_KEYS``); raises :class:`ConfigError`."""
+    values = (defaults or Config()).to_dict()
+    flower = {**FLOWER_KEYS, **(flower_defaults or {})}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for key, value in run_config.items():
+        if key in flower:
+            flower[key] = value
+        elif key == "options":
+            values["options"] = {k.strip(): parse_value(v.strip()) for k, _, v in
+                                 (item.partition("=") for item in str(value).split(",") if item.strip())}
+        elif key.replace("-", "_") in fields:
+            values[key.replace("-", "_")] = value
+        else:
+            raise ConfigError(f"run config: unknown key {key!r}")
+    if values.get("algorithm") in ("centralized", "standalone"):
+        raise ConfigError(f"{values['algorithm']} is a reference run, not a federated one: use ferret run")
+    return Config.from_dict(values, "run config"), flower
+
+
+def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
+    """A ServerApp running ``defaults`` overridden by the run config; ``flower_defaults`` set
+    Flower's own keys (``min_replies=2``, ``out=...``) unless the run config does."""
+    flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
+        _threads(flower)
+        setup = prepare(config)
+        algorithm = config.build_algorithm()
+        if getattr(algorithm, "momentum", 0.0):
+            raise ConfigError("server momentum is server state the Flower clients cannot replay yet: use momentum=0")
+        strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
+                                     fraction=config.fraction, weighting=config.weighting,
+                                     min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
+        strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=float(flower["round-timeout"]))
+        if flower["out"]:
+            out = Path(flower["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_model
+
+            save_model(setup.model, str(out / "model.safetensors"))
+            write_metrics(out / "metrics.jsonl", strategy.result, {"engine": "flower", "algorithm": config.algorithm})
+
+    return app
+
+
+_PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm): once per process
+
+
+def client_app(defaults: Config | None = None, **flower_defaults) -> ClientApp:
+    """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
+    :func:`server_app`); its node config names its ``partition-id`` (the embedded loop's client index)."""
+    flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        return Message(RecordDict({"partition": ConfigRecord({"partition-id": partition})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
+        _threads(flower)
+        model, base, shards, algorithm = _process_setup(config)
+        info = msg.content["round"]
+        t, round_seed, c = int(info["round"]), int(info["round-seed"]), int(info["partition"])
+        if c != int(context.node_config["partition-id"]):
+            raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
+
+        synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
+        if int(info["since"]) > synced:
+            raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
+        model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
+        for key in sorted(msg.content["broadcasts"].keys(), key=int):
+            r = int(key)
+            if r >= synced:  # rounds the server aggregated; skipped ones never come
+                ctx = RoundContext(round=r, round_seed=block_seed(config.seed, r))
+                algorithm.apply(model, msg.content["broadcasts"][key].numpy().tobytes(), ctx)
+        context.state[_REPLICA] = ArrayRecord(model.state_dict())
+        context.state[_SYNC] = ConfigRecord({"synced": t})
+
+        torch.manual_seed(block_seed(round_seed, c))
+        start = time.perf_counter()
+        upload = algorithm.client_update(model, shards[c], ClientContext(
+            round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
+        content = codec_for(algorithm).to_record(upload)
+        content["metrics"] = MetricRecord({"num-examples": len(shards[c]),
+                                           "local-seconds": time.perf_counter() - start})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _process_setup(config: Config):
+    key = config.dumps()
+    if key not in _PROCESS:
+        setup = prepare(config)
+        base = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+        _PROCESS.clear()  # one run per process at a time
+        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm())
+    return _PROCESS[key]
+
+
+def _threads(flower: dict) -> None:
+    if int(flower["threads"]) > 0:
+        torch.set_num_threads(int(flower["threads"]))

@@ -1,0 +1,154 @@
+"""The server side on Flower: a ``Strategy`` that drives one of the loop's algorithm objects.
+
+Each round it samples clients exactly as the embedded loop does (same seed, same round seeds),
+sends every sampled client the broadcasts it has not applied yet, turns the replies back into
+the algorithm's upload bytes, drops the malformed or missing ones (logged), and lets the
+algorithm aggregate into the global model. A round with fewer than ``min_replies`` good replies
+leaves the model as it was. Clients are told apart by their ``partition-id``, learnt once with a
+query, so a Flower run and an embedded run with the same settings give the same global weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..fl.algorithms import Algorithm, RoundContext
+from ..fl.data import Encoded
+from ..fl.evaluate import eval_loss
+from ..fl.simulation import RoundRecord, RunResult
+from ..spec import block_seed
+from .records import MalformedReply, codec_for
+
+
+class AlgorithmStrategy(Strategy):
+    """Runs ``algorithm`` over ``clients`` Flower nodes on the global ``model`` (updated in place).
+
+    ``seed``, ``fraction`` and ``weighting`` mean what they mean in :func:`ferret.fl.run`;
+    ``min_replies``: good replies a round needs to be aggregated; ``eval_data``: held-out
+    examples scored after every round (``result`` collects the records).
+    """
+
+    def __init__(self, algorithm: Algorithm, model: torch.nn.Module, *, clients: int, seed: int = 0,
+                 fraction: float = 1.0, weighting: str = "examples", min_replies: int = 1,
+                 eval_data: Encoded | None = None, discovery_timeout: float = 300.0):
+        self.algorithm, self.model, self.codec = algorithm, model, codec_for(algorithm)
+        self.clients, self.seed, self.fraction, self.weighting = clients, seed, fraction, weighting
+        self.min_replies, self.eval_data, self.discovery_timeout = min_replies, eval_data, discovery_timeout
+        self.nodes: dict[int, int] = {}            # partition -> node id
+        self.history: list[bytes | None] = []      # each round's broadcast (None: skipped round)
+        self.synced: dict[int, int] = {}          # partition -> rounds its replica has applied
+        self.result = RunResult(eval_loss(model, eval_data) if eval_data is not None else float("nan"))
+        self._round: tuple[RoundContext, list[int], float] | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t%s over %d clients (fraction %.2f, seed %d)", self.algorithm.name, self.clients,
+            self.fraction, self.seed)
+
+    # -- training ------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.nodes:
+            self.nodes = self._discover(grid)
+        t = server_round - 1
+        rng = np.random.default_rng([self.seed, t])
+        chosen = sorted(rng.choice(self.clients, size=max(1, round(self.fraction * self.clients)),
+                                   replace=False).tolist())
+        ctx = RoundContext(round=t, round_seed=block_seed(self.seed, t), clients=chosen)
+        self._round = (ctx, chosen, time.perf_counter())
+        messages = []
+        for c in chosen:
+            if c not in self.nodes:
+                log(WARNING, "round %d: client %d has no node", t, c)
+                continue
+            since = self.synced.get(c, 0)
+            broadcasts = ArrayRecord({f"{r}": Array(np.frombuffer(b, dtype=np.uint8).copy())
+                                      for r, b in enumerate(self.history) if r >= since and b is not None})
+            content = RecordDict({
+                "round": ConfigRecord({"round": t, "round-seed": ctx.round_seed, "partition": c, "since": since,
+                                       "run-seed": self.seed}),
+                "broadcasts": broadcasts,
+            })
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[c]))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        ctx, chosen, started = self._round
+        good: dict[int, tuple[bytes, float, float]] = {}
+        for reply in replies:
+            c = self._partition_of(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "round %d: client %s failed: %s", ctx.round, c, reply.error.reason)
+                continue
+            try:
+                upload = self.codec.from_record(reply.content)
+                self.codec.check(upload, self.model, self._expected_seed(ctx, c))
+                metrics = reply.content["metrics"]
+                good[c] = (upload, float(metrics["num-examples"]), float(metrics["local-seconds"]))
+            except (MalformedReply, KeyError, TypeError) as err:
+                log(WARNING, "round %d: client %s sent a malformed reply, dropped: %s", ctx.round, c, err)
+        dropped = [c for c in chosen if c not in good]
+        if dropped:
+            log(WARNING, "round %d: no usable reply from clients %s", ctx.round, dropped)
+        start = time.perf_counter()
+        if len(good) >= self.min_replies:
+            order = sorted(good)
+            weights = [good[c][1] if self.weighting == "examples" else 1.0 for c in order]
+            total = sum(weights)
+            self.algorithm.aggregate(self.model, [good[c][0] for c in order], [w / total for w in weights], ctx)
+            self.history.append(self.algorithm.broadcast)
+            for c in order:
+                self.synced[c] = ctx.round  # its replica had applied rounds 0 .. ctx.round - 1
+        else:
+            log(WARNING, "round %d: %d good replies, below %d: the model is left as it was", ctx.round,
+                len(good), self.min_replies)
+            self.history.append(None)
+        aggregate_s = time.perf_counter() - start
+        loss = eval_loss(self.model, self.eval_data) if self.eval_data is not None else float("nan")
+        download = len(self.history[-2]) if len(self.history) > 1 and self.history[-2] is not None else 0
+        self.result.rounds.append(RoundRecord(ctx.round, loss, chosen, dropped, {c: len(good[c][0]) for c in good},
+                                              download, {c: good[c][2] for c in good}, aggregate_s))
+        log(INFO, "round %d: eval loss %.4f, %d clients aggregated in %.2f s", ctx.round, loss, len(good),
+            time.perf_counter() - started)
+        return None, MetricRecord({"eval-loss": loss, "clients": len(good)})
+
+    # -- no federated evaluation: the server scores the global model itself ----------------------
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _expected_seed(self, ctx: RoundContext, client: int) -> int:
+        seed_of = getattr(self.algorithm, "seed_of", None)
+        return seed_of(ctx.round_seed, client) if seed_of else ctx.round_seed
+
+    def _partition_of(self, node_id: int):
+        return next((c for c, n in self.nodes.items() if n == node_id), f"node {node_id}")
+
+    def _discover(self, grid: Grid) -> dict[int, int]:
+        """Ask every node for its partition id until all ``clients`` partitions have one."""
+        deadline, nodes = time.monotonic() + self.discovery_timeout, {}
+        while len(nodes) < self.clients and time.monotonic() < deadline:
+            new = [n for n in grid.get_node_ids() if n not in nodes.values()]
+            queries = [Message(RecordDict({"query": ConfigRecord({"what": "partition-id"})}), dst_node_id=n,
+                               message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(queries, timeout=60) if queries else []:
+                if not reply.has_error():
+                    nodes[int(reply.content["partition"]["partition-id"])] = reply.metadata.src_node_id
+            if len(nodes) < self.clients:
+                time.sleep(0.5)
+        log(INFO, "clients %s on nodes %s", sorted(nodes), [nodes[c] for c in sorted(nodes)])
+        if len(nodes) < self.clients:
+            log(WARNING, "only %d of %d clients connected within %.0f s", len(nodes), self.clients,
+                self.discovery_timeout)
+        return nodes
