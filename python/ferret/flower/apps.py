@@ -54,7 +54,8 @@ def config_from_run(run_config: dict, defaults: Config | None = None,
             values["options"] = {k.strip(): parse_value(v.strip()) for k, _, v in
                                  (item.partition("=") for item in str(value).split(",") if item.strip())}
         elif key.replace("-", "_") in fields:
-            values[key.replace("-", "_")] = value
+            if value != "":  # "": the default (e.g. the algorithm's own local training)
+                values[key.replace("-", "_")] = value
         else:
             raise ConfigError(f"run config: unknown key {key!r}")
     if values.get("algorithm") in ("centralized", "standalone"):
@@ -94,11 +95,12 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
 _PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm): once per process
 
 
-def client_app(defaults: Config | None = None, **flower_defaults) -> ClientApp:
+def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) -> ClientApp:
     """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
-    :func:`server_app`); its node config names its ``partition-id`` (the embedded loop's client index)."""
+    :func:`server_app`; ``mods``: Flower client mods); its node config names its ``partition-id``
+    (the embedded loop's client index)."""
     flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
-    app = ClientApp()
+    app = ClientApp(mods=mods or [])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -1,0 +1,1 @@
+"""ferret on Flower: the ServerApp and ClientApp come from ferret.flower."""
