@@ -18,6 +18,7 @@ once per ClientApp process.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def config_from_run(run_config: dict, defaults: Config | None = None,
         if key in flower:
             flower[key] = value
         elif key == "options":
+            items = re.split(r",(?![^\[]*\])", str(value))  # commas inside [...] belong to a list
             values["options"] = {k.strip(): parse_value(v.strip()) for k, _, v in
-                                 (item.partition("=") for item in str(value).split(",") if item.strip())}
+                                 (item.partition("=") for item in items if item.strip())}
         elif key.replace("-", "_") in fields:
             if value != "":  # "": the default (e.g. the algorithm's own local training)
                 values[key.replace("-", "_")] = value

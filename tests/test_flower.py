@@ -1,0 +1,284 @@
+"""ferret on Flower: the records each algorithm sends, simulations that reach the embedded loop's
+weights bit for bit, faulty clients dropped, and a real deployment (SuperLink and SuperNodes on
+127.0.0.1, `flwr run`) that survives a SuperNode killed mid-run. Every process a test starts is
+stopped by its own PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the [flower] extra is not installed")
+
+import ferret  # noqa: E402
+from ferret import fl  # noqa: E402
+from ferret.fl.algorithms.lora import encode_adapter  # noqa: E402
+from ferret.fl.config import Config, ConfigError  # noqa: E402
+from ferret.flower import FerretStrategy, codec_for, config_from_run  # noqa: E402
+from ferret.flower.records import MalformedReply  # noqa: E402
+
+APP = Path(__file__).parents[1] / "examples" / "flower"
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, steps=3, lr=0.02, rouge_samples=0)
+OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
+
+
+def small_config(algorithm: str, **changes) -> Config:
+    return Config(algorithm=algorithm, options=OPTIONS.get(algorithm, {}), **{**SMALL, **changes})
+
+
+def embedded_weights(config: Config) -> dict[str, torch.Tensor]:
+    """The global weights after the embedded loop's run of ``config`` (one torch thread, as the apps)."""
+    from ferret.fl.experiment import prepare
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        setup = prepare(config)
+        fl.run(config.build_algorithm(), setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
+               seed=config.seed, fraction=config.fraction)
+        return setup.model.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def flower_weights(out: Path, config: Config) -> dict[str, torch.Tensor]:
+    """The global weights the ServerApp saved (a model file with tied weights stored once)."""
+    from safetensors.torch import load_model
+
+    from ferret.fl import models
+
+    model, _ = models.load(config.model)
+    load_model(model, str(out / "model.safetensors"))
+    return model.state_dict()
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- records -----------------------------------------------------------------------------------
+def test_ferret_upload_travels_as_coordinates_and_metadata():
+    net = torch.nn.Linear(30, 20)
+    algorithm = fl.Ferret(40)
+    packet = ferret.compress({n: torch.randn(p.shape) for n, p in net.named_parameters()}, seed=7, budget=40)
+    codec = codec_for(algorithm)
+    record = codec.to_record(packet.to_bytes())
+    assert record["upload"]["coords"].numpy().dtype == np.float32 and record["upload"]["coords"].numpy().size == 40
+    upload = codec.from_record(record)
+    assert upload == packet.to_bytes()
+    codec.check(upload, net, expected_seed=7)
+    with pytest.raises(MalformedReply, match="seed 7, the round's is 8"):
+        codec.check(upload, net, expected_seed=8)
+    with pytest.raises(MalformedReply, match="another model or layout"):
+        codec.check(upload, torch.nn.Linear(30, 21), expected_seed=7)
+    nan = codec.to_record(packet.to_bytes())
+    coords = nan["upload"]["coords"].numpy().copy()
+    coords[3] = np.nan
+    nan["upload"]["coords"] = type(nan["upload"]["coords"])(coords)
+    with pytest.raises(MalformedReply, match="NaN"):
+        codec.from_record(nan)
+    shapeless = codec.to_record(packet.to_bytes())
+    shapeless["upload"]["coords"] = type(shapeless["upload"]["coords"])(np.zeros((2, 20), np.float32))
+    with pytest.raises(MalformedReply, match="1-d float32"):
+        codec.from_record(shapeless)
+
+
+def test_lora_upload_travels_as_each_clients_own_rank():
+    from ferret.lora import LoraAdapter, LoraTerm
+
+    adapter = LoraAdapter({"proj": [LoraTerm(torch.randn(3, 8), torch.randn(5, 3), 1.0)]})
+    codec = codec_for(fl.FLoRA([3]))
+    record = codec.to_record(encode_adapter(adapter))
+    assert record["upload"]["proj.A"].numpy().shape == (3, 8) and record["upload"]["proj.B"].numpy().shape == (5, 3)
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(8, 5)
+    codec.check(codec.from_record(record), model, expected_seed=0)
+    model.proj = torch.nn.Linear(8, 6)
+    with pytest.raises(MalformedReply, match="does not fit"):
+        codec.check(codec.from_record(record), model, expected_seed=0)
+
+
+def test_run_config_maps_onto_ferret_run_settings():
+    config, flower = config_from_run({"algorithm": "flora", "n-eval": 30, "steps": "", "options": "ranks=[8,4]",
+                                      "min-replies": 2})
+    assert (config.algorithm, config.n_eval, config.steps, config.options) == ("flora", 30, None, {"ranks": [8, 4]})
+    assert flower["min-replies"] == 2
+    with pytest.raises(ConfigError, match="unknown key 'epochs'"):
+        config_from_run({"epochs": 3})
+    with pytest.raises(ConfigError, match="reference run"):
+        config_from_run({"algorithm": "centralized"})
+    with pytest.raises(TypeError, match="drives Ferret"):
+        FerretStrategy(fl.FedAvg(), torch.nn.Linear(2, 2), clients=1)
+
+
+# -- simulation --------------------------------------------------------------------------------
+SIMULATE = """
+import json, sys
+from flwr.simulation import run_simulation
+from ferret.fl.config import Config
+from ferret.flower import client_app, server_app
+spec = json.loads(sys.argv[1])
+config = Config(**spec["config"])
+mods = []
+if spec.get("faulty"):
+    from flwr.app import Message
+    def faulty(msg, context, call_next):  # client 1 sends NaN coordinates; client 2 fails in round 1
+        c = int(context.node_config["partition-id"])
+        if "round" not in msg.content:  # the partition-id query
+            return call_next(msg, context)
+        if c == 2 and int(msg.content["round"]["round"]) == 1:
+            raise RuntimeError("client 2 crashed")
+        reply = call_next(msg, context)
+        if c == 1 and not reply.has_error() and "upload" in reply.content:
+            coords = reply.content["upload"]["coords"]
+            reply.content["upload"]["coords"] = type(coords)(coords.numpy() * float("nan"))
+        return reply
+    mods = [faulty]
+run_simulation(server_app(config, out=spec["out"], threads=1, min_replies=spec.get("min_replies", 1)),
+               client_app(config, threads=1, mods=mods), num_supernodes=config.clients,
+               backend_config={"client_resources": {"num_cpus": 1},
+                               "init_args": {"num_cpus": 2, "include_dashboard": False}})
+"""
+
+
+def simulate(config: Config, out: Path, **extra) -> subprocess.CompletedProcess:
+    spec = {"config": {**config.to_dict()}, "out": str(out), **extra}
+    proc = subprocess.run([sys.executable, "-c", SIMULATE, json.dumps(spec)], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and (out / "model.safetensors").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("algorithm", ["ferret", "flora"])
+def test_simulation_reaches_the_embedded_loops_weights(algorithm, tmp_path):
+    config = small_config(algorithm)
+    simulate(config, tmp_path)
+    want = embedded_weights(config)
+    got = flower_weights(tmp_path, config)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert [r["clients"] for r in rounds] == [[0, 1, 2]] * 2 and all(not r["dropped"] for r in rounds)
+
+
+def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_path):
+    config = small_config("ferret")
+    proc = simulate(config, tmp_path, faulty=True)
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert [r["dropped"] for r in rounds] == [[1], [1, 2]]
+    assert all(np.isfinite(r["eval_loss"]) for r in rounds)
+    log = proc.stdout + proc.stderr
+    assert "client 1 sent a malformed reply" in log and "client 2 failed" in log
+    # the rounds aggregated what arrived: the model moved in both rounds
+    start = next(m for m in metrics(tmp_path) if m["kind"] == "start")["eval_loss"]
+    assert rounds[0]["eval_loss"] != start and rounds[1]["eval_loss"] != rounds[0]["eval_loss"]
+
+
+# -- deployment --------------------------------------------------------------------------------
+class Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, each in its own session, stopped by PID."""
+
+    def __init__(self, root: Path, nodes: int):
+        self.root, self.procs = root, {}
+        self.port = _free_port()
+        self.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                 "--host", "127.0.0.1", "--port", str(self.port), "--database", str(root / "state.db")])
+        for i in range(nodes):
+            self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                         "--port", str(_free_port()),
+                                         "--node-config", f"partition-id={i} num-partitions={nodes}"])
+        cli = root / "cli"
+        cli.mkdir()
+        (cli / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def start(self, name: str, args: list[str]) -> None:
+        home = self.root / name
+        home.mkdir()
+        log = open(self.root / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen(args, env={**ENV, "FLWR_HOME": str(home)}, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def flwr_run(self, run_config: str) -> subprocess.Popen:
+        return subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", run_config],
+                                env={**ENV, "FLWR_HOME": str(self.root / "cli")}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the SuperNode and the ClientApp processes it started
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in self.procs:
+            self.kill(name)
+        assert all(p.poll() is not None for p in self.procs.values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_config(config: Config, out: Path, **flower) -> str:
+    items = {"clients": config.clients, "rounds": config.rounds, "seed": config.seed, "steps": config.steps,
+             "lr": config.lr, "n-eval": config.n_eval, "synthetic-per-family": config.synthetic_per_family,
+             "options": ",".join(f"{k}={v}" for k, v in config.options.items()), "out": str(out), "threads": 1,
+             **flower}
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's executables are not on PATH")
+def test_deployment_on_localhost_reaches_the_embedded_loops_weights(tmp_path):
+    config = small_config("ferret", clients=2)
+    deployment = Deployment(tmp_path, nodes=2)
+    try:
+        run = deployment.flwr_run(_run_config(config, tmp_path / "out"))
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
+    finally:
+        deployment.stop()
+    want = embedded_weights(config)
+    got = flower_weights(tmp_path / "out", config)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    rounds = [m for m in metrics(tmp_path / "out") if m["kind"] == "round"]
+    assert [r["clients"] for r in rounds] == [[0, 1], [0, 1]] and all(not r["dropped"] for r in rounds)
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's executables are not on PATH")
+def test_a_supernode_killed_mid_run_leaves_the_others_finishing(tmp_path):
+    config = small_config("ferret", clients=3, rounds=3)
+    deployment = Deployment(tmp_path, nodes=3)
+    try:
+        run = deployment.flwr_run(_run_config(config, tmp_path / "out", **{"round-timeout": 45.0}))
+        lines = []
+        for line in run.stdout:  # kill SuperNode 2 as soon as the first round is aggregated
+            lines.append(line)
+            if "round 0: eval loss" in line:
+                deployment.kill("supernode2")
+                break
+        rest, _ = run.communicate(timeout=600)
+        output = "".join(lines) + rest
+        assert run.returncode == 0, output[-3000:]
+    finally:
+        deployment.stop()
+    rounds = [m for m in metrics(tmp_path / "out") if m["kind"] == "round"]
+    assert len(rounds) == 3 and not rounds[0]["dropped"]
+    assert all(r["dropped"] == [2] for r in rounds[1:]), [r["dropped"] for r in rounds]
+    assert "no usable reply from clients [2]" in output
