@@ -195,6 +195,10 @@ class Deployment:
         self.port = _free_port()
         self.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                                  "--host", "127.0.0.1", "--port", str(self.port), "--database", str(root / "state.db")])
+        deadline = time.monotonic() + 120
+        while not _accepts(self.port):
+            assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-2000:]
+            time.sleep(0.5)
         for i in range(nodes):
             self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                                          "--port", str(_free_port()),
@@ -228,6 +232,11 @@ class Deployment:
         for name in self.procs:
             self.kill(name)
         assert all(p.poll() is not None for p in self.procs.values())
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _free_port() -> int:
