@@ -5,6 +5,7 @@ stopped by its own PID."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
 
 
 def small_config(algorithm: str, **changes) -> Config:
-    return Config(algorithm=algorithm, options=OPTIONS.get(algorithm, {}), **{**SMALL, **changes})
+    return Config(**{"algorithm": algorithm, "options": OPTIONS.get(algorithm, {}), **SMALL, **changes})
 
 
 def embedded_weights(config: Config) -> dict[str, torch.Tensor]:
@@ -147,8 +148,9 @@ if spec.get("faulty"):
             reply.content["upload"]["coords"] = type(coords)(coords.numpy() * float("nan"))
         return reply
     mods = [faulty]
-run_simulation(server_app(config, out=spec["out"], threads=1, min_replies=spec.get("min_replies", 1)),
-               client_app(config, threads=1, mods=mods), num_supernodes=config.clients,
+flower = spec.get("flower", {})
+run_simulation(server_app(config, out=spec["out"], threads=1, **flower), client_app(config, threads=1, mods=mods, **flower),
+               num_supernodes=config.clients,
                backend_config={"client_resources": {"num_cpus": 1},
                                "init_args": {"num_cpus": 2, "include_dashboard": False}})
 """
@@ -184,6 +186,45 @@ def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_pa
     # the rounds aggregated what arrived: the model moved in both rounds
     start = next(m for m in metrics(tmp_path) if m["kind"] == "start")["eval_loss"]
     assert rounds[0]["eval_loss"] != start and rounds[1]["eval_loss"] != rounds[0]["eval_loss"]
+
+
+def test_secagg_mean_equals_the_plain_mean_within_the_documented_bound(tmp_path):
+    from ferret.flower.secagg import QUANTIZATION_RANGE, error_bound
+
+    config = small_config("ferret", options={"budget": 500, "allocation": "uniform"})
+    proc = simulate(config, tmp_path, flower={"secagg": True, "secagg_range": 16.0})
+    assert "coordinates into SecAgg+" in proc.stdout + proc.stderr
+    secure = ferret.Packet.from_bytes((tmp_path / "broadcast-0.bin").read_bytes())
+
+    from ferret.fl.experiment import prepare
+
+    setup = prepare(dataclasses.replace(config, rounds=1))
+    algorithm = config.build_algorithm()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fl.run(algorithm, setup.model, setup.shards, setup.eval_data, rounds=1, seed=config.seed)
+    finally:
+        torch.set_num_threads(threads)
+    plain = ferret.Packet.from_bytes(algorithm.broadcast)
+    assert (secure.round_seed, secure.counts.tolist()) == (plain.round_seed, plain.counts.tolist())
+    sizes = np.array([len(s) for s in setup.shards], dtype=np.float64)
+    ratios = np.round(sizes / sizes.max() * QUANTIZATION_RANGE) / QUANTIZATION_RANGE
+    bound = error_bound(len(sizes), 16.0, ratios) + 1e-6 * np.abs(plain.coords).max()  # + weights' rounding
+    error = np.abs(secure.coords - plain.coords).max()
+    assert 0 < error <= bound, (error, bound)  # 0 would mean nothing was quantized: not SecAgg+
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert [r["clients"] for r in rounds] == [[0, 1, 2]] * 2 and all(np.isfinite(r["eval_loss"]) for r in rounds)
+
+
+def test_secagg_refuses_what_cannot_be_summed():
+    from ferret.flower.secagg import check_secure
+
+    with pytest.raises(ConfigError, match="allocation='uniform'"):
+        check_secure(fl.Ferret(500))
+    with pytest.raises(ConfigError, match="cannot be summed"):
+        check_secure(fl.FLoRA([4]))
+    check_secure(fl.Ferret(500, allocation="uniform"))
 
 
 # -- deployment --------------------------------------------------------------------------------

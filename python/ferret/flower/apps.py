@@ -6,8 +6,11 @@ string (``options = "budget=3800,bases='client'"``), and Flower's own:
 
 * ``min-replies`` (default 1): good replies a round needs to be aggregated;
 * ``round-timeout`` (seconds, default 3600): how long the server waits for a round's replies;
-* ``out``: a directory for the final model (``model.safetensors``) and ``metrics.jsonl``;
-* ``threads``: torch threads in every process (equal counts make runs bit-comparable).
+* ``out``: a directory for the final model (``model.safetensors``), ``metrics.jsonl`` and each
+  round's broadcast (``broadcast-<round>.bin``);
+* ``threads``: torch threads in every process (equal counts make runs bit-comparable);
+* ``secagg`` (Ferret only): sum the coordinates with Flower's SecAgg+, and ``secagg-range``,
+  the largest coordinate magnitude it carries unclipped (see :mod:`ferret.flower.secagg`).
 
 A client keeps its replica of the global model in its node's ``context.state`` and brings it up
 to date by replaying the broadcasts the server sends (:meth:`Algorithm.apply`), so a round
@@ -37,7 +40,8 @@ from ..spec import block_seed
 from .records import codec_for
 from .strategy import AlgorithmStrategy
 
-FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 0}
+FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 0, "secagg": False,
+               "secagg-range": 64.0}
 _REPLICA, _SYNC = "ferret-replica", "ferret-sync"
 
 
@@ -82,13 +86,21 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
                                      min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
-        strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=float(flower["round-timeout"]))
+        if flower["secagg"]:
+            from .secagg import run_secure
+
+            run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards))
+        else:
+            strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=float(flower["round-timeout"]))
         if flower["out"]:
             out = Path(flower["out"])
             out.mkdir(parents=True, exist_ok=True)
             from safetensors.torch import save_model
 
             save_model(setup.model, str(out / "model.safetensors"))
+            for r, broadcast in enumerate(strategy.history):  # what every client applied, round by round
+                if broadcast is not None:
+                    (out / f"broadcast-{r}.bin").write_bytes(broadcast)
             write_metrics(out / "metrics.jsonl", strategy.result, {"engine": "flower", "algorithm": config.algorithm})
 
     return app
@@ -101,8 +113,10 @@ def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) 
     """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
     :func:`server_app`; ``mods``: Flower client mods); its node config names its ``partition-id``
     (the embedded loop's client index)."""
+    from .secagg import secagg_when_asked
+
     flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[secagg_when_asked, *(mods or [])])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -112,35 +126,47 @@ def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
-        _threads(flower)
-        model, base, shards, algorithm = _process_setup(config)
-        info = msg.content["round"]
-        t, round_seed, c = int(info["round"]), int(info["round-seed"]), int(info["partition"])
-        if c != int(context.node_config["partition-id"]):
-            raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
+        if flower["secagg"]:
+            from .secagg import secure_train
 
-        synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
-        if int(info["since"]) > synced:
-            raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
-        model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
-        for key in sorted(msg.content["broadcasts"].keys(), key=int):
-            r = int(key)
-            if r >= synced:  # rounds the server aggregated; skipped ones never come
-                ctx = RoundContext(round=r, round_seed=block_seed(config.seed, r))
-                algorithm.apply(model, msg.content["broadcasts"][key].numpy().tobytes(), ctx)
-        context.state[_REPLICA] = ArrayRecord(model.state_dict())
-        context.state[_SYNC] = ConfigRecord({"synced": t})
-
-        torch.manual_seed(block_seed(round_seed, c))
-        start = time.perf_counter()
-        upload = algorithm.client_update(model, shards[c], ClientContext(
-            round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
-        content = codec_for(algorithm).to_record(upload)
-        content["metrics"] = MetricRecord({"num-examples": len(shards[c]),
-                                           "local-seconds": time.perf_counter() - start})
+            return secure_train(msg, context, config, flower)
+        info = {k: int(v) for k, v in msg.content["round"].items()}
+        broadcasts = {int(k): a.numpy().tobytes() for k, a in msg.content["broadcasts"].items()}
+        upload, n_examples, seconds = local_update(info, broadcasts, context, config, flower)
+        content = codec_for(_process_setup(config)[3]).to_record(upload)
+        content["metrics"] = MetricRecord({"num-examples": n_examples, "local-seconds": seconds})
         return Message(content, reply_to=msg)
 
     return app
+
+
+def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, config: Config,
+                 flower: dict) -> tuple[bytes, int, float]:
+    """One client's round: bring the node's replica up to date with the missed ``broadcasts``
+    (round -> bytes), keep it in ``context.state``, train on the node's partition as the embedded
+    loop would; returns (upload bytes, examples, seconds). ``info``: round, round-seed,
+    partition and since (the first broadcast sent)."""
+    _threads(flower)
+    model, base, shards, algorithm = _process_setup(config)
+    t, round_seed, c = info["round"], info["round-seed"], info["partition"]
+    if c != int(context.node_config["partition-id"]):
+        raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
+    synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
+    if info["since"] > synced:
+        raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
+    model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
+    for r in sorted(broadcasts):
+        if r >= synced:  # rounds the server aggregated; skipped ones never come
+            algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
+    context.state[_REPLICA] = ArrayRecord(model.state_dict())
+    context.state[_SYNC] = ConfigRecord({"synced": t})
+
+    torch.manual_seed(block_seed(round_seed, c))
+    start = time.perf_counter()
+    upload = algorithm.client_update(model, shards[c], ClientContext(
+        round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
+    weight = len(shards[c]) if config.weighting == "examples" else 1
+    return upload, weight, time.perf_counter() - start
 
 
 def _process_setup(config: Config):

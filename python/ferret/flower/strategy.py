@@ -81,7 +81,7 @@ class AlgorithmStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ctx, chosen, started = self._round
+        ctx = self._round[0]
         good: dict[int, tuple[bytes, float, float]] = {}
         for reply in replies:
             c = self._partition_of(reply.metadata.src_node_id)
@@ -95,30 +95,44 @@ class AlgorithmStrategy(Strategy):
                 good[c] = (upload, float(metrics["num-examples"]), float(metrics["local-seconds"]))
             except (MalformedReply, KeyError, TypeError) as err:
                 log(WARNING, "round %d: client %s sent a malformed reply, dropped: %s", ctx.round, c, err)
-        dropped = [c for c in chosen if c not in good]
-        if dropped:
-            log(WARNING, "round %d: no usable reply from clients %s", ctx.round, dropped)
-        start = time.perf_counter()
-        if len(good) >= self.min_replies:
+
+        def aggregate() -> bytes | None:
+            if len(good) < self.min_replies:
+                return None
             order = sorted(good)
             weights = [good[c][1] if self.weighting == "examples" else 1.0 for c in order]
             total = sum(weights)
             self.algorithm.aggregate(self.model, [good[c][0] for c in order], [w / total for w in weights], ctx)
-            self.history.append(self.algorithm.broadcast)
-            for c in order:
-                self.synced[c] = ctx.round  # its replica had applied rounds 0 .. ctx.round - 1
-        else:
+            return self.algorithm.broadcast
+
+        metrics = self.conclude_round({c: len(good[c][0]) for c in good}, {c: good[c][2] for c in good}, aggregate)
+        return None, metrics
+
+    def conclude_round(self, upload_bytes: dict[int, int], local_seconds: dict[int, float], aggregate) -> MetricRecord:
+        """Finish the current round: ``aggregate()`` updates the global model from the clients in
+        ``upload_bytes`` and returns the broadcast (None: too few replies, model untouched); the
+        broadcast joins the history, the round is scored and recorded."""
+        ctx, chosen, started = self._round
+        dropped = [c for c in chosen if c not in upload_bytes]
+        if dropped:
+            log(WARNING, "round %d: no usable reply from clients %s", ctx.round, dropped)
+        start = time.perf_counter()
+        broadcast = aggregate()
+        if broadcast is None:
             log(WARNING, "round %d: %d good replies, below %d: the model is left as it was", ctx.round,
-                len(good), self.min_replies)
-            self.history.append(None)
+                len(upload_bytes), self.min_replies)
+        else:
+            for c in upload_bytes:
+                self.synced[c] = ctx.round  # its replica had applied rounds 0 .. ctx.round - 1
+        self.history.append(broadcast)
         aggregate_s = time.perf_counter() - start
         loss = eval_loss(self.model, self.eval_data) if self.eval_data is not None else float("nan")
         download = len(self.history[-2]) if len(self.history) > 1 and self.history[-2] is not None else 0
-        self.result.rounds.append(RoundRecord(ctx.round, loss, chosen, dropped, {c: len(good[c][0]) for c in good},
-                                              download, {c: good[c][2] for c in good}, aggregate_s))
-        log(INFO, "round %d: eval loss %.4f, %d clients aggregated in %.2f s", ctx.round, loss, len(good),
+        self.result.rounds.append(RoundRecord(ctx.round, loss, chosen, dropped, dict(upload_bytes), download,
+                                              dict(local_seconds), aggregate_s))
+        log(INFO, "round %d: eval loss %.4f, %d clients aggregated in %.2f s", ctx.round, loss, len(upload_bytes),
             time.perf_counter() - started)
-        return None, MetricRecord({"eval-loss": loss, "clients": len(good)})
+        return MetricRecord({"eval-loss": loss, "clients": len(upload_bytes)})
 
     # -- no federated evaluation: the server scores the global model itself ----------------------
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
