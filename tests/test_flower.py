@@ -148,6 +148,14 @@ if spec.get("faulty"):
             reply.content["upload"]["coords"] = type(coords)(coords.numpy() * float("nan"))
         return reply
     mods = [faulty]
+if spec.get("late"):
+    import time
+    def late(msg, context, call_next):  # client 2 answers round 1 after the server stopped waiting
+        if int(context.node_config["partition-id"]) == 2 and "round" in msg.content \
+                and int(msg.content["round"]["round"]) == 0:
+            time.sleep(spec["late"])
+        return call_next(msg, context)
+    mods = [late]
 flower = spec.get("flower", {})
 run_simulation(server_app(config, out=spec["out"], threads=1, **flower), client_app(config, threads=1, mods=mods, **flower),
                num_supernodes=config.clients,
@@ -225,6 +233,14 @@ def test_secagg_refuses_what_cannot_be_summed():
     with pytest.raises(ConfigError, match="cannot be summed"):
         check_secure(fl.FLoRA([4]))
     check_secure(fl.Ferret(500, allocation="uniform"))
+
+
+def test_a_late_reply_is_left_out_and_the_client_rejoins(tmp_path):
+    config = small_config("ferret")
+    proc = simulate(config, tmp_path, late=25.0, flower={"round_timeout": 12.0})
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert [r["dropped"] for r in rounds] == [[2], []], proc.stdout[-2000:]
+    assert "no usable reply from clients [2]" in proc.stdout + proc.stderr
 
 
 # -- deployment --------------------------------------------------------------------------------
