@@ -57,7 +57,8 @@ def _report(benchmark, op, basis, k):
 @pytest.mark.parametrize("op", ["compress", "reconstruct"])
 def test_projection(benchmark, delta, op, k, basis):
     rounds = 2 if basis == "rademacher" else 5
-    benchmark.pedantic(_ops(delta, basis, k)[op], rounds=rounds, iterations=1, warmup_rounds=1 if basis == "srht" else 0)
+    warmup = 1 if basis == "srht" else 0
+    benchmark.pedantic(_ops(delta, basis, k)[op], rounds=rounds, iterations=1, warmup_rounds=warmup)
     _report(benchmark, op, basis, k)
 
 

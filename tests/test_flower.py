@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from ferret.flower import FerretStrategy, codec_for, config_from_run  # noqa: E4
 from ferret.flower.records import MalformedReply  # noqa: E402
 
 APP = Path(__file__).parents[1] / "examples" / "flower"
+BIN = Path(sys.executable).parent  # Flower's executables sit beside the interpreter that has flwr
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, steps=3, lr=0.02, rouge_samples=0)
@@ -157,8 +157,8 @@ if spec.get("late"):
         return call_next(msg, context)
     mods = [late]
 flower = spec.get("flower", {})
-run_simulation(server_app(config, out=spec["out"], threads=1, **flower), client_app(config, threads=1, mods=mods, **flower),
-               num_supernodes=config.clients,
+run_simulation(server_app(config, out=spec["out"], threads=1, **flower),
+               client_app(config, threads=1, mods=mods, **flower), num_supernodes=config.clients,
                backend_config={"client_resources": {"num_cpus": 1},
                                "init_args": {"num_cpus": 2, "include_dashboard": False}})
 """
@@ -250,20 +250,21 @@ class Deployment:
     def __init__(self, root: Path, nodes: int):
         self.root, self.procs = root, {}
         self.port = _free_port()
-        self.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                 "--host", "127.0.0.1", "--port", str(self.port), "--database", str(root / "state.db")])
+        self.start("superlink", [str(BIN / "flower-superlink"), "--insecure",
+                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                 "--port", str(self.port), "--database", str(root / "state.db")])
         deadline = time.monotonic() + 120
         while not _accepts(self.port):
             assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-2000:]
             time.sleep(0.5)
         for i in range(nodes):
-            self.start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                         "--port", str(_free_port()),
+            self.start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure",
+                                         "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
                                          "--node-config", f"partition-id={i} num-partitions={nodes}"])
         cli = root / "cli"
         cli.mkdir()
-        (cli / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        (cli / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                         f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
 
     def start(self, name: str, args: list[str]) -> None:
         home = self.root / name
@@ -273,7 +274,7 @@ class Deployment:
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def flwr_run(self, run_config: str) -> subprocess.Popen:
-        return subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", run_config],
+        return subprocess.Popen([str(BIN / "flwr"), "run", str(APP), "local", "--stream", "--run-config", run_config],
                                 env={**ENV, "FLWR_HOME": str(self.root / "cli")}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -310,7 +311,7 @@ def _run_config(config: Config, out: Path, **flower) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's executables are not on PATH")
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower's executables are not installed")
 def test_deployment_on_localhost_reaches_the_embedded_loops_weights(tmp_path):
     config = small_config("ferret", clients=2)
     deployment = Deployment(tmp_path, nodes=2)
@@ -327,7 +328,7 @@ def test_deployment_on_localhost_reaches_the_embedded_loops_weights(tmp_path):
     assert [r["clients"] for r in rounds] == [[0, 1], [0, 1]] and all(not r["dropped"] for r in rounds)
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's executables are not on PATH")
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower's executables are not installed")
 def test_a_supernode_killed_mid_run_leaves_the_others_finishing(tmp_path):
     config = small_config("ferret", clients=3, rounds=3)
     deployment = Deployment(tmp_path, nodes=3)

@@ -58,7 +58,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
             if not math.isfinite(norm):
                 raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
     if kind == "srht" and 0 in layout.block_sizes:
-        raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, blocks[layout.block_sizes.index(0)])})")
+        empty = blocks[layout.block_sizes.index(0)]
+        raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, empty)})")
     counts = allocate(budget, layout.n_blocks, allocation, norms, caps=layout.block_sizes if kind == "srht" else None)
 
     coords = []
@@ -66,7 +67,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         bseed = block_seed(seed, b)
         if kind == "srht":
             segments = [(flats[i], layout.entries[i].offset) for i in entries]
-            gamma = be.srht_compress(segments, layout.block_sizes[b], bseed, hadamard, int(counts[b])).astype(np.float64)
+            gamma = be.srht_compress(segments, layout.block_sizes[b], bseed, hadamard, int(counts[b]))
+            gamma = gamma.astype(np.float64)
         else:
             gamma = np.zeros(int(counts[b]), dtype=np.float64)
             for i in entries:
