@@ -104,10 +104,10 @@ class SecureFerret(LegacyStrategy):
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
-        ctx = self.core._round[0]
+        ctx = self.core.round_context
         for failure in failures:
             log(WARNING, "round %d: a client failed: %s", ctx.round, failure)
-        clients = {self.core._partition_of(proxy.node_id): res for proxy, res in results}
+        clients = {self.core.partition_of(proxy.node_id): res for proxy, res in results}
 
         def aggregate() -> bytes | None:
             if len(clients) < self.core.min_replies:

@@ -81,10 +81,10 @@ class AlgorithmStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ctx = self._round[0]
+        ctx = self.round_context
         good: dict[int, tuple[bytes, float, float]] = {}
         for reply in replies:
-            c = self._partition_of(reply.metadata.src_node_id)
+            c = self.partition_of(reply.metadata.src_node_id)
             if reply.has_error():
                 log(WARNING, "round %d: client %s failed: %s", ctx.round, c, reply.error.reason)
                 continue
@@ -134,6 +134,11 @@ class AlgorithmStrategy(Strategy):
             time.perf_counter() - started)
         return MetricRecord({"eval-loss": loss, "clients": len(upload_bytes)})
 
+    @property
+    def round_context(self) -> RoundContext:
+        """The context of the round being run (set by :meth:`configure_train`)."""
+        return self._round[0]
+
     # -- no federated evaluation: the server scores the global model itself ----------------------
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []
@@ -146,7 +151,8 @@ class AlgorithmStrategy(Strategy):
         seed_of = getattr(self.algorithm, "seed_of", None)
         return seed_of(ctx.round_seed, client) if seed_of else ctx.round_seed
 
-    def _partition_of(self, node_id: int):
+    def partition_of(self, node_id: int):
+        """The client (partition id) running on ``node_id``, or a label naming the node."""
         return next((c for c, n in self.nodes.items() if n == node_id), f"node {node_id}")
 
     def _discover(self, grid: Grid) -> dict[int, int]:
