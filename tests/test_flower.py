@@ -125,6 +125,25 @@ def test_run_config_maps_onto_ferret_run_settings():
         FerretStrategy(fl.FedAvg(), torch.nn.Linear(2, 2), clients=1)
 
 
+def test_a_data_owner_trains_on_its_own_file(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from ferret.flower.apps import FLOWER_KEYS, local_update
+
+    rows = [{"instruction": f"Name the number {i}.", "context": "", "response": f"It is {i}.", "category": "open_qa"}
+            for i in range(7)]
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = small_config("ferret")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data": str(own)}, state=RecordDict(),
+                      run_config={})
+    info = {"round": 0, "round-seed": 11, "partition": 0, "since": 0}
+    upload, examples, _ = local_update(info, {}, context, config, dict(FLOWER_KEYS))
+    assert examples == 7
+    assert ferret.Packet.from_bytes(upload).round_seed == 11
+    assert int(context.state["ferret-sync"]["synced"]) == 0
+
+
 # -- simulation --------------------------------------------------------------------------------
 SIMULATE = """
 import json, sys

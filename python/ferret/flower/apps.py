@@ -12,6 +12,10 @@ string (``options = "budget=3800,bases='client'"``), and Flower's own:
 * ``secagg`` (Ferret only): sum the coordinates with Flower's SecAgg+, and ``secagg-range``,
   the largest coordinate magnitude it carries unclipped (see :mod:`ferret.flower.secagg`).
 
+A SuperNode's node config names its ``partition-id`` (its shard of the configured data, the
+embedded loop's client index) or, for a data owner with its own file, ``data`` (a Dolly-style
+``.jsonl``; then ``partition-id`` only names the client).
+
 A client keeps its replica of the global model in its node's ``context.state`` and brings it up
 to date by replaying the broadcasts the server sends (:meth:`Algorithm.apply`), so a round
 downloads what the algorithm broadcasts, not the model. The model, tokenizer and data are loaded
@@ -106,7 +110,8 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
     return app
 
 
-_PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm): once per process
+_PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm, tokenizer): once per process
+_NODE_DATA: dict[tuple, object] = {}  # a node's own data file, encoded once per process
 
 
 def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) -> ClientApp:
@@ -149,6 +154,7 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
     _threads(flower)
     model, base, shards, algorithm = _process_setup(config)
     t, round_seed, c = info["round"], info["round-seed"], info["partition"]
+    data = _node_data(context, config) or shards[c]
     if c != int(context.node_config["partition-id"]):
         raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
     synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
@@ -163,9 +169,9 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
 
     torch.manual_seed(block_seed(round_seed, c))
     start = time.perf_counter()
-    upload = algorithm.client_update(model, shards[c], ClientContext(
+    upload = algorithm.client_update(model, data, ClientContext(
         round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
-    weight = len(shards[c]) if config.weighting == "examples" else 1
+    weight = len(data) if config.weighting == "examples" else 1
     return upload, weight, time.perf_counter() - start
 
 
@@ -175,8 +181,24 @@ def _process_setup(config: Config):
         setup = prepare(config)
         base = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
         _PROCESS.clear()  # one run per process at a time
-        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm())
-    return _PROCESS[key]
+        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm(), setup.tokenizer)
+    return _PROCESS[key][:4]
+
+
+def _node_data(context: Context, config: Config):
+    """The node's own examples when its node config names a ``data`` file (a data owner's), else None."""
+    path = context.node_config.get("data")
+    if not path:
+        return None
+    key = ("data", str(path))
+    if key not in _NODE_DATA:
+        from ..fl.data import encode
+        from ..fl.experiment import examples_of
+
+        tokenizer = _PROCESS[config.dumps()][4]
+        examples = examples_of(dataclasses.replace(config, data=str(path)))
+        _NODE_DATA[key] = encode(examples, tokenizer, max_prompt=config.max_prompt, max_length=config.max_length)
+    return _NODE_DATA[key]
 
 
 def _threads(flower: dict) -> None:
