@@ -42,6 +42,7 @@ ALGORITHMS = {
     "ferret": lambda: fl.Ferret(3800, LOCAL),
     "ferret_paper": lambda: fl.Ferret.paper(3800, LOCAL),
     "ferret_srht": lambda: fl.Ferret(3800, LOCAL, basis="srht"),
+    "ferret_momentum": lambda: fl.Ferret(3800, LOCAL, bases="client", momentum=0.5),
     "fedavg": lambda: fl.FedAvg(LOCAL),
     "fedzo": lambda: fl.FedZO(fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
     "fedkseed": lambda: fl.FedKSeed(32, fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
@@ -59,7 +60,8 @@ def test_every_algorithm_lowers_eval_loss(name, data):
                                                                        [r.eval_loss for r in result.rounds])
 
 
-@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "fedavg", "fedkseed", "flora"])
+@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "ferret_momentum", "fedavg", "fedkseed",
+                                  "flora"])
 def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
     """What a distributed engine's clients do: apply each round's broadcast to their own replica."""
     from ferret.fl.algorithms import RoundContext

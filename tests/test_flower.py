@@ -34,6 +34,7 @@ ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, steps=3, lr=0.02, rouge_samples=0)
 OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
+MOMENTUM = {"budget": 500, "bases": "client", "momentum": 0.5}  # server state the clients replay too
 
 
 def small_config(algorithm: str, **changes) -> Config:
@@ -191,15 +192,21 @@ def simulate(config: Config, out: Path, **extra) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("algorithm", ["ferret", "flora"])
-def test_simulation_reaches_the_embedded_loops_weights(algorithm, tmp_path):
-    config = small_config(algorithm)
+# ferret-momentum samples 2 of 3 clients per round: clients catch up on the rounds they missed,
+# weights and server momentum alike
+CASES = {"ferret": {}, "ferret-momentum": {"options": MOMENTUM, "fraction": 0.67, "rounds": 3}, "flora": {}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_simulation_reaches_the_embedded_loops_weights(case, tmp_path):
+    config = small_config(case.split("-")[0], **CASES[case])
     simulate(config, tmp_path)
     want = embedded_weights(config)
     got = flower_weights(tmp_path, config)
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
     rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
-    assert [r["clients"] for r in rounds] == [[0, 1, 2]] * 2 and all(not r["dropped"] for r in rounds)
+    assert len(rounds) == config.rounds and all(not r["dropped"] for r in rounds)
+    assert all(len(r["clients"]) == round(config.fraction * config.clients) for r in rounds)
 
 
 def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_path):

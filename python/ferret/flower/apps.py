@@ -16,9 +16,9 @@ A SuperNode's node config names its ``partition-id`` (its shard of the configure
 embedded loop's client index) or, for a data owner with its own file, ``data`` (a Dolly-style
 ``.jsonl``; then ``partition-id`` only names the client).
 
-A client keeps its replica of the global model in its node's ``context.state`` and brings it up
-to date by replaying the broadcasts the server sends (:meth:`Algorithm.apply`), so a round
-downloads what the algorithm broadcasts, not the model. The model, tokenizer and data are loaded
+A client keeps its replica of the global model (and of the server's state, e.g. momentum) in its
+node's ``context.state`` and brings it up to date by replaying the broadcasts the server sends
+(:meth:`Algorithm.apply`), so a round downloads what the algorithm broadcasts, not the model. The model, tokenizer and data are loaded
 once per ClientApp process.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from .strategy import AlgorithmStrategy
 
 FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 0, "secagg": False,
                "secagg-range": 64.0}
-_REPLICA, _SYNC = "ferret-replica", "ferret-sync"
+_REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"
 
 
 def config_from_run(run_config: dict, defaults: Config | None = None,
@@ -85,8 +86,6 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         _threads(flower)
         setup = prepare(config)
         algorithm = config.build_algorithm()
-        if getattr(algorithm, "momentum", 0.0):
-            raise ConfigError("server momentum is server state the Flower clients cannot replay yet: use momentum=0")
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
                                      min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
@@ -161,10 +160,14 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
     if info["since"] > synced:
         raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
     model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
+    # the server's state (e.g. momentum) advances with every broadcast: replay it with the weights
+    algorithm.load_state_dict(context.state[_STATE].to_torch_state_dict() if _STATE in context.state else {})
     for r in sorted(broadcasts):
         if r >= synced:  # rounds the server aggregated; skipped ones never come
             algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
     context.state[_REPLICA] = ArrayRecord(model.state_dict())
+    if algorithm.state_dict():
+        context.state[_STATE] = ArrayRecord(OrderedDict(algorithm.state_dict()))
     context.state[_SYNC] = ConfigRecord({"synced": t})
 
     torch.manual_seed(block_seed(round_seed, c))
