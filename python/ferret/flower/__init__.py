@@ -5,6 +5,8 @@
 * :class:`AlgorithmStrategy`: the Flower ``Strategy`` that drives one algorithm object; the
   per-algorithm classes below only name which.
 * :mod:`ferret.flower.records`: how each algorithm's upload travels as Flower records.
+* :mod:`ferret.flower.client`: a client's round (replay the missed broadcasts, then train).
+* :mod:`ferret.flower.secagg`: Ferret's coordinates summed with Flower's SecAgg+.
 
 The algorithms' arithmetic lives in :mod:`ferret.fl.algorithms` alone; the embedded loop and
 Flower drive the same objects, and with the same settings reach the same global weights.

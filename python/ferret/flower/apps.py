@@ -18,36 +18,31 @@ embedded loop's client index) or, for a data owner with its own file, ``data`` (
 
 A client keeps its replica of the global model (and of the server's state, e.g. momentum) in its
 node's ``context.state`` and brings it up to date by replaying the broadcasts the server sends
-(:meth:`Algorithm.apply`), so a round downloads what the algorithm broadcasts, not the model. The model, tokenizer and data are loaded
-once per ClientApp process.
+(:meth:`Algorithm.apply`), so a round downloads what the algorithm broadcasts, not the model.
+The model, tokenizer and data are loaded once per ClientApp process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import time
-from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..fl.algorithms import ClientContext, RoundContext
 from ..fl.compare import parse_value
 from ..fl.config import Config, ConfigError
 from ..fl.experiment import prepare
 from ..fl.report import write_metrics
-from ..spec import block_seed
+from .client import local_update, process_setup, threads
 from .records import codec_for
+from .secagg import run_secure, secagg_when_asked, secure_train
 from .strategy import AlgorithmStrategy
 
 FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 0, "secagg": False,
                "secagg-range": 64.0}
-_REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"
 
 
 def config_from_run(run_config: dict, defaults: Config | None = None,
@@ -83,15 +78,13 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
-        _threads(flower)
+        threads(flower)
         setup = prepare(config)
         algorithm = config.build_algorithm()
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
                                      min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
         if flower["secagg"]:
-            from .secagg import run_secure
-
             run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards))
         else:
             strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=float(flower["round-timeout"]))
@@ -109,16 +102,10 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
     return app
 
 
-_PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm, tokenizer): once per process
-_NODE_DATA: dict[tuple, object] = {}  # a node's own data file, encoded once per process
-
-
 def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) -> ClientApp:
     """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
     :func:`server_app`; ``mods``: Flower client mods); its node config names its ``partition-id``
     (the embedded loop's client index)."""
-    from .secagg import secagg_when_asked
-
     flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
     app = ClientApp(mods=[secagg_when_asked, *(mods or [])])
 
@@ -131,79 +118,12 @@ def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) 
     def train(msg: Message, context: Context) -> Message:
         config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
         if flower["secagg"]:
-            from .secagg import secure_train
-
             return secure_train(msg, context, config, flower)
         info = {k: int(v) for k, v in msg.content["round"].items()}
         broadcasts = {int(k): a.numpy().tobytes() for k, a in msg.content["broadcasts"].items()}
         upload, n_examples, seconds = local_update(info, broadcasts, context, config, flower)
-        content = codec_for(_process_setup(config)[3]).to_record(upload)
+        content = codec_for(process_setup(config)[3]).to_record(upload)
         content["metrics"] = MetricRecord({"num-examples": n_examples, "local-seconds": seconds})
         return Message(content, reply_to=msg)
 
     return app
-
-
-def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, config: Config,
-                 flower: dict) -> tuple[bytes, int, float]:
-    """One client's round: bring the node's replica up to date with the missed ``broadcasts``
-    (round -> bytes), keep it in ``context.state``, train on the node's partition as the embedded
-    loop would; returns (upload bytes, examples, seconds). ``info``: round, round-seed,
-    partition and since (the first broadcast sent)."""
-    _threads(flower)
-    model, base, shards, algorithm = _process_setup(config)
-    t, round_seed, c = info["round"], info["round-seed"], info["partition"]
-    data = _node_data(context, config) or shards[c]
-    if c != int(context.node_config["partition-id"]):
-        raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
-    synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
-    if info["since"] > synced:
-        raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
-    model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
-    # the server's state (e.g. momentum) advances with every broadcast: replay it with the weights
-    algorithm.load_state_dict(context.state[_STATE].to_torch_state_dict() if _STATE in context.state else {})
-    for r in sorted(broadcasts):
-        if r >= synced:  # rounds the server aggregated; skipped ones never come
-            algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
-    context.state[_REPLICA] = ArrayRecord(model.state_dict())
-    if algorithm.state_dict():
-        context.state[_STATE] = ArrayRecord(OrderedDict(algorithm.state_dict()))
-    context.state[_SYNC] = ConfigRecord({"synced": t})
-
-    torch.manual_seed(block_seed(round_seed, c))
-    start = time.perf_counter()
-    upload = algorithm.client_update(model, data, ClientContext(
-        round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
-    weight = len(data) if config.weighting == "examples" else 1
-    return upload, weight, time.perf_counter() - start
-
-
-def _process_setup(config: Config):
-    key = config.dumps()
-    if key not in _PROCESS:
-        setup = prepare(config)
-        base = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
-        _PROCESS.clear()  # one run per process at a time
-        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm(), setup.tokenizer)
-    return _PROCESS[key][:4]
-
-
-def _node_data(context: Context, config: Config):
-    """The node's own examples when its node config names a ``data`` file (a data owner's), else None."""
-    path = context.node_config.get("data")
-    if not path:
-        return None
-    key = ("data", str(path))
-    if key not in _NODE_DATA:
-        from ..fl.data import encode
-        from ..fl.experiment import examples_of
-
-        tokenizer = _PROCESS[config.dumps()][4]
-        examples = examples_of(dataclasses.replace(config, data=str(path)))
-        _NODE_DATA[key] = encode(examples, tokenizer, max_prompt=config.max_prompt, max_length=config.max_length)
-    return _NODE_DATA[key]
-
-
-def _threads(flower: dict) -> None:
-    if int(flower["threads"]) > 0:
-        torch.set_num_threads(int(flower["threads"]))

@@ -44,6 +44,7 @@ from ..fl.config import Config, ConfigError
 from ..fl.train import trainable
 from ..layout import Layout
 from ..packet import Packet
+from .client import local_update
 from .strategy import AlgorithmStrategy
 
 CLIPPING_RANGE = 8.0          # SecAgg+'s clipping range c (Flower's default)
@@ -143,8 +144,6 @@ def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
 
 def secure_train(msg: Message, context: Context, config: Config, flower: dict) -> Message:
     """The client's round under SecAgg+: train, then hand SecAgg+ the scaled coordinates."""
-    from .apps import local_update
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     info = {k: int(fitins.config[k]) for k in ("round", "round-seed", "partition", "since")}
     broadcasts = {int(k.split("-", 1)[1]): bytes(v) for k, v in fitins.config.items() if k.startswith("broadcast-")}

@@ -1,0 +1,89 @@
+"""A client's round on Flower: bring the node's replica of the global model up to date by
+replaying the broadcasts it missed, then train on the node's data exactly as the embedded loop
+trains that client. Shared by the plain and the SecAgg+ ClientApp."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from ..fl.algorithms import ClientContext, RoundContext
+from ..fl.config import Config
+from ..fl.experiment import prepare
+from ..spec import block_seed
+
+_REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"  # keys in context.state
+_PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm, tokenizer): once per process
+_NODE_DATA: dict[tuple, object] = {}  # a node's own data file, encoded once per process
+
+
+def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, config: Config,
+                 flower: dict) -> tuple[bytes, int, float]:
+    """One client's round: bring the node's replica up to date with the missed ``broadcasts``
+    (round -> bytes), keep it in ``context.state``, train on the node's partition as the embedded
+    loop would; returns (upload bytes, examples, seconds). ``info``: round, round-seed,
+    partition and since (the first broadcast sent)."""
+    threads(flower)
+    model, base, shards, algorithm = process_setup(config)
+    t, round_seed, c = info["round"], info["round-seed"], info["partition"]
+    data = _node_data(context, config) or shards[c]
+    if c != int(context.node_config["partition-id"]):
+        raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
+    synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
+    if info["since"] > synced:
+        raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
+    model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
+    # the server's state (e.g. momentum) advances with every broadcast: replay it with the weights
+    algorithm.load_state_dict(context.state[_STATE].to_torch_state_dict() if _STATE in context.state else {})
+    for r in sorted(broadcasts):
+        if r >= synced:  # rounds the server aggregated; skipped ones never come
+            algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
+    context.state[_REPLICA] = ArrayRecord(model.state_dict())
+    if algorithm.state_dict():
+        context.state[_STATE] = ArrayRecord(OrderedDict(algorithm.state_dict()))
+    context.state[_SYNC] = ConfigRecord({"synced": t})
+
+    torch.manual_seed(block_seed(round_seed, c))
+    start = time.perf_counter()
+    upload = algorithm.client_update(model, data, ClientContext(
+        round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
+    weight = len(data) if config.weighting == "examples" else 1
+    return upload, weight, time.perf_counter() - start
+
+
+def process_setup(config: Config):
+    """(model, its initial state, the shards, the algorithm) for ``config``, loaded once per process."""
+    key = config.dumps()
+    if key not in _PROCESS:
+        setup = prepare(config)
+        base = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+        _PROCESS.clear()  # one run per process at a time
+        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm(), setup.tokenizer)
+    return _PROCESS[key][:4]
+
+
+def _node_data(context: Context, config: Config):
+    """The node's own examples when its node config names a ``data`` file (a data owner's), else None."""
+    path = context.node_config.get("data")
+    if not path:
+        return None
+    key = ("data", str(path))
+    if key not in _NODE_DATA:
+        from ..fl.data import encode
+        from ..fl.experiment import examples_of
+
+        tokenizer = _PROCESS[config.dumps()][4]
+        examples = examples_of(dataclasses.replace(config, data=str(path)))
+        _NODE_DATA[key] = encode(examples, tokenizer, max_prompt=config.max_prompt, max_length=config.max_length)
+    return _NODE_DATA[key]
+
+
+def threads(flower: dict) -> None:
+    """Set torch's thread count when the run config asks for one."""
+    if int(flower["threads"]) > 0:
+        torch.set_num_threads(int(flower["threads"]))
