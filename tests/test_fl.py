@@ -4,6 +4,7 @@ runs are deterministic, bytes are counted from the real payloads, bad data is re
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,20 @@ def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
     restored = fl.Ferret(40, bases=bases, momentum=0.5)
     restored.load_state_dict(algorithm.state_dict())
     assert restored.velocity.keys() == algorithm.velocity.keys()
+
+
+def test_ferret_warns_once_when_srht_moves_a_small_share_of_the_model(data):
+    from ferret.fl.algorithms import ClientContext
+
+    shards, _ = data
+    algorithm = fl.Ferret(100, LOCAL, basis="srht:16")  # K·B = 1600 of 260K weights
+    ctx = ClientContext(round=0, client=0, round_seed=1, rng=np.random.default_rng(0))
+    with pytest.warns(RuntimeWarning, match="moves at most 1% of the weights"):
+        algorithm.client_update(model(), shards[0], ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        algorithm.client_update(model(), shards[0], ctx)  # once only
+        fl.Ferret(100, LOCAL, basis="rademacher").client_update(model(), shards[0], ctx)
 
 
 def test_ferret_rejects_unknown_options():

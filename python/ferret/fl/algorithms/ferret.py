@@ -4,6 +4,7 @@ uploaded), the coordinates merged linearly and reconstructed on the server."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -11,6 +12,7 @@ import torch
 
 from ... import compress, merge_packets, reconstruct, spec
 from ...basis import parse_basis
+from ...layout import Layout
 from ...packet import Packet
 from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, difference, snapshot
@@ -63,9 +65,25 @@ class Ferret(Algorithm):
     def client_update(self, model, data, ctx):
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, **vars(self.local))
-        packet = compress(difference(model, start), self.seed_of(ctx.round_seed, ctx.client), self.budget,
+        update = difference(model, start)
+        packet = compress(update, self.seed_of(ctx.round_seed, ctx.client), self.budget,
                           basis=self.basis, allocation=self.allocation, grouping=self.grouping)
+        self._warn_if_sparse(packet, update)
         return packet.to_bytes()
+
+    def _warn_if_sparse(self, packet: Packet, update) -> None:
+        """Once: an SRHT packet moves at most K·B elements of a block, and training suffers when
+        that is a small share of the model (docs/bases.md)."""
+        kind, size = parse_basis(self.basis)
+        if kind != "srht" or getattr(self, "_warned_sparse", False):
+            return
+        sizes = np.array(Layout.of(update, self.grouping).block_sizes, dtype=np.int64)
+        share = np.minimum(sizes, packet.counts.astype(np.int64) * size).sum() / sizes.sum()
+        if share < 0.5:
+            warnings.warn(f"basis {self.basis!r} moves at most {share:.0%} of the weights per round (K·B is below "
+                          f"the block sizes), which can hurt training: use a larger srht size or 'rademacher' "
+                          f"(docs/bases.md)", RuntimeWarning, stacklevel=2)
+            self._warned_sparse = True
 
     def aggregate(self, model, uploads, weights, ctx):
         merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
