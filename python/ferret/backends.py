@@ -92,7 +92,7 @@ def _srht_table(block_n: int, seed: int, size: int, m: int, device):
     rows = np.zeros(m, dtype=np.int64)
     _core.srht_rows(seed, block_n, rows)
     offsets, sizes = spec.hadamard_chunks(block_n, size)
-    owner = spec.chunk_of(rows, block_n, size)
+    owner = np.searchsorted(offsets, rows, side="right") - 1  # spec.chunk_of, on the offsets at hand
     touched, position = np.unique(owner, return_inverse=True)
     slots = position * size + rows - offsets[owner]
     return tuple(torch.from_numpy(a).to(device) for a in (offsets[touched], sizes[touched], slots))

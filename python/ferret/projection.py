@@ -60,7 +60,7 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     if kind == "srht" and 0 in layout.block_sizes:
         empty = blocks[layout.block_sizes.index(0)]
         raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, empty)})")
-    counts = allocate(budget, layout.n_blocks, allocation, norms, caps=layout.block_sizes if kind == "srht" else None)
+    counts = block_counts(layout, budget, basis, allocation, norms)
 
     coords = []
     for b, entries in enumerate(blocks):
@@ -78,6 +78,14 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         coords.append(gamma)
     return Packet(seed, basis_name(kind, hadamard), layout.group_size, layout.fingerprint, counts,
                   np.concatenate(coords))
+
+
+def block_counts(layout: Layout, budget: int, basis: str = "rademacher", allocation: str = "norm",
+                 norms=None) -> np.ndarray:
+    """Coordinates per block of ``layout`` (int64): ``allocate``'s, capped at the block sizes for
+    ``srht`` (a block has one row per element). ``norms`` are needed by the ``"norm"`` allocation."""
+    caps = layout.block_sizes if parse_basis(basis)[0] == "srht" else None
+    return allocate(budget, layout.n_blocks, allocation, norms, caps=caps)
 
 
 def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, backend: str | None = None,

@@ -15,8 +15,6 @@ Flower the bytes become typed records, so the payload is what the method sends a
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -24,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..fl.algorithms import FedAvg, FedKSeed, Ferret
-from ..fl.algorithms.lora import LoraAlgorithm, decode_adapter
+from ..fl.algorithms.lora import LoraAlgorithm, decode_adapter, safetensors_metadata
 from ..fl.train import trainable
 from ..layout import Layout
 from ..packet import Packet, PacketError
@@ -87,8 +85,7 @@ class TensorsCodec(Codec):
     """Uploads that are safetensors bytes (FedAvg and FedZO updates, LoRA adapters)."""
 
     def to_record(self, upload):
-        header = json.loads(upload[8 : 8 + int.from_bytes(upload[:8], "little")])
-        meta = header.get("__metadata__", {})
+        meta = safetensors_metadata(upload)
         return RecordDict({"upload": ArrayRecord({k: Array(v.numpy()) for k, v in st_load(upload).items()}),
                            "metadata": ConfigRecord(dict(meta))})
 

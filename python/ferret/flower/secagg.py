@@ -38,12 +38,12 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from ..allocation import allocate
 from ..fl.algorithms import Ferret
 from ..fl.config import Config, ConfigError
 from ..fl.train import trainable
 from ..layout import Layout
 from ..packet import Packet
+from ..projection import block_counts
 from .client import local_update
 from .strategy import AlgorithmStrategy
 
@@ -82,11 +82,9 @@ class SecureFerret(LegacyStrategy):
 
     def __init__(self, core: AlgorithmStrategy, grid, coordinate_range: float):
         self.core, self.grid, self.coordinate_range = core, grid, coordinate_range
-        model, algorithm = core.model, core.algorithm
-        layout = Layout.of(trainable(model), algorithm.grouping)
-        self.layout = layout
-        self.counts = allocate(algorithm.budget, layout.n_blocks, "uniform",
-                               caps=layout.block_sizes if algorithm.basis.startswith("srht") else None)
+        algorithm = core.algorithm
+        self.layout = Layout.of(trainable(core.model), algorithm.grouping)
+        self.counts = block_counts(self.layout, algorithm.budget, algorithm.basis, "uniform")
 
     def initialize_parameters(self, client_manager):
         return Parameters(tensors=[], tensor_type="numpy.ndarray")

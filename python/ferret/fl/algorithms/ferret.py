@@ -50,6 +50,7 @@ class Ferret(Algorithm):
         self.basis, self.allocation, self.grouping = basis, allocation, grouping
         self.bases, self.momentum, self.clip = bases, momentum, clip
         self.velocity: dict[str, torch.Tensor] = {}
+        self._warned_sparse = False
 
     @classmethod
     def paper(cls, budget: int = 3800, local: LocalTraining | None = None, server_lr: float = 1.0) -> "Ferret":
@@ -75,7 +76,7 @@ class Ferret(Algorithm):
         """Once: an SRHT packet moves at most K·B elements of a block, and training suffers when
         that is a small share of the model (docs/bases.md)."""
         kind, size = parse_basis(self.basis)
-        if kind != "srht" or getattr(self, "_warned_sparse", False):
+        if kind != "srht" or self._warned_sparse:
             return
         sizes = np.array(Layout.of(update, self.grouping).block_sizes, dtype=np.int64)
         share = np.minimum(sizes, packet.counts.astype(np.int64) * size).sum() / sizes.sum()

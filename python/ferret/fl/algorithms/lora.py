@@ -99,12 +99,17 @@ def encode_adapter(adapter: lora.LoraAdapter) -> bytes:
     return st_save(tensors, metadata={"fan_in_fan_out": json.dumps(adapter.fan_in_fan_out)})
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` table of safetensors bytes (empty if none)."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
 def decode_adapter(data: bytes) -> lora.LoraAdapter:
     """Inverse of :func:`encode_adapter`."""
 
     tensors = st_load(data)
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    meta = safetensors_metadata(data)
     names = sorted({k[:-2] for k in tensors})
     return lora.LoraAdapter({n: [lora.LoraTerm(tensors[f"{n}.A"], tensors[f"{n}.B"], 1.0)] for n in names},
                             fan_in_fan_out=json.loads(meta.get("fan_in_fan_out", "false")))
