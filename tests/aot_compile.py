@@ -11,23 +11,37 @@ from triton.compiler import ASTSource
 from ferret.kernels import projection as P
 
 TARGET = GPUTarget("cuda", 90, 32)
-COMMON = {"n": "i64", "start": "i64", "first_tile": "i64", "seed": "i64", "K": "i32", "BASIS": "constexpr",
-          "GROUPS": "constexpr"}
+COMMON = {"n": "i64", "start": "i64", "first_tile": "i64", "seed": "i64", "K": "i32"}
 
 
-def build(fn, signature, basis):
-    src = ASTSource(fn, {**signature, **COMMON}, constexprs={"BASIS": basis, "GROUPS": P.GROUPS})
-    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False})
+def build(fn, signature, constexprs, num_warps=4):
+    src = ASTSource(fn, {**signature, **COMMON, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False, "num_warps": num_warps})
 
 
+rademacher = {"GROUPS": P.GROUPS}
 for dtype in ("fp32", "bf16", "fp16"):
-    kernel = build(P._reconstruct_kernel, {"out_ptr": f"*{dtype}", "g_ptr": "*fp32", "scale": "fp32"}, P.RADEMACHER)
+    kernel = build(P._reconstruct_kernel, {"out_ptr": f"*{dtype}", "g_ptr": "*fp32", "scale": "fp32"}, rademacher)
     fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
     print(f"sm_90 reconstruct rademacher {dtype}: cubin {len(kernel.asm['cubin'])} B, fused-fma {fused}")
-    kernel = build(P._compress_kernel, {"x_ptr": f"*{dtype}", "part_ptr": "*fp32"}, P.RADEMACHER)
+    kernel = build(P._compress_kernel, {"x_ptr": f"*{dtype}", "part_ptr": "*fp64"}, {**rademacher, "INTERPRET": False})
     print(f"sm_90 compress rademacher {dtype}: cubin {len(kernel.asm['cubin'])} B")
-kernel = build(P._compress_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32"}, P.GAUSSIAN)
+for dtype in ("fp32", "bf16"):
+    src = ASTSource(P._sum_squares_kernel, {"x_ptr": f"*{dtype}", "part_ptr": "*fp64", "n": "i64",
+                                            "GROUPS": "constexpr", "INTERPRET": "constexpr"},
+                    constexprs={"GROUPS": P.GROUPS, "INTERPRET": False})
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": 4})
+    print(f"sm_90 sum of squares {dtype}: cubin {len(kernel.asm['cubin'])} B")
+tree = ASTSource(P._tree_kernel, {"part_ptr": "*fp64", "out_ptr": "*fp64", "rows": "i64", "offset": "i64", "K": "i32",
+                                  "TREE": "constexpr", "LEVELS": "constexpr", "BASES": "constexpr"},
+                 constexprs={"TREE": P.TREE, "LEVELS": P.TREE.bit_length() - 1, "BASES": P.TREE_BASES})
+kernel = triton.compile(tree, target=TARGET)
+print(f"sm_90 tree fp64: cubin {len(kernel.asm['cubin'])} B")
+gaussian = {"TILE": P.TILE}
+kernel = build(P._gaussian_compress_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32"}, gaussian)
 print(f"sm_90 compress gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
+kernel = build(P._gaussian_reconstruct_kernel, {"out_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32"}, gaussian)
+print(f"sm_90 reconstruct gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
 
 # SRHT: gather, transform and apply, at the default Hadamard size.
 from ferret.kernels import srht as S  # noqa: E402
@@ -48,21 +62,47 @@ kernel = triton.compile(ASTSource(S._fwht_kernel, {"tile_ptr": "*fp32", "sizes_p
                                                    "LOG": "constexpr"}, {"SIZE": SIZE, "LOG": 12}), target=TARGET)
 print(f"sm_90 srht fwht {SIZE}: cubin {len(kernel.asm['cubin'])} B")
 
-# LoRA: a stack of three clients with heterogeneous ranks, into fp32 and bf16 weights.
+# LoRA: the merge with the rank a runtime value (one build per dtype serves any client ranks), as
+# the JIT specializes it for a row-major W of 16-aligned shape: unit column stride, R unspecialized.
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+from triton import knobs  # noqa: E402
+
 from ferret.kernels import lora as L  # noqa: E402
 
-ranks = (64, 8, 4)
-for dtype in ("fp32", "bf16"):
-    signature = {"w_ptr": f"*{dtype}", "a_ptrs": (f"*{dtype}",) * 3, "b_ptrs": (f"*{dtype}",) * 3,
-                 "coefs": ("fp32",) * 3, "M": "i32", "N": "i32", "stride_wm": "i32", "stride_wn": "i32",
-                 "RANKS": "constexpr", "RANK_BLOCKS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-    constexprs = {"RANKS": ranks, "RANK_BLOCKS": tuple(L.rank_block(r) for r in ranks),
-                  "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N}
-    kernel = triton.compile(ASTSource(L._merge_kernel, signature, constexprs), target=TARGET)
-    print(f"sm_90 lora merge ranks {ranks} {dtype}: cubin {len(kernel.asm['cubin'])} B")
+
+def resources(kernel):
+    """(registers, local-memory bytes: spills) per thread of a compiled kernel, from its cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage)[1]), int(re.search(r"LOCAL:(\d+)", usage)[1])
+
+
+aligned = [["tt.divisibility", 16]]
+for dtype, factors in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    tile = L.MERGE_TILES[factors]
+    signature = {"w_ptr": f"*{dtype}", "bt_ptr": f"*{dtype}", "a_ptr": f"*{dtype}", "M": "i32", "N": "i32", "R": "i32",
+                 "stride_wm": "i32", "stride_wn": "constexpr", "stride_bt": "i32", "stride_a": "i32",
+                 **{k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_R", "PRECISION")}}
+    constexprs = {"stride_wn": 1, "BLOCK_M": tile.BLOCK_M, "BLOCK_N": tile.BLOCK_N, "BLOCK_R": tile.BLOCK_R,
+                  "PRECISION": tile.precision}
+    attrs = {(L._merge_kernel.arg_names.index(k),): aligned
+             for k in ("w_ptr", "bt_ptr", "a_ptr", "M", "N", "stride_wm", "stride_bt", "stride_a")}
+    kernel = triton.compile(ASTSource(L._merge_kernel, signature, constexprs, attrs), target=TARGET,
+                            options={"num_warps": tile.num_warps, "num_stages": tile.num_stages})
+    regs, spills = resources(kernel)
+    print(f"sm_90 lora merge {dtype}, runtime rank, tile {tile.BLOCK_M}x{tile.BLOCK_N}x{tile.BLOCK_R} "
+          f"{tile.precision}: cubin {len(kernel.asm['cubin'])} B, {regs} registers, {spills} B spilled, "
+          f"wgmma {kernel.asm['ptx'].count('wgmma.mma_async')}")
 signature = {"x_ptr": "*fp32", "w_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32",
              **{k: "i32" for k in ("M", "N", "K", "R", "stride_xm", "stride_wn", "stride_wk", "stride_ym")},
              **{k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")}}
 constexprs = {"BLOCK_M": 64, "BLOCK_N": L.BLOCK_N, "BLOCK_K": 32, "BLOCK_R": 128}
 kernel = triton.compile(ASTSource(L._stacked_linear_kernel, signature, constexprs), target=TARGET)
-print(f"sm_90 lora stacked linear fp32: cubin {len(kernel.asm['cubin'])} B")
+regs, spills = resources(kernel)
+print(f"sm_90 lora stacked linear fp32: cubin {len(kernel.asm['cubin'])} B, {regs} registers, {spills} B spilled")

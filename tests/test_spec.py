@@ -82,3 +82,35 @@ def test_basis_offset_matches_slice():
 
 def test_public_seed_helpers_are_the_spec():
     assert ferret.block_seed is spec.block_seed and ferret.normalize_seed is spec.normalize_seed
+
+
+def test_pairwise_tree_pairs_absolute_indices():
+    big = 2.0**53  # big + 1 rounds back to big: the grouping shows in the result
+    v = np.array([1.0, big, 1.0, -big])
+    assert spec.pairwise_tree(v, 0) == (1.0 + big) + (1.0 + -big) == 1.0
+    # The same values from index 1: nodes (0, 1), (big, 1), (-big, 0) pair up differently.
+    assert spec.pairwise_tree(v, 1) == ((0.0 + 1.0) + (big + 1.0)) + (-big + 0.0) == 0.0
+    assert spec.pairwise_tree(np.array([3.5]), 7) == 3.5 and spec.pairwise_tree(np.array([]), 0) == 0.0
+
+
+def test_compress_follows_the_written_order():
+    # The order of the docstring, written out element by element for one group and one basis.
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(128) * np.exp(4 * rng.standard_normal(128))).astype(np.float32)
+    y = x * spec.rademacher(SEED_ORDER, 0, 128)
+    acc = [np.float32(0)] * 4
+    for q in range(4):
+        for m in range(11):
+            a = 32 * q + 3 * m
+            t = (y[a] + y[a + 1]) + y[a + 2] if m < 10 else y[a] + y[a + 1]
+            acc[m % 4] = np.float32(acc[m % 4] + t)
+    assert spec.compress(x, SEED_ORDER, 1)[0] == float((acc[0] + acc[1]) + (acc[2] + acc[3]))
+
+
+def test_sum_squares_is_the_tree_over_squares():
+    x = np.array([2.0**27, 1.0, -(2.0**27), 1.0, 3.0], np.float32)
+    sq = x.astype(np.float64) ** 2
+    assert spec.sum_squares(x) == ((sq[0] + sq[1]) + (sq[2] + sq[3])) + sq[4]
+
+
+SEED_ORDER = 0x5EED

@@ -67,13 +67,56 @@ def test_reconstruct_bit_identical_to_core(dtype, start, n, k):
     assert torch.equal(on_triton.cpu().view(torch.uint8), on_core.view(torch.uint8))
 
 
-@pytest.mark.parametrize("basis,kind", [(P.RADEMACHER, "rademacher"), (P.GAUSSIAN, "gaussian")])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("start,n,k", CASES + [(3 * 16384 - 5, 40000, 2)])
+def test_rademacher_compress_bit_identical_to_spec_and_core(dtype, start, n, k):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(k)).to(DTYPES[dtype])
+    got = P.compress(x.to(DEVICE), start, SEED, P.RADEMACHER, k).cpu().numpy()
+    np.testing.assert_array_equal(got, spec.compress(x.float().numpy(), SEED, k, "rademacher", start))
+    on_core = np.zeros(k)
+    _core.compress(x, start, SEED, 0, on_core)
+    np.testing.assert_array_equal(got, on_core)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs these kernels in every other test")
+@pytest.mark.parametrize("start,n,k", [(0, 9000, 3), (16384 * 2 - 300, 17000, 2)])
+def test_gpu_kernels_arithmetic_in_the_interpreter(start, n, k):
+    """The GPU's own kernels (one group per thread, tuples of rows), run in the interpreter: the
+    arithmetic the GPU does, bit for bit the spec's (only the warp's shuffles are replaced)."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    first, count = P._tiles(start, n, P.GROUP * P.WARP)
+    part = torch.empty((count, k), dtype=torch.float64)
+    P._compress_kernel[(count,)](x, part, n, start, first, SEED, k, GROUPS=P.WARP, INTERPRET=True)
+    got = P.tree_sum(part, first).numpy()
+    np.testing.assert_array_equal(got, spec.compress(x.numpy(), SEED, k, "rademacher", start))
+    gamma = torch.randn(k, generator=torch.Generator().manual_seed(k))
+    out, on_core = x.clone(), x.clone()
+    P._reconstruct_kernel[(count,)](out, gamma, n, start, first, SEED, 0.3, k, GROUPS=P.WARP)
+    _core.reconstruct(on_core, start, SEED, 0, gamma.numpy(), 0.3)
+    assert torch.equal(out, on_core)
+
+
 @pytest.mark.parametrize("start,n,k", CASES)
-def test_compress_matches_spec(basis, kind, start, n, k):
+def test_gaussian_compress_matches_spec(start, n, k):
     x = torch.randn(n, generator=torch.Generator().manual_seed(k))
-    got = P.compress(x.to(DEVICE), start, SEED, basis, k).cpu().numpy()
-    want = spec.compress(x.numpy(), SEED, k, kind, start)
+    got = P.compress(x.to(DEVICE), start, SEED, P.GAUSSIAN, k).cpu().numpy()
+    want = spec.compress(x.numpy(), SEED, k, "gaussian", start)
     np.testing.assert_allclose(got, want, atol=2e-5 * np.sqrt(n))
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 40000, 300001])
+def test_sum_squares_bit_identical_to_spec_and_core(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * np.exp(3 * rng.standard_normal(n))).astype(np.float32)
+    got = float(P.sum_squares(torch.from_numpy(x).to(DEVICE)))
+    assert got == spec.sum_squares(x) == _core.sum_squares(x)
+
+
+@pytest.mark.parametrize("rows,first", [(1, 0), (2, 1), (700, 3), (70000, 255), (513, 256)])
+def test_tree_sum_is_the_spec_tree(rows, first):
+    part = np.random.default_rng(rows).standard_normal((rows, 3)) * 10.0 ** np.arange(3)
+    got = P.tree_sum(torch.from_numpy(part).to(DEVICE), first).cpu().numpy()
+    np.testing.assert_array_equal(got, [spec.pairwise_tree(part[:, k], first) for k in range(3)])
 
 
 def test_gaussian_reconstruct_matches_spec_within_tolerance():
@@ -112,12 +155,18 @@ def _srht_segments(x: torch.Tensor):
     return [(x[a:b], a) for a, b in zip(cut, cut[1:]) if b > a]
 
 
+def _srht_block(segments, n, size):
+    from ferret.backends import Block
+
+    return Block(segments, n, SEED, "srht", size)
+
+
 @pytest.mark.parametrize("n,size,m", SRHT_CASES)
 def test_srht_compress_bit_identical_to_spec_and_core(n, size, m):
     from ferret.backends import TritonBackend
 
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    got = TritonBackend().srht_compress(_srht_segments(torch.from_numpy(x).to(DEVICE)), n, SEED, size, m)
+    [got] = TritonBackend().compress([_srht_block(_srht_segments(torch.from_numpy(x).to(DEVICE)), n, size)], [m])
     np.testing.assert_array_equal(got, spec.srht_compress(x, SEED, m, size))
     on_core = np.zeros(m, np.float32)
     _core.srht_compress([x], [0], n, SEED, size.bit_length() - 1, on_core)
@@ -136,7 +185,7 @@ def test_srht_reconstruct_bit_identical_to_core(dtype, n, size, m):
     on_core = base.clone()
     _core.srht_reconstruct([on_core], [0], n, SEED, size.bit_length() - 1, coords, scale)
     on_triton = base.clone().to(DEVICE)
-    TritonBackend().srht_reconstruct(_srht_segments(on_triton), n, SEED, size, coords, scale)
+    TritonBackend().reconstruct([_srht_block(_srht_segments(on_triton), n, size)], [coords], [scale])
     assert torch.equal(on_triton.cpu().view(torch.uint8), on_core.view(torch.uint8))
 
 

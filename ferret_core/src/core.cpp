@@ -13,6 +13,7 @@
 #include "kernels.hpp"
 #include "philox.hpp"
 #include "thread_pool.hpp"
+#include "tree.hpp"
 
 namespace ferret {
 namespace {
@@ -85,8 +86,12 @@ void compress(const void* x, DType dtype, int64_t n, int64_t start, uint64_t see
     k.compress(x, dtype, start, chunks.lo(i, start), chunks.hi(i, start, n), seed, n_coords,
                &partials[size_t(i) * n_coords]);
   });
-  for (int64_t i = 0; i < chunks.count; i++)
-    for (int c = 0; c < n_coords; c++) gamma[c] += partials[size_t(i) * n_coords + c];
+  // The chunks are aligned windows of the block: their partials continue the spec's tree.
+  detail::PairwiseTree tree(n_coords);
+  for (int64_t i = 0; i < chunks.count; i++) tree.add(chunks.first + i, &partials[size_t(i) * n_coords]);
+  std::vector<double> segment(n_coords);
+  tree.root(segment.data());
+  for (int c = 0; c < n_coords; c++) gamma[c] += segment[c];
 }
 
 void reconstruct(void* out, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, const float* gamma,
@@ -105,20 +110,31 @@ void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, 
   reconstruct(theta, dtype, n, start, seed, basis, &one, 1, eps);
 }
 
+// The spec's order: the pairwise tree over the fp64 squares; a group of 128 at a time, then the
+// group sums through the tree.
 double sum_squares(const void* x, DType dtype, int64_t n) {
   if (n <= 0) return 0.0;
+  constexpr int64_t kGroup = 128;
   const int64_t count = (n + kChunk - 1) / kChunk;
   std::vector<double> partials(count);
   detail::parallel_for(count, threads_for(n, 1), [&](int64_t c) {
-    double s = 0.0;
-    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); i++) {
-      const double v = detail::load_element(x, dtype, i);
-      s += v * v;
+    detail::PairwiseTree tree(1);
+    double level[kGroup];
+    for (int64_t g0 = c * kChunk; g0 < std::min(n, (c + 1) * kChunk); g0 += kGroup) {
+      for (int64_t i = 0; i < kGroup; i++) {
+        const double v = g0 + i < n ? detail::load_element(x, dtype, g0 + i) : 0.0;
+        level[i] = v * v;
+      }
+      for (int64_t width = kGroup / 2; width >= 1; width /= 2)
+        for (int64_t i = 0; i < width; i++) level[i] = level[2 * i] + level[2 * i + 1];
+      tree.add(g0 / kGroup, level);
     }
-    partials[c] = s;
+    tree.root(&partials[c]);
   });
+  detail::PairwiseTree tree(1);
+  for (int64_t c = 0; c < count; c++) tree.add(c, &partials[c]);
   double total = 0.0;
-  for (double p : partials) total += p;
+  tree.root(&total);
   return total;
 }
 

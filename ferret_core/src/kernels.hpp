@@ -13,7 +13,8 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int64_t kTile = 1024;
 
 struct ChunkKernels {
-  // partial[k] = <x restricted to [lo, hi), v_k> for k < n_coords (fp64; partial has n_coords slots).
+  // partial[k] = <x restricted to [lo, hi), v_k> for k < n_coords (fp64; partial has n_coords slots);
+  // for Rademacher bases in the spec's order: the pairwise-tree root over the chunk's group sums.
   void (*compress)(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
                    int n_coords, double* partial);
   // out[i - start] += scale * sum_k gamma[k] v_k[i] for i in [lo, hi), spec order.

@@ -18,6 +18,7 @@
 #include "convert.hpp"
 #include "kernels.hpp"
 #include "philox.hpp"
+#include "tree.hpp"
 
 namespace ferret::detail {
 namespace {
@@ -115,8 +116,10 @@ void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int
                          int n_coords, double* partial) {
   const RoundKeys key(seed);
   const int padded = (n_coords + 7) & ~7;
-  Scratch sums_mem(sizeof(double) * padded);
-  double* sums = static_cast<double*>(sums_mem.p);
+  constexpr int kGroups = kTile / 128;
+  Scratch sums_mem(sizeof(double) * kGroups * padded);
+  double* sums = static_cast<double*>(sums_mem.p);  // [group of the tile][basis]
+  PairwiseTree tree(n_coords);
   alignas(32) float tile[kTile];
   // For every word of 32 elements: 10 tables of the 8 sums ±x0±x1±x2 over elements 3g..3g+2,
   // and one of the 4 sums ±x30±x31, each indexed by that group's sign bits.
@@ -137,9 +140,10 @@ void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int
     }
     const uint32_t group0 = uint32_t(t0 >> 7);
     for (int kb = 0; kb < padded; kb += 8) {
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       const __m256i basis = _mm256_add_epi32(_mm256_set1_epi32(kb), lanes());
-      for (int g = 0; g < kTile / 128; g++) {
+      for (int g = 0; g < kGroups; g++) {
+        // The spec's group sum: accumulator m mod 4 adds the triples of every word in order.
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         __m256i words[4];
         philox8_bases(group0 + g, basis, key, words);
 #pragma GCC unroll 4
@@ -150,13 +154,23 @@ void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int
           for (int m = 0; m < kGroupsPerWord; m++)
             acc[m & 3] = _mm256_add_ps(acc[m & 3], _mm256_permutevar8x32_ps(tw[m], _mm256_srli_epi32(r, 3 * m)));
         }
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        double* out = sums + size_t(g) * padded + kb;
+        _mm256_storeu_pd(out, _mm256_cvtps_pd(_mm256_castps256_ps128(sum)));
+        _mm256_storeu_pd(out + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(sum, 1)));
       }
-      alignas(32) float lane_sums[8];
-      _mm256_store_ps(lane_sums, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-      for (int l = 0; l < 8; l++) sums[kb + l] += lane_sums[l];
     }
+    // The tile's 8 groups are an aligned subtree: add it here, then the tiles through the tree.
+    for (int width = 1; width < kGroups; width *= 2)
+      for (int g = 0; g < kGroups; g += 2 * width) {
+        double* left = sums + size_t(g) * padded;
+        const double* right = sums + size_t(g + width) * padded;
+        for (int k = 0; k < padded; k += 4)
+          _mm256_storeu_pd(left + k, _mm256_add_pd(_mm256_loadu_pd(left + k), _mm256_loadu_pd(right + k)));
+      }
+    tree.add(t0 / kTile, sums);
   }
-  for (int k = 0; k < n_coords; k++) partial[k] = sums[k];
+  tree.root(partial);
 }
 
 void rademacher_reconstruct(void* out, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,

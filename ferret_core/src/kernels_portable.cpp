@@ -2,11 +2,13 @@
 // build's (same fp32 operations in the same order); the Gaussian loops live here for both.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "convert.hpp"
 #include "kernels.hpp"
 #include "philox.hpp"
+#include "tree.hpp"
 
 namespace ferret::detail {
 
@@ -56,6 +58,43 @@ void gaussian_tile(uint64_t seed, int k, int64_t t0, float* v) {
 
 using TileBasis = void (*)(uint64_t, int, int64_t, float*);
 
+// The spec's fp32 sum of one group's 128 signed elements (see python/ferret/spec.py).
+float group_sum(const float* e, const uint32_t words[4]) {
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int q = 0; q < 4; q++) {
+    uint32_t bits[32];
+    std::memcpy(bits, e + 32 * q, sizeof(bits));
+    for (int j = 0; j < 32; j++) bits[j] ^= ((words[q] >> j) & 1u) << 31;
+    float y[32];
+    std::memcpy(y, bits, sizeof(y));
+    for (int m = 0; m < 11; m++) {
+      const float t = m < 10 ? (y[3 * m] + y[3 * m + 1]) + y[3 * m + 2] : y[30] + y[31];
+      acc[m & 3] = acc[m & 3] + t;
+    }
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+void rademacher_compress(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed,
+                         int n_coords, double* partial) {
+  std::vector<float> tile(kTile);
+  std::vector<double> sums(n_coords);
+  PairwiseTree tree(n_coords);
+  for (int64_t t0 = lo / kTile * kTile; t0 < hi; t0 += kTile) {
+    fill_tile(tile.data(), x, dt, start, lo, hi, t0);
+    for (int64_t g = 0; g < kTile / 128; g++) {
+      const uint32_t group = uint32_t((t0 >> 7) + g);
+      for (int k = 0; k < n_coords; k++) {
+        uint32_t words[4];
+        basis_words(seed, uint32_t(k), group, words);
+        sums[k] = group_sum(tile.data() + g * 128, words);
+      }
+      tree.add(group, sums.data());
+    }
+  }
+  tree.root(partial);
+}
+
 template <TileBasis basis>
 void compress_chunk(const void* x, DType dt, int64_t start, int64_t lo, int64_t hi, uint64_t seed, int n_coords,
                     double* partial) {
@@ -90,7 +129,7 @@ void reconstruct_chunk(void* out, DType dt, int64_t start, int64_t lo, int64_t h
 
 }  // namespace
 
-const ChunkKernels kRademacherPortable = {compress_chunk<rademacher_tile>, reconstruct_chunk<rademacher_tile>};
+const ChunkKernels kRademacherPortable = {rademacher_compress, reconstruct_chunk<rademacher_tile>};
 const ChunkKernels kGaussian = {compress_chunk<gaussian_tile>, reconstruct_chunk<gaussian_tile>};
 
 }  // namespace ferret::detail

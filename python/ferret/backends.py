@@ -1,8 +1,15 @@
-"""Where the loops run: the compiled CPU core for CPU tensors and NumPy arrays, the Triton
-kernels for CUDA tensors. Both take 1-d contiguous buffers and block-relative offsets; neither
-knows about layouts or packets."""
+"""Where the loops run: the compiled CPU core for CPU tensors and NumPy arrays, the Triton kernels
+for CUDA tensors. Both take 1-d contiguous buffers and block-relative offsets; neither knows about
+layouts or packets.
+
+A backend works a whole packet at a time (:class:`Block` jobs), so the Triton backend can launch
+every kernel of a packet and synchronise with the host once: norms come back in one transfer,
+coordinates in another, and a reconstruction sends all coordinates in one.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +17,18 @@ import torch
 from . import spec
 
 BASIS_CODES = {"rademacher": 0, "gaussian": 1}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a packet: its ``segments`` (``(buffer, offset in the block)`` pairs, in layout
+    order), its element count ``n``, its seed, its basis ``kind`` and Hadamard size (SRHT)."""
+
+    segments: list
+    n: int
+    seed: int
+    kind: str
+    hadamard: int = 0
 
 
 class CoreBackend:
@@ -22,28 +41,39 @@ class CoreBackend:
 
         self._core = _core
 
-    def compress(self, flat, start: int, seed: int, basis: str, gamma: np.ndarray) -> None:
-        self._core.compress(flat, start, seed, BASIS_CODES[basis], gamma)
+    def sum_squares(self, flats) -> np.ndarray:
+        """``sum(x**2)`` of each buffer in the spec's order (fp64)."""
+        return np.array([self._core.sum_squares(x) for x in flats], dtype=np.float64)
 
-    def reconstruct(self, flat, start: int, seed: int, basis: str, coords: np.ndarray, scale: np.float32) -> None:
-        self._core.reconstruct(flat, start, seed, BASIS_CODES[basis], coords, float(scale))
+    def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
+        """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (SRHT)."""
+        out = []
+        for block, m in zip(blocks, counts):
+            m = int(m)
+            if block.kind == "srht":
+                coords = np.zeros(m, dtype=np.float32)
+                self._core.srht_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), coords)
+            else:
+                coords = np.zeros(m, dtype=np.float64)
+                for x, start in block.segments:  # segment sums added in layout order, from 0
+                    self._core.compress(x, start, block.seed, BASIS_CODES[block.kind], coords)
+            out.append(coords)
+        return out
+
+    def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
+        """Add each block's estimate from its fp32 ``coords``, times its ``scale``, in place."""
+        for block, c, scale in zip(blocks, coords, scales):
+            c = np.ascontiguousarray(c, dtype=np.float32)
+            if block.kind == "srht":
+                self._core.srht_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), c,
+                                            float(scale))
+                continue
+            for x, start in block.segments:
+                self._core.reconstruct(x, start, block.seed, BASIS_CODES[block.kind], c, float(scale))
 
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
+        """``flat += eps * v_0(seed)`` in place."""
         self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
-
-    def srht_compress(self, segments, block_n: int, seed: int, size: int, m: int) -> np.ndarray:
-        coords = np.zeros(m, dtype=np.float32)
-        self._core.srht_compress([x for x, _ in segments], [s for _, s in segments], block_n, seed,
-                                 size.bit_length() - 1, coords)
-        return coords
-
-    def srht_reconstruct(self, segments, block_n: int, seed: int, size: int, coords: np.ndarray,
-                         scale: np.float32) -> None:
-        self._core.srht_reconstruct([x for x, _ in segments], [s for _, s in segments], block_n, seed,
-                                    size.bit_length() - 1, np.ascontiguousarray(coords, dtype=np.float32), float(scale))
-
-    def sum_squares(self, flat) -> float:
-        return self._core.sum_squares(flat)
 
 
 class TritonBackend:
@@ -56,46 +86,97 @@ class TritonBackend:
             from .kernels import projection, srht
         except ImportError as err:  # triton is the optional [gpu] extra
             raise RuntimeError("CUDA tensors need Triton: pip install 'ferret-fl[gpu]'") from err
-        self._k, self._srht = projection, srht
+        from . import _core
 
-    def compress(self, flat, start: int, seed: int, basis: str, gamma: np.ndarray) -> None:
-        gamma += self._k.compress(flat, start, seed, BASIS_CODES[basis], gamma.size).cpu().numpy()
+        self._k, self._srht, self._core = projection, srht, _core
 
-    def reconstruct(self, flat, start: int, seed: int, basis: str, coords: np.ndarray, scale: np.float32) -> None:
-        g = torch.from_numpy(np.array(coords, dtype=np.float32)).to(flat.device)
-        self._k.reconstruct_(flat, start, seed, BASIS_CODES[basis], g, float(scale))
+    def sum_squares(self, flats) -> np.ndarray:
+        if not flats:
+            return np.zeros(0)
+        return torch.stack([self._k.sum_squares(x) for x in flats]).cpu().numpy()
+
+    def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
+        if not blocks:
+            return []
+        device = blocks[0].segments[0][0].device
+        tables = self._srht_tables(blocks, counts, device)
+        out = []
+        for block, m, table in zip(blocks, counts, tables):
+            m = int(m)
+            if block.kind == "srht":
+                offsets, sizes, slots, _ = table
+                out.append(self._srht.compress(block.segments, block.seed, offsets, sizes, slots, block.hadamard))
+                continue
+            coords = None
+            for x, start in block.segments:  # segment sums added in layout order
+                seg = self._k.compress(x, start, block.seed, BASIS_CODES[block.kind], m)
+                coords = seg if coords is None else coords + seg
+            out.append(coords)
+        # The packet's one synchronisation; + 0.0 is the core's start from 0 (it turns -0 into +0).
+        host = torch.cat([c.double() for c in out]).cpu().numpy() + 0.0
+        pieces = np.split(host, np.cumsum([int(m) for m in counts])[:-1])
+        return [p.astype(np.float32) if b.kind == "srht" else p for b, p in zip(blocks, pieces)]
+
+    def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
+        if not blocks:
+            return
+        device = blocks[0].segments[0][0].device
+        sizes = [c.size for c in coords]
+        sent = torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in coords])).to(device)
+        tables = self._srht_tables(blocks, sizes, device)
+        for block, c, scale, table in zip(blocks, torch.split(sent, sizes), scales, tables):
+            if block.kind == "srht":
+                offsets, chunk_sizes, slots, factors = table
+                factors = factors * float(scale)  # exact: an fp32 scale times a power of two
+                self._srht.reconstruct_(block.segments, block.seed, offsets, chunk_sizes, slots, c, factors,
+                                        block.hadamard)
+                continue
+            for x, start in block.segments:
+                self._k.reconstruct_(x, start, block.seed, BASIS_CODES[block.kind], c, float(scale))
 
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
         self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
 
-    def srht_compress(self, segments, block_n: int, seed: int, size: int, m: int) -> np.ndarray:
-        offsets, sizes, slots = _srht_table(block_n, seed, size, m, segments[0][0].device)
-        return self._srht.compress(segments, seed, offsets, sizes, slots, size).cpu().numpy()
+    def _srht_tables(self, blocks: list[Block], counts, device) -> list:
+        """For each SRHT block, (offsets, sizes, slots, 1/size factors) of the chunks holding one of
+        its rows, on ``device`` in one transfer; None for the other blocks."""
+        host = [_srht_table(self._core, b.n, b.seed, b.hadamard, int(m)) if b.kind == "srht" else None
+                for b, m in zip(blocks, counts)]
+        arrays = [a for t in host if t is not None for a in t]
+        if not arrays:
+            return host
+        lengths = [a.size for a in arrays]
+        sent = torch.split(torch.from_numpy(np.concatenate(arrays)).to(device), lengths)
+        tables, at = [], 0
+        for t in host:
+            if t is None:
+                tables.append(None)
+                continue
+            offsets, sizes, slots, factors = sent[at : at + 4]
+            tables.append((offsets, sizes, slots, factors.view(torch.float64).float()))
+            at += 4
+        return tables
 
-    def srht_reconstruct(self, segments, block_n: int, seed: int, size: int, coords: np.ndarray,
-                         scale: np.float32) -> None:
-        device = segments[0][0].device
-        offsets, sizes, slots = _srht_table(block_n, seed, size, coords.size, device)
-        factors = np.float32(scale) * (np.float32(1.0) / sizes.cpu().numpy().astype(np.float32))  # exact: powers of two
-        g = torch.from_numpy(np.array(coords, dtype=np.float32)).to(device)
-        self._srht.reconstruct_(segments, seed, offsets, sizes, slots, g, torch.from_numpy(factors).to(device), size)
 
-    def sum_squares(self, flat, chunk: int = 1 << 24) -> float:
-        # fp64 in chunks: no full-size fp64 copy of a large update.
-        return float(sum(torch.sum(flat[i : i + chunk].double() ** 2) for i in range(0, flat.numel(), chunk)))
-
-
-def _srht_table(block_n: int, seed: int, size: int, m: int, device):
-    """The chunks of a block that hold one of its first m rows, and each row's slot in the kernels' tile."""
-    from . import _core
-
+def _srht_table(core, block_n: int, seed: int, size: int, m: int):
+    """The chunks of a block that hold one of its first m rows (offsets, sizes), each row's slot in
+    the kernels' tile, and each chunk's 1/size (as int64-sized float64, to travel in one transfer)."""
     rows = np.zeros(m, dtype=np.int64)
-    _core.srht_rows(seed, block_n, rows)
+    core.srht_rows(seed, block_n, rows)
     offsets, sizes = spec.hadamard_chunks(block_n, size)
     owner = np.searchsorted(offsets, rows, side="right") - 1  # spec.chunk_of, on the offsets at hand
     touched, position = np.unique(owner, return_inverse=True)
     slots = position * size + rows - offsets[owner]
-    return tuple(torch.from_numpy(a).to(device) for a in (offsets[touched], sizes[touched], slots))
+    factors = (np.float32(1.0) / sizes[touched].astype(np.float32)).astype(np.float64).view(np.int64)
+    return offsets[touched], sizes[touched], slots, factors
+
+
+def _segment_lists(block: Block):
+    return [x for x, _ in block.segments], [s for _, s in block.segments]
+
+
+def _log2(size: int) -> int:
+    return size.bit_length() - 1
 
 
 _BACKENDS: dict[str, object] = {}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .allocation import allocate
-from .backends import backend_for
+from .backends import Block, backend_for
 from .basis import basis_name, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
@@ -53,7 +53,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
 
     norms = None
     if allocation == "norm":
-        norms = [math.sqrt(sum(be.sum_squares(flats[i]) for i in entries)) for entries in blocks]
+        squares = be.sum_squares(flats)
+        norms = [math.sqrt(sum(float(squares[i]) for i in entries)) for entries in blocks]
         for b, norm in enumerate(norms):
             if not math.isfinite(norm):
                 raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
@@ -62,22 +63,14 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, empty)})")
     counts = block_counts(layout, budget, basis, allocation, norms)
 
-    coords = []
-    for b, entries in enumerate(blocks):
-        bseed = block_seed(seed, b)
-        if kind == "srht":
-            segments = [(flats[i], layout.entries[i].offset) for i in entries]
-            gamma = be.srht_compress(segments, layout.block_sizes[b], bseed, hadamard, int(counts[b]))
-            gamma = gamma.astype(np.float64)
-        else:
-            gamma = np.zeros(int(counts[b]), dtype=np.float64)
-            for i in entries:
-                be.compress(flats[i], layout.entries[i].offset, bseed, kind, gamma)
+    jobs = [Block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
+                  block_seed(seed, b), kind, hadamard) for b, entries in enumerate(blocks)]
+    coords = be.compress(jobs, counts)
+    for b, gamma in enumerate(coords):
         if not np.all(np.isfinite(gamma.astype(np.float32))):
-            raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, entries)}")
-        coords.append(gamma)
+            raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, blocks[b])}")
     return Packet(seed, basis_name(kind, hadamard), layout.group_size, layout.fingerprint, counts,
-                  np.concatenate(coords))
+                  np.concatenate(coords) if coords else np.zeros(0))
 
 
 def block_counts(layout: Layout, budget: int, basis: str = "rademacher", allocation: str = "norm",
@@ -129,18 +122,15 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
                           f"but the packet holds {int(packet.counts[b])} coordinates for it")
     be = backend_for(device_of(targets, "parameters"), backend)
     flats = [_writable_flat(n, x) for n, x in targets]
-
+    jobs, coords, scales = [], [], []
     for b, entries in enumerate(layout.block_entries):
-        coords = packet.block_coords(b)
-        bseed = block_seed(packet.round_seed, b)
-        if kind == "srht":
-            segments = [(flats[i], layout.entries[i].offset) for i in entries]
-            be.srht_reconstruct(segments, layout.block_sizes[b], bseed, hadamard, coords,
-                                np.float32(scale * layout.block_sizes[b] / coords.size))
-            continue
-        block_scale = np.float32(scale / coords.size)
-        for i in entries:
-            be.reconstruct(flats[i], layout.entries[i].offset, bseed, kind, coords, block_scale)
+        block_coords = packet.block_coords(b)
+        jobs.append(Block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
+                          block_seed(packet.round_seed, b), kind, hadamard))
+        coords.append(block_coords)
+        n_over_m = layout.block_sizes[b] if kind == "srht" else 1  # srht: alpha * n / m; the others alpha / m
+        scales.append(np.float32(scale * n_over_m / block_coords.size) if block_coords.size else np.float32(0))
+    be.reconstruct(jobs, coords, scales)
 
     if into is not None:
         return into

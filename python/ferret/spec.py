@@ -40,7 +40,25 @@ Everything a client and a server must agree on bit for bit lives here:
     Chunks that hold no row are not touched. With ``u_r`` the orthonormal rows, this is
     ``(n / m) * sum_k <x, u_rk> u_rk``: unbiased, with error ``(n / m - 1) * |x|**2`` against
     Rademacher's ``(n - 1) / m * |x|**2``.
-* **Coordinates** ``gamma_k = <x, v_k>`` (computed once by the sender; fp64 here).
+* **Coordinates** ``gamma_k = <x, v_k>``, summed in one fixed order so that every backend
+  sends the same bits (Rademacher; the Gaussian basis is device-specific anyway and is summed in
+  fp64). For a segment of a block (a tensor at block indices ``[start, start + n)``), with
+  ``y_i = v_k[i] * x_i`` (exact) and ``y_i = 0`` for indices outside the segment:
+
+  - *Group sums*, fp32, one per group of 128 block indices (one Philox call): in each word
+    ``q = 0..3`` (elements ``32q .. 32q + 31`` of the group) the triples
+    ``t = (y_a + y_(a+1)) + y_(a+2)`` at ``a = 32q + 3m`` for ``m < 10`` and the pair
+    ``t = y_(32q+30) + y_(32q+31)`` for ``m = 10``; accumulator ``m mod 4`` (of four, from 0)
+    adds them for ``q = 0..3``, ``m = 0..10`` in that order; the group sum is
+    ``(acc_0 + acc_1) + (acc_2 + acc_3)``.
+  - *Segment sum*, fp64: a pairwise tree over the absolute group index (group ``2j`` plus
+    group ``2j + 1``, then pairs of pairs, ..), groups the segment does not touch counting as 0.
+  - *Block coordinate*: the segment sums added in layout order (fp64, from 0); it travels as fp32.
+
+  The order suits every machine: a GPU thread holds one group and the tree crosses threads; the
+  CPU core's vector loops tabulate the signed triples. Zeros' signs never change a non-zero sum.
+* **Norms** (for the ``norm`` allocation): ``sum_squares`` of a tensor, the pairwise tree over its
+  elements' squares in fp64 (exact), element 0 first.
 * **Reconstruction** of one block, element-wise and in fp32:
   ``acc = 0; for k in order: acc = acc + (v_k[i] * gamma_k)`` (for Rademacher the product is
   exact: ``±gamma_k``), then ``out[i] = out[i] + acc * scale`` with two separate roundings
@@ -151,10 +169,65 @@ def basis_vector(kind: str, seed: int, k: int, n: int, start: int = 0) -> np.nda
     return BASES[kind](seed, k, n, start)
 
 
+GROUP = 128  # block indices per Philox call: one group of Rademacher signs
+
+
 def compress(x: np.ndarray, seed: int, n_coords: int, kind: str = "rademacher", start: int = 0) -> np.ndarray:
-    """Coordinates ``<x, v_k>`` for ``k < n_coords``, in float64; ``x`` sits at block indices ``start..``."""
-    x64 = np.asarray(x, dtype=np.float64).ravel()
-    return np.array([x64 @ basis_vector(kind, seed, k, x64.size, start) for k in range(n_coords)])
+    """Coordinates ``<x, v_k>`` for ``k < n_coords`` of a segment at block indices ``start..``, float64.
+
+    Rademacher: bit for bit the spec's summation order (above); Gaussian: the exact fp64 dot.
+    """
+    if kind != "rademacher":
+        x64 = np.asarray(x, dtype=np.float64).ravel()
+        return np.array([x64 @ basis_vector(kind, seed, k, x64.size, start) for k in range(n_coords)])
+    x = np.asarray(x, dtype=np.float32).ravel()
+    if x.size == 0:
+        return np.zeros(n_coords)
+    first, last = start // GROUP, (start + x.size - 1) // GROUP
+    tile = np.zeros((last - first + 1) * GROUP, np.float32)
+    tile[start - first * GROUP : start - first * GROUP + x.size] = x
+    tile = tile.reshape(-1, GROUP)
+    groups = np.arange(first, last + 1, dtype=np.int64)
+    elements = np.arange(GROUP)
+    out = np.zeros(n_coords)
+    for k in range(n_coords):
+        words = np.stack(randint4x(seed, (np.int64(k) << 32) | groups), axis=1)  # (groups, 4)
+        bits = (words[:, elements >> 5] >> (elements & 31).astype(np.uint32)) & np.uint32(1)
+        y = np.where(bits != 0, -tile, tile)
+        out[k] = pairwise_tree(group_sums(y).astype(np.float64), first)
+    return out
+
+
+def group_sums(y: np.ndarray) -> np.ndarray:
+    """The fp32 group sums of signed values ``y`` (groups x 128) in the spec's order."""
+    acc = [np.zeros(y.shape[0], np.float32) for _ in range(4)]
+    for q in range(4):
+        for m in range(11):
+            a = 32 * q + 3 * m
+            t = y[:, a] + y[:, a + 1]
+            if m < 10:
+                t = t + y[:, a + 2]
+            acc[m % 4] = acc[m % 4] + t
+    return (acc[0] + acc[1]) + (acc[2] + acc[3])
+
+
+def pairwise_tree(values: np.ndarray, first: int) -> float:
+    """The root of the pairwise tree over nodes ``values`` (fp64) at absolute indices ``first..``:
+    node ``2j`` plus node ``2j + 1`` level by level, absent nodes counting as 0."""
+    v = np.asarray(values, dtype=np.float64)
+    while v.size > 1:
+        if first % 2:
+            v, first = np.concatenate([[0.0], v]), first - 1
+        if v.size % 2:
+            v = np.append(v, 0.0)
+        v, first = v[0::2] + v[1::2], first // 2
+    return float(v[0]) if v.size else 0.0
+
+
+def sum_squares(x: np.ndarray) -> float:
+    """``sum(x**2)`` of a tensor in the spec's order: the pairwise tree over the fp64 squares."""
+    x = np.asarray(x, dtype=np.float32).ravel().astype(np.float64)
+    return pairwise_tree(x * x, 0)
 
 
 def reconstruct(gamma, seed: int, n: int, scale: float, kind: str = "rademacher",

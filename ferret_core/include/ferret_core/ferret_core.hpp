@@ -16,7 +16,7 @@
 //                                   permutation of [0, n) (counter (t, t>>32, kSrhtRowDomain, 0))
 //
 // Results never depend on the number of threads: work is cut into fixed chunks of the block's
-// index space, and every reduction adds fp64 chunk partials in chunk order.
+// index space, and every reduction adds fp64 partials in the spec's fixed pairwise-tree order.
 #pragma once
 
 #include <cstdint>

@@ -2,7 +2,10 @@
 
 On CPU the merge is one GEMM per module with inner dimension Σr (torch ``addmm_`` into the
 weight, in row chunks with an fp32 copy of the chunk for bf16 / fp16 weights); on CUDA it is the
-fused Triton kernel, which reads every client's A_i and B_i where they lie.
+Triton kernel: every client's factors are stacked once (Σr x (in + out), never a copy of the
+weight), then one launch reads and writes the weight once. fp32 weights get fp32 factors and
+IEEE fp32 products; bf16 / fp16 weights with bf16 / fp16 factors use the tensor cores. The
+kernel takes the ranks at run time: it compiles once per dtype, whatever the clients' ranks.
 """
 
 from __future__ import annotations
@@ -83,8 +86,10 @@ def _workspace(numel: int, device: torch.device) -> torch.Tensor:
 def _merge_triton(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:
     from ..kernels import lora as kernels
 
-    terms = [(t.A.contiguous(), t.B.contiguous(), t.coef) for t in adapter.terms[name]]
-    kernels.merge_(weight.T if adapter.fan_in_fan_out else weight, terms)
+    terms = [(t.A, t.B, t.coef) for t in adapter.terms[name]]
+    if adapter.fan_in_fan_out:  # weight is (in, out): add (B @ A)^T = A^T @ B^T, row-major as stored
+        terms = [(B.T, A.T, coef) for A, B, coef in terms]
+    kernels.merge_(weight, terms)
 
 
 def _use_triton(backend: str | None, device: torch.device) -> bool:
