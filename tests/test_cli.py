@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 SMALL = ["--clients", "3", "--rounds", "3", "--steps", "3", "--n-eval", "20", "--synthetic-per-family", "20",
@@ -99,7 +100,15 @@ def _bad_inputs(tmp_path: Path):
     done.mkdir()
     (done / "metrics.jsonl").write_text("{}\n")
     other = tmp_path / "other"
+    no_cuda = "CUDA is not available"
     return [
+        (["run", "--device", "tpu"], "unknown device 'tpu': use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["run", "--device", "cuda:x"], "unknown device 'cuda:x'"),
+        (["run", "--device", "cuda:99"], "this machine has" if torch.cuda.is_available() else no_cuda),
+        (["run", "--device", "cuda", "--backend", "core"],
+         "backend 'core' reads CPU memory only" if torch.cuda.is_available() else no_cuda),
+        (["run", "--dtype", "fp16"], "unknown dtype 'fp16': use 'auto', 'fp32' or 'bf16'"),
+        (["run", "--backend", "gpu"], "unknown backend 'gpu'"),
         (["run", "--config", unknown_key], "unknown key 'round'"),
         (["run", "--config", wrong_type], "rounds must be an integer, got 'three'"),
         (["run", "--rounds", "three"], "invalid int value: 'three'"),
@@ -131,6 +140,27 @@ def test_resume_refuses_another_configuration(tmp_path):
     proc = ferret("run", "--resume", run, "--rounds", "4", "--no-progress")
     assert proc.returncode == 2 and "another configuration: rounds is 3 there, 4 here" in proc.stderr
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_may_change_where_the_run_computes(tmp_path):
+    """A checkpoint holds CPU tensors and the settings; a run resumes on another device or dtype,
+    but not with other settings."""
+    from ferret import fl
+    from ferret.fl import checkpoint, experiment
+    from ferret.fl.config import Config, ConfigError
+
+    saved = Config(rounds=2, device="cpu", options={"momentum": 0.5})
+    net, algorithm = torch.nn.Linear(3, 2), saved.build_algorithm()
+    algorithm.velocity = {"weight": torch.ones(2, 3)}
+    checkpoint.save(tmp_path / "checkpoint.safetensors", net, algorithm, fl.RunResult(1.0), saved.dumps())
+    moved = Config(rounds=2, device="auto", dtype="fp32", backend="core", options={"momentum": 0.5})
+    assert experiment.resumed_config(tmp_path, moved) is moved
+    assert experiment.resumed_config(tmp_path, None) == saved
+    with pytest.raises(ConfigError, match="rounds is 2 there, 3 here"):
+        experiment.resumed_config(tmp_path, Config(rounds=3, options={"momentum": 0.5}))
+    restored = Config(options={"momentum": 0.5}).build_algorithm()
+    checkpoint.load(tmp_path / "checkpoint.safetensors", torch.nn.Linear(3, 2), restored)
+    assert torch.equal(restored.velocity["weight"], torch.ones(2, 3))
 
 
 def test_compare_writes_one_table_over_identical_splits(tmp_path):

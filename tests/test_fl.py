@@ -4,6 +4,7 @@ runs are deterministic, bytes are counted from the real payloads, bad data is re
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -56,7 +57,7 @@ ALGORITHMS = {
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_every_algorithm_lowers_eval_loss(name, data):
     shards, held = data
-    result = fl.run(ALGORITHMS[name](), model(), shards, held, rounds=2, seed=1)
+    result = fl.run(ALGORITHMS[name](), model(), shards, held, rounds=2, device="cpu", seed=1)
     assert result.final_eval_loss < result.initial_eval_loss - 0.05, (name, result.initial_eval_loss,
                                                                        [r.eval_loss for r in result.rounds])
 
@@ -75,30 +76,126 @@ def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
         ctx = RoundContext(round=record.round, round_seed=block_seed(3, record.round), clients=record.clients)
         client_side.apply(replica, algorithm.broadcast, ctx)
 
-    fl.run(algorithm, global_model, shards, held, rounds=2, seed=3, on_round=replay)
+    fl.run(algorithm, global_model, shards, held, rounds=2, device="cpu", seed=3, on_round=replay)
     for (n, a), (_, b) in zip(global_model.state_dict().items(), replica.state_dict().items()):
         assert torch.equal(a, b), n
 
 
 def test_ferret_tracks_fedavg(data):
     shards, held = data
-    fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=3, seed=2)
-    small = fl.run(fl.Ferret(3800, LOCAL), model(), shards, held, rounds=3, seed=2)
-    large = fl.run(fl.Ferret(100_000, LOCAL), model(), shards, held, rounds=3, seed=2)  # d = 260K
-    gain = {name: r.initial_eval_loss - r.final_eval_loss for name, r in
-            [("fedavg", fedavg), ("small", small), ("large", large)]}
-    # the estimator's noise, (d_b - 1)/n_b · ‖Δ_b‖², shrinks with the budget
-    assert 0 < gain["small"] < gain["large"] < gain["fedavg"] * 1.05, gain
-    assert gain["large"] > 0.75 * gain["fedavg"], gain
+    d = sum(p.numel() for p in model().parameters())
+    runs = {"fedavg": fl.FedAvg(LOCAL), "small": fl.Ferret(3800, LOCAL),
+            "client": fl.Ferret(100_000, LOCAL, bases="client"),  # three independent projections a round
+            "lossless": fl.Ferret(d, LOCAL, basis="srht:32768")}  # every row of an orthogonal transform
+    results = {name: fl.run(algorithm, model(), shards, held, rounds=3, device="cpu", seed=2)
+               for name, algorithm in runs.items()}
+    gain = {name: r.initial_eval_loss - r.final_eval_loss for name, r in results.items()}
+    # the estimator's noise, (d_b - 1)/n_b · ‖Δ_b‖² per projection, shrinks with the budget and
+    # with independent projections; with every SRHT row the reconstruction is exact (to rounding)
+    assert 0 < gain["small"] < gain["client"] < gain["fedavg"] * 1.05, gain
+    assert gain["client"] > 0.75 * gain["fedavg"], gain
+    np.testing.assert_allclose([r.eval_loss for r in results["lossless"].rounds],
+                               [r.eval_loss for r in results["fedavg"].rounds], atol=1e-2)
 
 
 def test_runs_are_deterministic(data):
     shards, held = data
     a, b = model(), model()
-    fl.run(fl.Ferret(1000, LOCAL), a, shards, held, rounds=2, fraction=0.67, seed=3)
-    fl.run(fl.Ferret(1000, LOCAL), b, shards, held, rounds=2, fraction=0.67, seed=3)
+    fl.run(fl.Ferret(1000, LOCAL), a, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
+    fl.run(fl.Ferret(1000, LOCAL), b, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="'auto' means CUDA on this machine")
+def test_device_auto_without_cuda_is_the_cpu_run(data):
+    shards, held = data
+    a, b = model(), model()
+    fl.run(fl.Ferret(1000, LOCAL, momentum=0.5), a, shards, held, rounds=2, seed=3, device="cpu", dtype="fp32",
+           backend="core")
+    fl.run(fl.Ferret(1000, LOCAL, momentum=0.5), b, shards, held, rounds=2, seed=3)  # every setting "auto"
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_bf16_autocasts_the_forward_passes_over_fp32_weights(data):
+    shards, held = data
+    fp32, bf16 = model(), model()
+    plain = fl.run(fl.FedAvg(LOCAL), fp32, shards[:1], held, rounds=1, seed=3, device="cpu")
+    mixed = fl.run(fl.FedAvg(LOCAL), bf16, shards[:1], held, rounds=1, seed=3, device="cpu", dtype="bf16")
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert mixed.final_eval_loss < mixed.initial_eval_loss and mixed.final_eval_loss != plain.final_eval_loss
+    assert any(not torch.equal(x, y) for x, y in zip(fp32.parameters(), bf16.parameters()))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(device="cuda:x"), "unknown device 'cuda:x'"),
+    (dict(dtype="fp16"), "unknown dtype 'fp16'"),
+    (dict(backend="gpu"), "unknown backend 'gpu'"),
+])
+def test_bad_device_dtype_or_backend_is_refused_before_anything_runs(settings, message, data):
+    from ferret.fl.config import Config, ConfigError
+    from ferret.fl.references import centralized
+
+    shards, held = data
+    m = model()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ConfigError, match=message):
+        Config(**settings)
+    with pytest.raises(ConfigError, match=message):
+        fl.run(fl.Ferret(1000, LOCAL), m, shards, held, rounds=1, **settings)
+    if "backend" not in settings:
+        with pytest.raises(ConfigError, match=message):
+            centralized(m, shards, held, LOCAL, rounds=1, **settings)
+    assert all(torch.equal(x, before[n]) for n, x in m.state_dict().items())
+
+
+def test_gpu_settings_are_checked_against_the_machine(monkeypatch):
+    """What a machine with one pre-Ampere GPU (no bf16) refuses, and what "auto" picks on it."""
+    from ferret.fl.config import ConfigError
+    from ferret.fl.runtime import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve() == resolve("cuda:0", "fp32", "auto")
+    assert resolve().device == torch.device("cuda", 0) and resolve().dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"device 'cuda:7': this machine has 1 GPU \(cuda:0\)"):
+        resolve("cuda:7")
+    with pytest.raises(ConfigError, match="dtype 'bf16': cuda:0 has no bf16 support"):
+        resolve("cuda", "bf16")
+    with pytest.raises(ConfigError, match="backend 'core' reads CPU memory only"):
+        resolve("cuda", "fp32", "core")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve().dtype == torch.bfloat16 and resolve("cuda", "fp32").dtype == torch.float32
+    assert resolve("cpu").dtype == torch.float32 and resolve("cpu", "bf16").dtype == torch.bfloat16
+
+
+def test_triton_on_the_cpu_needs_its_interpreter_chosen_before_triton_loads(monkeypatch):
+    import sys
+
+    from ferret.fl.config import ConfigError
+    from ferret.fl.runtime import resolve
+
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="triton was imported without it: set TRITON_INTERPRET=1"):
+        resolve("cpu", "fp32", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        resolve("cpu", "fp32", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve("cpu", "fp32", "triton").backend == "triton"
+    monkeypatch.delitem(sys.modules, "triton")  # not imported yet: the interpreter is chosen for it
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert resolve("cpu", "fp32", "triton").backend == "triton"
+    assert os.environ["TRITON_INTERPRET"] == "1"
 
 
 def test_upload_bytes_are_the_encoded_payloads(data):
@@ -107,16 +204,17 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     n_tensors = sum(1 for p in m.parameters() if p.requires_grad)
     d = sum(p.numel() for p in m.parameters() if p.requires_grad)
     algorithm, broadcasts = fl.Ferret(1000, LOCAL), []
-    ferret_ = fl.run(algorithm, m, shards, held, rounds=2, seed=4,
+    ferret_ = fl.run(algorithm, m, shards, held, rounds=2, device="cpu", seed=4,
                      on_round=lambda r: broadcasts.append(algorithm.broadcast))
     for record in ferret_.rounds:
         assert set(record.upload_bytes.values()) == {_HEADER.size + 4 * n_tensors + 4 * 1000 + 4}
     assert ferret_.rounds[0].download_bytes == 0
     merged = ferret.Packet.from_bytes(broadcasts[0])  # per block, the most coordinates any client sent
     assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == _HEADER.size + 4 * n_tensors + 4 * merged.coords.size + 4
-    fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=1, seed=4)
+    fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=1, device="cpu", seed=4)
     assert all(4 * d < b < 4 * d + 16384 for b in fedavg.rounds[0].upload_bytes.values())
-    kseed = fl.run(fl.FedKSeed(32, fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1, seed=4)
+    kseed = fl.run(fl.FedKSeed(32, fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1,
+                   device="cpu", seed=4)
     assert set(kseed.rounds[0].upload_bytes.values()) == {4 * 32}
 
 
@@ -126,7 +224,7 @@ def test_flora_with_one_client_is_plain_lora_training(data, tokenizer):
     shards, held = data
     seed = 5
     federated = model()
-    fl.run(fl.FLoRA(4, ADAM), federated, shards[:1], held, rounds=1, seed=seed)
+    fl.run(fl.FLoRA(4, ADAM), federated, shards[:1], held, rounds=1, device="cpu", seed=seed)
 
     round_seed = block_seed(seed, 0)
     torch.manual_seed(round_seed ^ 0)
@@ -143,7 +241,8 @@ def test_non_finite_client_is_dropped(data):
     m = model()
     before = copy.deepcopy(m.state_dict())
     with pytest.warns(RuntimeWarning, match="client 0 dropped"):
-        result = fl.run(fl.FedAvg(fl.LocalTraining(steps=2, lr=1e30)), m, shards[:1], held, rounds=1, seed=6)
+        result = fl.run(fl.FedAvg(fl.LocalTraining(steps=2, lr=1e30)), m, shards[:1], held, rounds=1, device="cpu",
+                        seed=6)
     assert result.rounds[0].dropped == [0]
     for name, x in m.state_dict().items():
         assert torch.equal(x, before[name])
@@ -294,11 +393,11 @@ def test_centralized_and_standalone_references_learn(data):
     from ferret.fl.references import centralized, standalone
 
     shards, held = data
-    pooled = centralized(model(), shards, held, LOCAL, rounds=2, seed=0)
+    pooled = centralized(model(), shards, held, LOCAL, rounds=2, device="cpu", seed=0)
     assert pooled.final_eval_loss < pooled.initial_eval_loss - 0.5
     base = model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    alone = standalone(base, shards, held, LOCAL, rounds=2, seed=0)
+    alone = standalone(base, shards, held, LOCAL, rounds=2, device="cpu", seed=0)
     assert alone.final_eval_loss < alone.initial_eval_loss - 0.5
     assert len(alone.rounds[0].local_seconds) == len(shards)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # each client trained a copy

@@ -6,6 +6,7 @@ stopped by its own PID."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -50,7 +51,8 @@ def embedded_weights(config: Config) -> dict[str, torch.Tensor]:
     try:
         setup = prepare(config)
         fl.run(config.build_algorithm(), setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
-               seed=config.seed, fraction=config.fraction)
+               seed=config.seed, fraction=config.fraction, device=config.device, dtype=config.dtype,
+               backend=config.backend)
         return setup.model.state_dict()
     finally:
         torch.set_num_threads(threads)
@@ -126,6 +128,17 @@ def test_run_config_maps_onto_ferret_run_settings():
         FerretStrategy(fl.FedAvg(), torch.nn.Linear(2, 2), clients=1)
 
 
+def test_a_node_config_sets_where_that_node_computes():
+    run = {"backend": "core", "device": "cpu"}
+    config, _ = config_from_run(run, node_config={"partition-id": 0, "dtype": "bf16"})
+    assert (config.device, config.dtype, config.backend) == ("cpu", "bf16", "core")
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        config, _ = config_from_run(run, node_config={"backend": "triton"})
+        assert config.backend == "triton"
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        config_from_run({"device": "cpu"}, node_config={"partition-id": 1, "device": "tpu"})
+
+
 def test_a_data_owner_trains_on_its_own_file(tmp_path):
     from flwr.app import Context, RecordDict
 
@@ -176,6 +189,16 @@ if spec.get("late"):
             time.sleep(spec["late"])
         return call_next(msg, context)
     mods = [late]
+if spec.get("node"):
+    def node_config(msg, context, call_next):  # as a SuperNode's --node-config would set them
+        context.node_config.update(spec["node"])
+        reply = call_next(msg, context)
+        if "round" in msg.content:  # a training round: its algorithm ran with the node's backend
+            from ferret.flower.client import _PROCESS
+            backend = next(iter(_PROCESS.values()))[3].runtime.backend
+            assert backend == spec["node"]["backend"], backend
+        return reply
+    mods = [node_config]
 flower = spec.get("flower", {})
 run_simulation(server_app(config, out=spec["out"], threads=1, **flower),
                client_app(config, threads=1, mods=mods, **flower), num_supernodes=config.clients,
@@ -207,6 +230,22 @@ def test_simulation_reaches_the_embedded_loops_weights(case, tmp_path):
     rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
     assert len(rounds) == config.rounds and all(not r["dropped"] for r in rounds)
     assert all(len(r["clients"]) == round(config.fraction * config.clients) for r in rounds)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton's interpreter (the CPU half of a Triton/core comparison)")
+@pytest.mark.filterwarnings("ignore:basis 'srht.* moves at most:RuntimeWarning")  # small K keeps the interpreter quick
+def test_clients_on_triton_and_a_server_on_the_core_reach_the_embedded_loops_weights(tmp_path):
+    """SRHT coordinates from the clients' Triton kernels (interpreted), merged and rebuilt by the
+    server's core, and the broadcasts replayed with Triton on the clients' replicas: the weights
+    of the embedded loop on the core, bit for bit."""
+    config = small_config("ferret", options={"budget": 64, "basis": "srht:256"}, device="cpu", backend="core")
+    proc = simulate(config, tmp_path, node={"backend": "triton"})
+    want = embedded_weights(config)
+    got = flower_weights(tmp_path, config)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert len(rounds) == config.rounds and all(not r["dropped"] for r in rounds), proc.stdout[-2000:]
 
 
 def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_path):

@@ -5,8 +5,9 @@
 ``ferret bench``    the microbenchmarks, then their summary
 ``ferret demo``     compress and reconstruct a real model's weights, with sizes and error
 
-Bad input (an unknown key, a wrong type, a path that does not load, an output directory that
-cannot be written or already holds results) exits with status 2 and one message.
+Bad input (an unknown key, a wrong type, a device, dtype or backend this machine cannot run, a
+path that does not load, an output directory that cannot be written or already holds results)
+exits with status 2 and one message.
 """
 
 from __future__ import annotations
@@ -97,12 +98,12 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
                             metavar=f.name.upper())
 
 
-def _config(args, base=None):
-    """The configuration: ``base`` (a Config) or defaults, then ``--config``, then flags and options."""
+def _config(args, base: dict | None = None):
+    """The configuration: ``base`` (settings) or defaults, then ``--config``, then flags and options."""
     from .fl.compare import parse_value
     from .fl.config import Config, ConfigError
 
-    values = base.to_dict() if base is not None else {}
+    values = dict(base or {})
     if args.config is not None:
         values = Config.load(args.config).to_dict()
     fields = {f.name for f in dataclasses.fields(Config)} - {"options"}
@@ -129,7 +130,8 @@ def cmd_run(args) -> int:
         if args.out is not None and args.out != args.resume:
             raise ConfigError("--resume names the run directory: leave out --out")
         experiment.check_out_dir(args.resume, resume=True)
-        config = _config(args, base=experiment.resumed_config(args.resume, None))
+        # the saved settings are checked once the flags are on them: --device may replace a GPU the run had
+        config = _config(args, base=experiment.saved_settings(args.resume))
         experiment.run(config, args.resume, resume=True, progress=not args.no_progress, echo=_echo)
         return 0
     config = _config(args)

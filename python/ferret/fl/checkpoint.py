@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .runtime import to_host
 from .simulation import RoundRecord, RunResult
 
 FORMAT = "ferret-checkpoint-1"
@@ -27,10 +28,11 @@ class CheckpointError(ValueError):
 
 
 def save(path: str | Path, model: torch.nn.Module, algorithm, result: RunResult, config_toml: str) -> None:
-    """Write the state after ``result``'s last round to ``path`` atomically."""
+    """Write the state after ``result``'s last round to ``path`` atomically (tensors on any device)."""
     path = Path(path)
     tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters()}
     tensors.update({f"algorithm.{k}": v.detach().contiguous() for k, v in algorithm.state_dict().items()})
+    tensors = to_host(tensors)  # safetensors writes CPU tensors
     tensors["broadcast"] = torch.frombuffer(bytearray(algorithm.broadcast or b"\0"), dtype=torch.uint8)
     meta = {"format": FORMAT, "config": config_toml, "result": json.dumps(to_json(result)),
             "broadcast_bytes": str(len(algorithm.broadcast))}
@@ -52,9 +54,11 @@ def config_of(path: str | Path) -> str:
 
 
 def load(path: str | Path, model: torch.nn.Module, algorithm) -> RunResult:
-    """Restore ``model`` and ``algorithm`` from ``path``; returns the records of the rounds done."""
+    """Restore ``model`` and ``algorithm`` from ``path`` onto the model's device (whichever device
+    wrote it); returns the records of the rounds done."""
     meta = _metadata(path)
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
     state = {}
     with safe_open(str(path), framework="pt") as f:
         names = set(f.keys())
@@ -66,7 +70,7 @@ def load(path: str | Path, model: torch.nn.Module, algorithm) -> RunResult:
                 p.copy_(f.get_tensor(f"model.{n}"))
         for key in names:
             if key.startswith("algorithm."):
-                state[key.removeprefix("algorithm.")] = f.get_tensor(key)
+                state[key.removeprefix("algorithm.")] = f.get_tensor(key).to(device)
         broadcast = f.get_tensor("broadcast").numpy().tobytes()[: int(meta["broadcast_bytes"])]
     algorithm.load_state_dict(state)
     algorithm.broadcast = broadcast

@@ -8,6 +8,9 @@ Example (every key optional; these are the defaults)::
     data = "synthetic"        # "synthetic", a Dolly .jsonl file, or a Natural Instructions directory
     clients = 5
     rounds = 5
+    device = "auto"           # "cpu", "cuda", "cuda:N"; "auto": CUDA when available
+    dtype = "auto"            # "fp32", "bf16"; "auto": bf16 autocast on a GPU with bf16, else fp32
+    backend = "auto"          # ferret's kernels: "core" (CPU), "triton"; "auto": by device
     [options]                 # keyword options of the algorithm, e.g. budget = 3800
 """
 
@@ -24,8 +27,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .algorithms import ALGORITHMS, Algorithm, LocalTraining
+from .runtime import Runtime, resolve
 
 REFERENCES = ("centralized", "standalone")
+RUNTIME_KEYS = ("device", "dtype", "backend")  # where a run computes, not what: a resumed run may change them
 
 
 class ConfigError(ValueError):
@@ -59,13 +64,18 @@ class Config:
     max_new_tokens: int = 64
     mmlu: str | None = None      # path of an MMLU json file, scored at the start and the end
     mmlu_questions: int = 0      # 0: all
+    device: str = "auto"         # see ferret.fl.runtime
+    dtype: str = "auto"
+    backend: str = "auto"
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`ConfigError` for a wrong type or value, or an unknown algorithm or option."""
+        """Raise :class:`ConfigError` for a wrong type or value, an unknown algorithm or option, or a
+        device, dtype or backend :func:`~ferret.fl.runtime.resolve` refuses (backend "triton" on the
+        CPU sets ``TRITON_INTERPRET=1`` here, before anything imports triton)."""
         hints = {f.name: f.type for f in dataclasses.fields(self)}
         for name, kind in hints.items():
             value = getattr(self, name)
@@ -92,6 +102,11 @@ class Config:
             if unknown:
                 raise ConfigError(f"unknown option {unknown[0]!r} for {self.algorithm}: "
                                   f"it takes {', '.join(accepted) or 'no options'}")
+        self.runtime()
+
+    def runtime(self) -> Runtime:
+        """The resolved device, dtype and backend; raises :class:`ConfigError`."""
+        return resolve(self.device, self.dtype, self.backend)
 
     def local(self, default: LocalTraining) -> LocalTraining:
         """Local training: ``default`` with the settings this config gives."""

@@ -173,8 +173,9 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def batch(self, rows) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` right-padded into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    def batch(self, rows, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` right-padded into ``input_ids``, ``attention_mask`` and ``labels`` tensors,
+        built on the CPU and moved to ``device`` (default: left there) in one non-blocking copy each."""
         width = max(len(self.input_ids[r]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -184,7 +185,10 @@ class Encoded:
             ids[j, :n] = torch.tensor(self.input_ids[r])
             labels[j, :n] = torch.tensor(self.labels[r])
             mask[j, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if device is None:
+            return batch
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def encode(examples: list[Example], tokenizer, max_prompt: int = 128, max_length: int = 256) -> Encoded:

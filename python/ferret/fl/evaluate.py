@@ -10,44 +10,53 @@ import numpy as np
 import torch
 
 from .data import DataError, Encoded, Example, prompt_of
+from .runtime import DEFAULT, Runtime, model_device
 
 
 @torch.no_grad()
-def eval_loss(model, data: Encoded, batch_size: int = 16) -> float:
-    """Mean cross-entropy per response token over ``data``."""
+def eval_loss(model, data: Encoded, batch_size: int = 16, *, runtime: Runtime = DEFAULT) -> float:
+    """Mean cross-entropy per response token over ``data``, computed on the model's device with
+    forward passes under ``runtime.autocast()``; one host sync, at the end."""
     model.eval()
-    total, tokens = 0.0, 0
+    device = model_device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # fp64 sums, as Python floats were
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(data), batch_size):
-        batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = data.batch(list(range(start, min(start + batch_size, len(data)))), device)
+        with runtime.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                  labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(loss)
-        tokens += int((labels != -100).sum())
-    return total / max(tokens, 1)
+        total += loss.double()
+        tokens += (labels != -100).sum()
+    total, tokens = torch.stack([total, tokens.double()]).tolist()  # the one sync
+    return total / max(int(tokens), 1)
 
 
 @torch.no_grad()
 def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128, max_prompt: int = 128,
-            batch_size: int = 16) -> float:
+            batch_size: int = 16, *, runtime: Runtime = DEFAULT) -> float:
     """Mean Rouge-L F (``rouge-score``) of greedy generations against the reference responses.
-    Prompts are cut to ``max_prompt`` tokens and generated ``batch_size`` at a time (left-padded)."""
+    Prompts are cut to ``max_prompt`` tokens and generated ``batch_size`` at a time (left-padded),
+    on the model's device under ``runtime.autocast()``."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     model.eval()
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [tokenizer(prompt_of(ex))["input_ids"][:max_prompt] for ex in chunk]
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-        for ex, row in zip(chunk, out[:, width:]):
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with runtime.autocast():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        for ex, row in zip(chunk, out[:, width:].tolist()):
             text = tokenizer.decode(row, skip_special_tokens=True)
             scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
     return float(np.mean(scores)) if scores else float("nan")
@@ -82,18 +91,27 @@ def load_mmlu(path: str | Path, limit: int = 0) -> list[Example]:
 
 
 @torch.no_grad()
-def mmlu_accuracy(model, tokenizer, questions: list[Example]) -> float:
+def mmlu_accuracy(model, tokenizer, questions: list[Example], *, runtime: Runtime = DEFAULT) -> float:
     """Fraction of ``questions`` whose correct letter X among A–D gives the continuation
-    ``"The answer is: X"`` of the prompt the highest log-likelihood."""
+    ``"The answer is: X"`` of the prompt the highest log-likelihood (scored on the model's device
+    under ``runtime.autocast()``, one host sync per question)."""
     model.eval()
+    device = model_device(model)
     letter_ids = [tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]
     correct = 0
     for q in questions:
         prompt = tokenizer(prompt_of(q))["input_ids"]
         rows = [prompt + ids for ids in letter_ids]
         width = max(map(len, rows))
-        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])  # causal: right padding is inert
-        logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-        scores = [sum(float(logp[j, p - 1, r[p]]) for p in range(len(prompt), len(r))) for j, r in enumerate(rows)]
+        # causal: right padding is inert
+        ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
+        with runtime.autocast():
+            logits = model(input_ids=ids).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        picks = [(j, p - 1, r[p]) for j, r in enumerate(rows) for p in range(len(prompt), len(r))]
+        where = [torch.tensor(axis, device=device) for axis in zip(*picks)]
+        scores = [0.0] * len(rows)
+        for (j, _, _), value in zip(picks, logp[where[0], where[1], where[2]].tolist()):
+            scores[j] += value  # summed in the order of the tokens, as one float each
         correct += LETTERS[int(np.argmax(scores))] == q.response
     return correct / max(len(questions), 1)

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, models, references, report
-from .config import REFERENCES, Config, ConfigError
+from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError
 from .data import (DataError, Encoded, Example, dirichlet_split, encode, holdout, load_dolly,
                    load_natural_instructions, synthetic_tasks)
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
+from .runtime import Runtime
 from .simulation import RunResult
 from .simulation import run as run_rounds
 
@@ -38,14 +39,18 @@ class Setup:
     eval_data: Encoded
     eval_examples: list[Example]
     mmlu: list[Example]
+    runtime: Runtime             # the model is on its device
 
 
 def prepare(config: Config) -> Setup:
-    """Load the model and data and split them as ``config`` says; raises :class:`ConfigError`,
-    :class:`~ferret.fl.data.DataError` or :class:`~ferret.fl.models.ModelError` on bad input."""
+    """Load the model (onto the configured device) and data and split them as ``config`` says;
+    raises :class:`ConfigError`, :class:`~ferret.fl.data.DataError` or
+    :class:`~ferret.fl.models.ModelError` on bad input."""
     if config.algorithm not in REFERENCES:
         config.build_algorithm()  # options are checked before the model loads
+    runtime = config.runtime()
     model, tokenizer = models.load(config.model)
+    runtime.place(model)
     train, held = holdout(examples_of(config), config.n_eval, seed=config.seed)
     if Path(config.data).is_dir():  # Natural Instructions: one client per task, as many as there are
         by_task: dict[str, list[Example]] = {}
@@ -60,7 +65,7 @@ def prepare(config: Config) -> Setup:
     enc = dict(max_prompt=config.max_prompt, max_length=config.max_length)
     mmlu = load_mmlu(config.mmlu, config.mmlu_questions) if config.mmlu else []
     return Setup(config, model, tokenizer, [encode(p, tokenizer, **enc) for p in parts], encode(held, tokenizer, **enc),
-                 held, mmlu)
+                 held, mmlu, runtime)
 
 
 def examples_of(config: Config) -> list[Example]:
@@ -93,15 +98,26 @@ def check_out_dir(out: Path, resume: bool) -> None:
         raise ConfigError(f"cannot write to output directory {out}: {existing} is not a writable directory")
 
 
+def saved_settings(out: Path) -> dict:
+    """The settings of the run saved in ``out`` (a dict, not yet checked: its device may be
+    one this machine lacks)."""
+    return _toml(checkpoint.config_of(out / "checkpoint.safetensors"))
+
+
 def resumed_config(out: Path, given: Config | None) -> Config:
-    """The configuration saved in ``out``; ``given`` (if any) must equal it."""
-    saved = Config.from_dict(_toml(checkpoint.config_of(out / "checkpoint.safetensors")), str(out / "config.toml"))
-    if given is not None and given.to_dict() != saved.to_dict():
-        a, b = given.to_dict(), saved.to_dict()
+    """The configuration saved in ``out``; ``given`` (if any) must equal it except for where it
+    computes (device, dtype, backend: a run may resume on another machine), and is returned."""
+    saved = saved_settings(out)
+    if given is None:
+        return Config.from_dict(saved, str(out / "config.toml"))
+    runtime = {k: getattr(given, k) for k in RUNTIME_KEYS}
+    a = given.to_dict()
+    b = Config.from_dict({**saved, **runtime}, str(out / "config.toml")).to_dict()
+    if a != b:
         key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         raise ConfigError(f"{out} holds a run of another configuration: {key} is {b.get(key)!r} there, "
                           f"{a.get(key)!r} here")
-    return saved
+    return given
 
 
 def run(config: Config | None, out: str | Path, *, resume: bool = False, progress: bool = True,
@@ -129,7 +145,7 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
 
     extra = {}
     if setup.mmlu and not resume:
-        extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
+        extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
     if config.algorithm in REFERENCES:
         result = _run_reference(setup, out, say, extra)
     else:
@@ -139,7 +155,7 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
     if config.rouge_samples and scored:
         final["rouge_l"] = _rouge(setup)
     if setup.mmlu and scored:
-        final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu)
+        final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
     if scored:
         models.save(setup.model, setup.tokenizer, out / "model")
     report.plot({config.algorithm: result}, out / "loss.png", title=f"{config.algorithm} on {config.model}")
@@ -162,7 +178,7 @@ def _run_federated(setup: Setup, out: Path, resume: bool, progress: bool, say, e
         report.write_metrics(metrics, previous, _start_extra(metrics))  # drop lines of a round cut short
         say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
     else:
-        previous = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data))
+        previous = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data, runtime=setup.runtime))
         report.write_metrics(metrics, previous, extra)
 
     def on_round(record) -> None:
@@ -175,7 +191,8 @@ def _run_federated(setup: Setup, out: Path, resume: bool, progress: bool, say, e
     so_far = RunResult(previous.initial_eval_loss, list(previous.rounds))  # the engine appends each round
     return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
                       fraction=config.fraction, seed=config.seed, weighting=config.weighting,
-                      progress=progress, on_round=on_round, resume=so_far)
+                      progress=progress, on_round=on_round, resume=so_far, device=config.device, dtype=config.dtype,
+                      backend=config.backend)
 
 
 def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
@@ -183,20 +200,20 @@ def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
     train = getattr(references, config.algorithm)
     local = config.local(references.LocalTraining())
     metrics = out / "metrics.jsonl"
-    report.write_metrics(metrics, RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data)), extra)
+    report.write_metrics(metrics, RunResult(eval_loss(setup.model, setup.eval_data, runtime=setup.runtime)), extra)
 
     def on_round(record):
         report.append_metrics(metrics, report.round_lines(record))
         say(_round_line(record, config.rounds))
 
     return train(setup.model, setup.shards, setup.eval_data, local, rounds=config.rounds, seed=config.seed,
-                 on_round=on_round)
+                 on_round=on_round, device=config.device, dtype=config.dtype)
 
 
 def _rouge(setup: Setup) -> float:
     config = setup.config
     return rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
-                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt)
+                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt, runtime=setup.runtime)
 
 
 def _start_extra(metrics: Path) -> dict:

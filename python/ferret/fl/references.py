@@ -14,22 +14,29 @@ from .algorithms import LocalTraining
 from .data import DataError, Encoded
 from .simulation import RoundRecord, RunResult
 from .evaluate import eval_loss
+from .runtime import resolve
 from .train import first_order_steps
 
 
 def centralized(model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, local: LocalTraining, *,
-                rounds: int, seed: int = 0, on_round=None) -> RunResult:
+                rounds: int, seed: int = 0, on_round=None, device: str = "auto", dtype: str = "auto") -> RunResult:
     """Train ``model`` in place on the union of ``shards``: per round, as many optimiser steps as
     all clients together take in a federated round (``local.steps`` × clients), so the compute
-    matches. Returns per-round records (nothing is uploaded)."""
+    matches. ``model`` is moved to ``device`` and trains in ``dtype`` (see :mod:`ferret.fl.runtime`;
+    a bad setting raises :class:`~ferret.fl.config.ConfigError`). Returns per-round records
+    (nothing is uploaded)."""
     pooled = _pool(shards)
-    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    runtime = resolve(device, dtype)
+    runtime.place(model)
+    result = RunResult(initial_eval_loss=eval_loss(model, eval_data, runtime=runtime))
     steps = local.steps * len(shards)
     for t in range(rounds):
         torch.manual_seed(block_seed(seed, t))
         start = time.perf_counter()
-        first_order_steps(model, pooled, rng=np.random.default_rng([seed, t]), **{**vars(local), "steps": steps})
-        record = RoundRecord(t, eval_loss(model, eval_data), [0], [], {0: 0}, 0,
+        first_order_steps(model, pooled, rng=np.random.default_rng([seed, t]), runtime=runtime,
+                          **{**vars(local), "steps": steps})
+        runtime.synchronize()
+        record = RoundRecord(t, eval_loss(model, eval_data, runtime=runtime), [0], [], {0: 0}, 0,
                              {0: time.perf_counter() - start}, 0.0)
         result.rounds.append(record)
         if on_round is not None:
@@ -38,22 +45,27 @@ def centralized(model: torch.nn.Module, shards: list[Encoded], eval_data: Encode
 
 
 def standalone(model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, local: LocalTraining, *,
-               rounds: int, seed: int = 0, on_round=None) -> RunResult:
+               rounds: int, seed: int = 0, on_round=None, device: str = "auto", dtype: str = "auto") -> RunResult:
     """Each client trains its own copy of ``model`` on its own shard, ``local.steps`` per round,
-    with no communication; a round's eval loss is the clients' mean. ``model`` is left unchanged.
+    with no communication; a round's eval loss is the clients' mean. ``model`` is moved to
+    ``device`` but its weights are left unchanged; the copies train there in ``dtype`` (see
+    :mod:`ferret.fl.runtime`; a bad setting raises :class:`~ferret.fl.config.ConfigError`).
     Returns per-round records."""
     if not shards:
         raise DataError("no clients")
+    runtime = resolve(device, dtype)
+    runtime.place(model)
     copies = [copy.deepcopy(model) for _ in shards]
-    result = RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    result = RunResult(initial_eval_loss=eval_loss(model, eval_data, runtime=runtime))
     for t in range(rounds):
         seconds = {}
         for c, (own, shard) in enumerate(zip(copies, shards)):
             torch.manual_seed(block_seed(block_seed(seed, t), c))
             start = time.perf_counter()
-            first_order_steps(own, shard, rng=np.random.default_rng([seed, t, c]), **vars(local))
+            first_order_steps(own, shard, rng=np.random.default_rng([seed, t, c]), runtime=runtime, **vars(local))
+            runtime.synchronize()
             seconds[c] = time.perf_counter() - start
-        loss = float(np.mean([eval_loss(own, eval_data) for own in copies]))
+        loss = float(np.mean([eval_loss(own, eval_data, runtime=runtime) for own in copies]))
         record = RoundRecord(t, loss, list(range(len(shards))), [], {c: 0 for c in seconds}, 0, seconds, 0.0)
         result.rounds.append(record)
         if on_round is not None:

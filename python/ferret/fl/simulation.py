@@ -19,6 +19,7 @@ from ..spec import block_seed
 from .algorithms import Algorithm, ClientContext, NonFiniteUpdate, RoundContext
 from .data import DataError, Encoded, weights_of
 from .evaluate import eval_loss
+from .runtime import resolve
 
 
 @dataclass
@@ -48,9 +49,14 @@ class RunResult:
 
 def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, *,
         rounds: int, fraction: float = 1.0, seed: int = 0, weighting: str = "examples",
-        progress: bool = False, on_round=None, resume: RunResult | None = None) -> RunResult:
+        progress: bool = False, on_round=None, resume: RunResult | None = None,
+        device: str = "auto", dtype: str = "auto", backend: str = "auto") -> RunResult:
     """Run rounds of ``algorithm`` over the clients' ``shards`` until ``rounds`` are done, updating
     ``model`` in place.
+
+    ``device``, ``dtype`` and ``backend`` say where and how (see :mod:`ferret.fl.runtime`):
+    ``model`` is moved to the device, and ``algorithm.runtime`` is set to the resolved settings;
+    a bad setting raises :class:`~ferret.fl.config.ConfigError` before anything runs.
 
     ``fraction`` of the clients (at least one) is sampled each round; their uploads are weighted by
     example count or equally (``weighting``). ``on_round(record)`` is called after each round, once
@@ -67,7 +73,10 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     client_weights = weights_of(shards, weighting)
-    result = resume if resume is not None else RunResult(initial_eval_loss=eval_loss(model, eval_data))
+    runtime = resolve(device, dtype, backend)
+    runtime.place(model)
+    algorithm.runtime = runtime
+    result = resume if resume is not None else RunResult(eval_loss(model, eval_data, runtime=runtime))
     worker = copy.deepcopy(model)
     rounds_iter = range(len(result.rounds), rounds)
     if progress:
@@ -100,8 +109,10 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
         if uploads:
             total = sum(weights)
             algorithm.aggregate(model, uploads, [w / total for w in weights], ctx)
+        runtime.synchronize()
         agg_s = time.perf_counter() - start
-        record = RoundRecord(t, eval_loss(model, eval_data), chosen, dropped, up_bytes, download, local_s, agg_s)
+        loss = eval_loss(model, eval_data, runtime=runtime)
+        record = RoundRecord(t, loss, chosen, dropped, up_bytes, download, local_s, agg_s)
         result.rounds.append(record)
         if progress:
             rounds_iter.set_postfix(eval_loss=f"{record.eval_loss:.3f}")

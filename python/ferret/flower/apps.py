@@ -14,7 +14,8 @@ string (``options = "budget=3800,bases='client'"``), and Flower's own:
 
 A SuperNode's node config names its ``partition-id`` (its shard of the configured data, the
 embedded loop's client index) or, for a data owner with its own file, ``data`` (a Dolly-style
-``.jsonl``; then ``partition-id`` only names the client).
+``.jsonl``; then ``partition-id`` only names the client). Its ``device``, ``dtype`` and
+``backend`` override the run config's for that node (each data owner picks its own GPU).
 
 A client keeps its replica of the global model (and of the server's state, e.g. momentum) in its
 node's ``context.state`` and brings it up to date by replaying the broadcasts the server sends
@@ -33,7 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl.compare import parse_value
-from ..fl.config import Config, ConfigError
+from ..fl.config import RUNTIME_KEYS, Config, ConfigError
 from ..fl.experiment import prepare
 from ..fl.report import write_metrics
 from .client import local_update, process_setup, threads
@@ -45,10 +46,11 @@ FLOWER_KEYS = {"min-replies": 1, "round-timeout": 3600.0, "out": "", "threads": 
                "secagg-range": 64.0}
 
 
-def config_from_run(run_config: dict, defaults: Config | None = None,
-                    flower_defaults: dict | None = None) -> tuple[Config, dict]:
+def config_from_run(run_config: dict, defaults: Config | None = None, flower_defaults: dict | None = None,
+                    node_config: dict | None = None) -> tuple[Config, dict]:
     """(the experiment's Config, Flower's own settings) from a Flower run config over ``defaults``
-    and ``flower_defaults`` (keys of ``FLOWER_KEYS``); raises :class:`ConfigError`."""
+    and ``flower_defaults`` (keys of ``FLOWER_KEYS``), with a node config's ``device``, ``dtype``
+    and ``backend`` over the run config's; raises :class:`ConfigError`."""
     values = (defaults or Config()).to_dict()
     flower = {**FLOWER_KEYS, **(flower_defaults or {})}
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -64,6 +66,7 @@ def config_from_run(run_config: dict, defaults: Config | None = None,
                 values[key.replace("-", "_")] = value
         else:
             raise ConfigError(f"run config: unknown key {key!r}")
+    values.update({k: v for k, v in (node_config or {}).items() if k in RUNTIME_KEYS and v != ""})
     if values.get("algorithm") in ("centralized", "standalone"):
         raise ConfigError(f"{values['algorithm']} is a reference run, not a federated one: use ferret run")
     return Config.from_dict(values, "run config"), flower
@@ -81,6 +84,7 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         threads(flower)
         setup = prepare(config)
         algorithm = config.build_algorithm()
+        algorithm.runtime = setup.runtime
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
                                      min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
@@ -105,7 +109,7 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
 def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) -> ClientApp:
     """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
     :func:`server_app`; ``mods``: Flower client mods); its node config names its ``partition-id``
-    (the embedded loop's client index)."""
+    (the embedded loop's client index) and may set the node's ``device``, ``dtype`` and ``backend``."""
     flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
     app = ClientApp(mods=[secagg_when_asked, *(mods or [])])
 
@@ -116,7 +120,8 @@ def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
+        config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults,
+                                         dict(context.node_config))
         if flower["secagg"]:
             return secure_train(msg, context, config, flower)
         info = {k: int(v) for k, v in msg.content["round"].items()}

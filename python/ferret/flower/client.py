@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from ..fl.algorithms import ClientContext, RoundContext
 from ..fl.config import Config
 from ..fl.experiment import prepare
+from ..fl.runtime import model_device
 from ..spec import block_seed
 
 _REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"  # keys in context.state
@@ -39,7 +40,9 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
         raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
     model.load_state_dict(context.state[_REPLICA].to_torch_state_dict() if _REPLICA in context.state else base)
     # the server's state (e.g. momentum) advances with every broadcast: replay it with the weights
-    algorithm.load_state_dict(context.state[_STATE].to_torch_state_dict() if _STATE in context.state else {})
+    state = context.state[_STATE].to_torch_state_dict() if _STATE in context.state else {}
+    device = model_device(model)
+    algorithm.load_state_dict({k: v.to(device) for k, v in state.items()})
     for r in sorted(broadcasts):
         if r >= synced:  # rounds the server aggregated; skipped ones never come
             algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
@@ -57,13 +60,16 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
 
 
 def process_setup(config: Config):
-    """(model, its initial state, the shards, the algorithm) for ``config``, loaded once per process."""
+    """(model on the configured device, its initial state, the shards, the algorithm running
+    there) for ``config``, loaded once per process."""
     key = config.dumps()
     if key not in _PROCESS:
         setup = prepare(config)
         base = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+        algorithm = config.build_algorithm()
+        algorithm.runtime = setup.runtime
         _PROCESS.clear()  # one run per process at a time
-        _PROCESS[key] = (setup.model, base, setup.shards, config.build_algorithm(), setup.tokenizer)
+        _PROCESS[key] = (setup.model, base, setup.shards, algorithm, setup.tokenizer)
     return _PROCESS[key][:4]
 
 

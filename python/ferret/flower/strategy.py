@@ -30,7 +30,8 @@ from .records import MalformedReply, codec_for
 
 
 class AlgorithmStrategy(Strategy):
-    """Runs ``algorithm`` over ``clients`` Flower nodes on the global ``model`` (updated in place).
+    """Runs ``algorithm`` over ``clients`` Flower nodes on the global ``model`` (updated in place,
+    on its device; ``algorithm.runtime`` gives the dtype and kernels).
 
     ``seed``, ``fraction`` and ``weighting`` mean what they mean in :func:`ferret.fl.run`;
     ``min_replies``: good replies a round needs to be aggregated; ``eval_data``: held-out
@@ -46,7 +47,7 @@ class AlgorithmStrategy(Strategy):
         self.nodes: dict[int, int] = {}            # partition -> node id
         self.history: list[bytes | None] = []      # each round's broadcast (None: skipped round)
         self.synced: dict[int, int] = {}          # partition -> rounds its replica has applied
-        self.result = RunResult(eval_loss(model, eval_data) if eval_data is not None else float("nan"))
+        self.result = RunResult(self._eval_loss())
         self._round: tuple[RoundContext, list[int], float] | None = None
 
     def summary(self) -> None:
@@ -118,6 +119,7 @@ class AlgorithmStrategy(Strategy):
             log(WARNING, "round %d: no usable reply from clients %s", ctx.round, dropped)
         start = time.perf_counter()
         broadcast = aggregate()
+        self.algorithm.runtime.synchronize()
         if broadcast is None:
             log(WARNING, "round %d: %d good replies, below %d: the model is left as it was", ctx.round,
                 len(upload_bytes), self.min_replies)
@@ -126,7 +128,7 @@ class AlgorithmStrategy(Strategy):
                 self.synced[c] = ctx.round  # its replica had applied rounds 0 .. ctx.round - 1
         self.history.append(broadcast)
         aggregate_s = time.perf_counter() - start
-        loss = eval_loss(self.model, self.eval_data) if self.eval_data is not None else float("nan")
+        loss = self._eval_loss()
         download = len(self.history[-2]) if len(self.history) > 1 and self.history[-2] is not None else 0
         self.result.rounds.append(RoundRecord(ctx.round, loss, chosen, dropped, dict(upload_bytes), download,
                                               dict(local_seconds), aggregate_s))
@@ -147,6 +149,11 @@ class AlgorithmStrategy(Strategy):
         return None
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _eval_loss(self) -> float:
+        if self.eval_data is None:
+            return float("nan")
+        return eval_loss(self.model, self.eval_data, runtime=self.algorithm.runtime)
+
     def _expected_seed(self, ctx: RoundContext, client: int) -> int:
         seed_of = getattr(self.algorithm, "seed_of", None)
         return seed_of(ctx.round_seed, client) if seed_of else ctx.round_seed

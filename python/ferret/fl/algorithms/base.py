@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data import Encoded
+from ..runtime import DEFAULT, Runtime
 from ..train import trainable
 
 
@@ -47,11 +48,16 @@ class RoundContext:
 
 class Algorithm:
     """One federated algorithm: what a client computes and uploads (bytes), how the server
-    aggregates the uploads into the global model, and what it broadcasts back (bytes)."""
+    aggregates the uploads into the global model, and what it broadcasts back (bytes).
+
+    ``runtime`` (a :class:`~ferret.fl.runtime.Runtime`, set by the engine that drives the object)
+    gives the dtype of its forward passes and the backend of every ferret kernel it calls; its
+    tensors follow the model's device."""
 
     name = "algorithm"
     full_parameter = True  # whether clients train (and the server updates) every parameter
     default_local = LocalTraining()  # the local training a client runs unless told otherwise
+    runtime: Runtime = DEFAULT
 
     def __init__(self):
         self.broadcast = b""  # the last aggregate sent to the clients, as encoded
@@ -84,9 +90,10 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def difference(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ − start for every parameter in ``start``; raises :class:`NonFiniteUpdate` on NaN/Inf."""
+    """θ − start for every parameter in ``start``, on the model's device; raises
+    :class:`NonFiniteUpdate` on NaN/Inf."""
     params = dict(model.named_parameters())
     delta = {n: (params[n].detach() - s).float() for n, s in start.items()}
-    if not all(torch.isfinite(d).all() for d in delta.values()):
+    if delta and not bool(torch.stack([torch.isfinite(d).all() for d in delta.values()]).all()):  # one sync
         raise NonFiniteUpdate("the local update holds NaN or Inf")
     return delta

@@ -8,6 +8,7 @@ from safetensors.torch import save as st_save
 
 from ... import spec
 from ..data import Encoded, batch_schedule
+from ..runtime import model_device, to_host
 from ..train import first_order_steps, zeroth_order_step
 from .base import Algorithm, ClientContext, LocalTraining, RoundContext, difference, snapshot
 
@@ -24,26 +25,40 @@ class FedAvg(Algorithm):
         self.server_lr = server_lr
 
     def local_train(self, model, data: Encoded, ctx: ClientContext) -> None:
-        first_order_steps(model, data, rng=ctx.rng, **vars(self.local))
+        first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
 
     def client_update(self, model, data, ctx):
         start = snapshot(model)
         self.local_train(model, data, ctx)
-        return st_save(difference(model, start))
+        return encode_tensors(difference(model, start))
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
+        device = model_device(model)
         total: dict[str, torch.Tensor] = {}
         for upload, w in zip(uploads, weights):
-            for name, d in st_load(upload).items():
+            for name, d in decode_tensors(upload, device).items():
                 total[name] = total[name] + w * d if name in total else w * d
-        self.broadcast = st_save(total)
-        self.apply(model, self.broadcast, ctx)
+        self.broadcast = encode_tensors(total)
+        self._add(model, total)  # what apply(broadcast) adds, without decoding it again
 
     def apply(self, model, broadcast, ctx):
+        self._add(model, decode_tensors(broadcast, model_device(model)))
+
+    def _add(self, model, update: dict[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, d in st_load(broadcast).items():
+            for name, d in update.items():
                 params[name].add_(d.to(params[name].dtype), alpha=self.server_lr)
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Tensors (on any device) as safetensors bytes."""
+    return st_save(to_host(tensors))
+
+
+def decode_tensors(data: bytes, device: torch.device) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_tensors`, onto ``device``."""
+    return {name: t.to(device, non_blocking=True) for name, t in st_load(data).items()}
 
 
 class FedZO(FedAvg):
@@ -60,6 +75,7 @@ class FedZO(FedAvg):
         self.eps = eps
 
     def local_train(self, model, data, ctx):
+        device = model_device(model)
         for rows in batch_schedule(len(data), self.local.steps, self.local.batch_size, ctx.rng):
             seed = spec.normalize_seed(int(ctx.rng.integers(2**63)))
-            zeroth_order_step(model, data.batch(rows), seed, self.eps, self.local.lr)
+            zeroth_order_step(model, data.batch(rows, device), seed, self.eps, self.local.lr, self.runtime)

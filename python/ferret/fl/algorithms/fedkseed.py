@@ -7,6 +7,7 @@ import numpy as np
 
 from ... import perturb, spec
 from ..data import batch_schedule
+from ..runtime import model_device
 from ..train import trainable, zeroth_order_step
 from .base import Algorithm, LocalTraining, NonFiniteUpdate
 
@@ -34,9 +35,11 @@ class FedKSeed(Algorithm):
     def client_update(self, model, data, ctx):
         seeds = self.seeds(ctx.round_seed)
         acc = np.zeros(self.k, dtype=np.float64)
+        device = model_device(model)
         for rows in batch_schedule(len(data), self.local.steps, self.local.batch_size, ctx.rng):
             j = int(ctx.rng.integers(self.k))
-            acc[j] += zeroth_order_step(model, data.batch(rows), seeds[j], self.eps, self.local.lr)
+            acc[j] += zeroth_order_step(model, data.batch(rows, device), seeds[j], self.eps, self.local.lr,
+                                        self.runtime)
         if not np.all(np.isfinite(acc)):
             raise NonFiniteUpdate("a zeroth-order estimate is NaN or Inf")
         return acc.astype("<f4").tobytes()
@@ -49,5 +52,5 @@ class FedKSeed(Algorithm):
     def apply(self, model, broadcast, ctx):
         params = trainable(model)
         for seed, g in zip(self.seeds(ctx.round_seed), np.frombuffer(broadcast, dtype="<f4")):
-            if g != 0.0:
-                perturb(params, seed, -self.local.lr * float(g))
+            if g != 0.0:  # a host scalar: the step along z(seed) runs where the weights are
+                perturb(params, seed, -self.local.lr * float(g), backend=self.runtime.backend)

@@ -65,10 +65,10 @@ class Ferret(Algorithm):
 
     def client_update(self, model, data, ctx):
         start = snapshot(model)
-        first_order_steps(model, data, rng=ctx.rng, **vars(self.local))
+        first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
         update = difference(model, start)
-        packet = compress(update, self.seed_of(ctx.round_seed, ctx.client), self.budget,
-                          basis=self.basis, allocation=self.allocation, grouping=self.grouping)
+        packet = compress(update, self.seed_of(ctx.round_seed, ctx.client), self.budget, basis=self.basis,
+                          allocation=self.allocation, grouping=self.grouping, backend=self.runtime.backend)
         self._warn_if_sparse(packet, update)
         return packet.to_bytes()
 
@@ -93,23 +93,25 @@ class Ferret(Algorithm):
 
     def apply(self, model, broadcast, ctx):
         params = trainable(model)
+        backend = self.runtime.backend
         with torch.no_grad():
             if self.clip is None and self.momentum == 0.0:
                 for packet in Packet.split(broadcast):  # straight into the weights: no full-size buffer
-                    reconstruct(packet, into=params, scale=self.server_lr)
+                    reconstruct(packet, into=params, scale=self.server_lr, backend=backend)
             else:
-                update = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params}
+                update = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params}
                 for packet in Packet.split(broadcast):
-                    reconstruct(packet, into=update)
+                    reconstruct(packet, into=update, backend=backend)
                 self._apply(params, update)
 
     def _apply(self, params, update: dict[str, torch.Tensor]) -> None:
         for name, p in params:
             u = update[name]
             if self.clip is not None:
-                norm = float(u.norm())
-                if norm > self.clip:
-                    u.mul_(self.clip / norm)
+                # on the device, no sync: times clip / norm where the norm exceeds clip (in fp64, the
+                # factor a Python float was, so the weights equal the host computation's)
+                norm = u.norm().double()
+                u.mul_(torch.where(norm > self.clip, self.clip / norm, 1.0))
             if self.momentum:
                 if name in self.velocity:
                     u = self.velocity[name].mul_(self.momentum).add_(u)

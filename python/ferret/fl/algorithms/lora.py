@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ... import lora
+from ..runtime import model_device, to_host
 from ..train import first_order_steps
 from .base import Algorithm, LocalTraining, NonFiniteUpdate
 
@@ -44,7 +45,7 @@ class LoraAlgorithm(Algorithm):
         peft_model = get_peft_model(model, LoraConfig(
             r=r, lora_alpha=self.alpha_per_rank * r, target_modules=self.target_modules, lora_dropout=0.0))
         try:
-            first_order_steps(peft_model, data, rng=ctx.rng, **vars(self.local))
+            first_order_steps(peft_model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
             adapter = lora.from_peft(peft_model)
         except lora.LoraError as err:
             raise NonFiniteUpdate(str(err)) from None
@@ -56,11 +57,12 @@ class LoraAlgorithm(Algorithm):
         raise NotImplementedError
 
     def aggregate(self, model, uploads, weights, ctx):
-        self.broadcast = encode_adapter(self.combine([decode_adapter(u) for u in uploads], weights))
+        device = model_device(model)
+        self.broadcast = encode_adapter(self.combine([decode_adapter(u, device) for u in uploads], weights))
         self.apply(model, self.broadcast, ctx)
 
     def apply(self, model, broadcast, ctx):
-        lora.merge_into(model, decode_adapter(broadcast))
+        lora.merge_into(model, decode_adapter(broadcast, model_device(model)), backend=self.runtime.lora_backend)
 
 
 class FLoRA(LoraAlgorithm):
@@ -91,12 +93,12 @@ class ZeroPadding(LoraAlgorithm):
 
 
 def encode_adapter(adapter: lora.LoraAdapter) -> bytes:
-    """An adapter as safetensors bytes: each module's stacked A and B (fp32), unit scaling."""
+    """An adapter (on any device) as safetensors bytes: each module's stacked A and B (fp32), unit scaling."""
     tensors = {}
     for name in adapter.modules:
         A, B = adapter.stacked(name)
         tensors[f"{name}.A"], tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
-    return st_save(tensors, metadata={"fan_in_fan_out": json.dumps(adapter.fan_in_fan_out)})
+    return st_save(to_host(tensors), metadata={"fan_in_fan_out": json.dumps(adapter.fan_in_fan_out)})
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -105,10 +107,9 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
 
 
-def decode_adapter(data: bytes) -> lora.LoraAdapter:
-    """Inverse of :func:`encode_adapter`."""
-
-    tensors = st_load(data)
+def decode_adapter(data: bytes, device: torch.device | str = "cpu") -> lora.LoraAdapter:
+    """Inverse of :func:`encode_adapter`, onto ``device``."""
+    tensors = {k: t.to(device, non_blocking=True) for k, t in st_load(data).items()}
     meta = safetensors_metadata(data)
     names = sorted({k[:-2] for k in tensors})
     return lora.LoraAdapter({n: [lora.LoraTerm(tensors[f"{n}.A"], tensors[f"{n}.B"], 1.0)] for n in names},
