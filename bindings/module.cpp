@@ -1,7 +1,7 @@
 // ferret._core: the Python face of ferret_core. Buffers come in through nanobind's ndarray
 // (NumPy arrays directly, torch CPU tensors through DLPack), never copied; the GIL is released
 // while the core runs. Shape and layout checks belong to python/ferret; this layer only maps
-// dtypes and refuses what the core cannot read.
+// dtypes and refuses what the core cannot read or write as given.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/tuple.h>
@@ -18,6 +18,37 @@ namespace {
 
 using Input = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;
 using Output = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+// A buffer taken exactly as it is. Never a converted copy: a write into one would be lost (a
+// strided array or a non-contiguous tensor), so those are refused. Never a torch tensor with its
+// negative or conjugate bit set: DLPack exports the storage without the bit, so the core would
+// read and write the values negated.
+template <class A>
+A buffer(nb::handle obj, const char* what, const char* must) {
+  for (const char* bit : {"is_neg", "is_conj"})
+    if (nb::hasattr(obj, bit) && nb::cast<bool>(obj.attr(bit)()))
+      throw nb::value_error((std::string(what) + " is a negated or conjugated view; pass .resolve_neg() / "
+                             ".resolve_conj() or the tensor it views").c_str());
+  try {
+    return nb::cast<A>(obj, false);
+  } catch (const nb::cast_error&) {
+    throw nb::type_error((std::string(what) + " must be " + must).c_str());
+  }
+}
+
+constexpr const char* kReadable = "a C-contiguous CPU array or tensor";
+constexpr const char* kWritable =
+    "a C-contiguous, writable CPU array or tensor (never a strided view: a write into a copy would be lost)";
+
+Input input(nb::handle obj, const char* what) { return buffer<Input>(obj, what, kReadable); }
+Output output(nb::handle obj, const char* what) { return buffer<Output>(obj, what, kWritable); }
+
+template <class A>
+std::vector<A> buffers(const std::vector<nb::handle>& objs, const char* what, A (*take)(nb::handle, const char*)) {
+  std::vector<A> out;
+  for (nb::handle obj : objs) out.push_back(take(obj, what));
+  return out;
+}
 
 template <class A>
 ferret::DType dtype_of(const A& a, const char* what) {
@@ -62,7 +93,8 @@ NB_MODULE(_core, m) {
 
   m.def(
       "compress",
-      [](Input x, int64_t start, uint64_t seed, int basis, Output gamma) {
+      [](nb::handle x_obj, int64_t start, uint64_t seed, int basis, Output gamma) {
+        Input x = input(x_obj, "the update");
         const auto dt = dtype_of(x, "the update");
         if (gamma.dtype() != nb::dtype<double>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float64 array");
         const auto b = basis_of(basis);
@@ -70,12 +102,13 @@ NB_MODULE(_core, m) {
         ferret::compress(x.data(), dt, int64_t(x.size()), start, seed, b, int(gamma.shape(0)),
                          static_cast<double*>(gamma.data()));
       },
-      nb::arg("x").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
+      nb::arg("x"), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
       "gamma[k] += <x, v_k> for the block elements start .. start + x.size - 1.");
 
   m.def(
       "reconstruct",
-      [](Output out, int64_t start, uint64_t seed, int basis, Input gamma, float scale) {
+      [](nb::handle out_obj, int64_t start, uint64_t seed, int basis, Input gamma, float scale) {
+        Output out = output(out_obj, "the output");
         const auto dt = dtype_of(out, "the output");
         if (gamma.dtype() != nb::dtype<float>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float32 array");
         const auto b = basis_of(basis);
@@ -83,18 +116,19 @@ NB_MODULE(_core, m) {
         ferret::reconstruct(out.data(), dt, int64_t(out.size()), start, seed, b, static_cast<const float*>(gamma.data()),
                             int(gamma.shape(0)), scale);
       },
-      nb::arg("out").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
+      nb::arg("out"), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
       nb::arg("scale"), "In place: out += scale * sum_k gamma[k] v_k, in the spec's order and rounding.");
 
   m.def(
       "perturb",
-      [](Output theta, int64_t start, uint64_t seed, int basis, float eps) {
+      [](nb::handle theta_obj, int64_t start, uint64_t seed, int basis, float eps) {
+        Output theta = output(theta_obj, "the parameters");
         const auto dt = dtype_of(theta, "the parameters");
         const auto b = basis_of(basis);
         nb::gil_scoped_release release;
         ferret::perturb(theta.data(), dt, int64_t(theta.size()), start, seed, b, eps);
       },
-      nb::arg("theta").noconvert(), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("eps"),
+      nb::arg("theta"), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("eps"),
       "In place: theta += eps * v_0(seed).");
 
   m.def(
@@ -109,8 +143,9 @@ NB_MODULE(_core, m) {
 
   m.def(
       "srht_compress",
-      [](std::vector<Input> xs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+      [](std::vector<nb::handle> x_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
          nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords) {
+        const auto xs = buffers(x_objs, "the update", input);
         const auto segments = segments_of(xs, starts, block_n, "the update");
         nb::gil_scoped_release release;
         ferret::srht_compress(segments.data(), int(segments.size()), block_n, seed, log2_size,
@@ -121,8 +156,9 @@ NB_MODULE(_core, m) {
 
   m.def(
       "srht_reconstruct",
-      [](std::vector<Output> outs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+      [](std::vector<nb::handle> out_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
          nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords, float scale) {
+        const auto outs = buffers(out_objs, "the output", output);
         const auto segments = segments_of(outs, starts, block_n, "the output");
         nb::gil_scoped_release release;
         ferret::srht_reconstruct(segments.data(), int(segments.size()), block_n, seed, log2_size, coords.data(),
@@ -134,15 +170,17 @@ NB_MODULE(_core, m) {
 
   m.def(
       "sum_squares",
-      [](Input x) {
+      [](nb::handle x_obj) {
+        Input x = input(x_obj, "the update");
         const auto dt = dtype_of(x, "the update");
         nb::gil_scoped_release release;
         return ferret::sum_squares(x.data(), dt, int64_t(x.size()));
       },
-      nb::arg("x").noconvert(), "Sum of squares in float64, independent of the thread count.");
+      nb::arg("x"), "Sum of squares in float64, independent of the thread count.");
 
   m.def("set_num_threads", &ferret::set_num_threads, nb::arg("n"),
-        "Threads for the core's loops; n <= 0 restores the default.");
+        "Threads for the core's loops; n <= 0 restores the default. The ferret package sets it before each "
+        "call to ferret.num_threads() (torch's count unless ferret.set_num_threads overrides it).");
   m.def("num_threads", &ferret::num_threads, "Threads the core's loops use.");
   m.def("simd_level", &ferret::simd_level, "'avx2' or 'portable': the loops this CPU runs.");
   m.def("force_portable", &ferret::force_portable, nb::arg("on"),

@@ -1,6 +1,11 @@
 """The public API: round trips, layouts, allocation, packets, statistics of the estimator, and
 every bad input refused with a clear message and nothing changed."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +256,192 @@ def test_parameters_that_require_grad():
     ferret.reconstruct(packet, into=model.named_parameters(), scale=0.1)
     ferret.perturb(model.named_parameters(), 1, 1e-3)
     assert not torch.equal(model.weight.detach(), before) and model.weight.requires_grad
+
+
+# ---- issue 14: hostile and huge input ------------------------------------------------------------
+
+@pytest.mark.parametrize("budget,error,message", [
+    (10**12, ValueError, "at most 1600 "), (np.uint64(2**64 - 1), ValueError, "at most 1600 "),
+    (2**31, ValueError, "at most 1600 "), (0, ValueError, "positive"), (-3, ValueError, "positive"),
+    (True, TypeError, "an int"), (4.0, TypeError, "an int"), ("8", TypeError, "an int"),
+])
+def test_budget_must_be_a_sane_int(budget, error, message):
+    with pytest.raises(error, match=message):
+        ferret.compress(torch.randn(100), 0, budget)
+
+
+def test_check_budget_states_the_rule():
+    from ferret.allocation import MAX_BUDGET, check_budget
+
+    assert MAX_BUDGET == 2**31 - 1
+    assert check_budget(np.int64(5)) == 5 and type(check_budget(np.int64(5))) is int
+    assert check_budget(MAX_BUDGET) == MAX_BUDGET  # no update size given: only the packet format's limit
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        check_budget(MAX_BUDGET + 1)
+    assert check_budget(16 * 10, n_blocks=2, numel=10) == 160  # 16 coordinates per element
+    with pytest.raises(ValueError, match="at most 160 .*16 per element"):
+        check_budget(161, n_blocks=2, numel=10)
+    assert check_budget(3, n_blocks=3, numel=0) == 3  # empty tensors still get one coordinate per block
+    with pytest.raises(ValueError, match="below the number of blocks"):
+        check_budget(2, n_blocks=3, numel=100)
+    assert ferret.compress(torch.randn(10), 0, np.uint8(160)).coords.size == 160
+
+
+BACKENDS = ["core", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["huge coordinates", "huge scale", "fp16 target", "bf16 target"])
+def test_reconstruct_refuses_results_that_overflow_and_changes_nothing(backend, case):
+    dtype = {"fp16 target": torch.float16, "bf16 target": torch.bfloat16}.get(case, torch.float32)
+    params = {"a": torch.randn(300).to(dtype), "b": torch.randn(40, 7).to(dtype)}
+    layout = Layout.of(params)
+    # per block: acc = ±c ± c, written as out + acc * scale / 2
+    coords, scale = {"huge coordinates": ([3e38, 3e38], 1.0), "huge scale": ([2.0, 2.0], 3e38),
+                     "fp16 target": ([1e5, 1e5], 1.0), "bf16 target": ([1.7e38, 1.7e38], 2.0)}[case]
+    packet = Packet(1, "rademacher", 0, layout.fingerprint, [2, 2], np.array(coords * 2, np.float32))
+    before = {k: v.clone() for k, v in params.items()}
+    with pytest.raises(PacketError, match="non-finite.*nothing was written"):
+        ferret.reconstruct(packet, into=params, scale=scale, backend=backend)
+    assert all(torch.equal(params[k].view(torch.uint8), before[k].view(torch.uint8)) for k in params)
+    if dtype == torch.float32:
+        with pytest.raises(PacketError, match="non-finite"):
+            ferret.reconstruct(packet, like=params, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("basis", ["gaussian", "srht:64"])
+def test_other_bases_refuse_overflowing_results_too(backend, basis):
+    params = {"a": torch.randn(300), "b": torch.randn(40, 7)}
+    layout = Layout.of(params)
+    packet = Packet(1, basis, 0, layout.fingerprint, [3, 3], np.full(6, 3e38, np.float32))
+    before = {k: v.clone() for k, v in params.items()}
+    with pytest.raises(PacketError, match="non-finite"):
+        ferret.reconstruct(packet, into=params, backend=backend)
+    assert all(torch.equal(params[k], before[k]) for k in params)
+    with pytest.raises(PacketError, match="non-finite"):
+        ferret.reconstruct(packet, like=layout, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_values_already_in_the_target_are_not_the_packets_fault(backend):
+    params = torch.randn(500)
+    params[7] = float("inf")
+    params[9] = float("nan")
+    packet = ferret.compress(torch.randn(500), 3, 8)
+    want = ferret.reconstruct(packet, into=params.clone(), backend=backend)
+    ferret.reconstruct(packet, into=params, backend=backend)
+    assert torch.equal(params.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("basis", ["rademacher", "gaussian", "srht:64"])
+def test_checked_reconstruction_writes_the_same_bits(basis, backend, monkeypatch):
+    """Where the cheap bound cannot rule out an overflow, a dry run into scratch pieces checks the
+    result first; what is then written is bit for bit the unchecked reconstruction."""
+    from ferret import projection
+
+    update = {"w": torch.randn(30, 33), "b": torch.randn(200)}
+    packet = ferret.compress(update, 5, 40, basis=basis)
+    params = {k: torch.randn(v.shape).half() for k, v in update.items()}
+    fast = ferret.reconstruct(packet, into={k: v.clone() for k, v in params.items()}, scale=0.3, backend=backend)
+    monkeypatch.setattr(projection, "_cannot_overflow", lambda *args, **kwargs: False)
+    monkeypatch.setattr(projection, "SCRATCH_ELEMENTS", 300)  # several pieces per tensor
+    checked = ferret.reconstruct(packet, into=params, scale=0.3, backend=backend)
+    assert all(torch.equal(fast[k].view(torch.int16), checked[k].view(torch.int16)) for k in update)
+
+
+def test_merge_packets_with_huge_weights_and_without_normalising():
+    updates = [update_dict(s) for s in range(3)]
+    packets = [ferret.compress(u, seed=4, budget=40 + 8 * i) for i, u in enumerate(updates)]
+    assert ferret.merge_packets(packets[:2], [1e308, 1e308]) == ferret.merge_packets(packets[:2], [1, 1])
+    assert ferret.merge_packets(packets, [2, 6, 2]) == ferret.merge_packets(packets, [0.2, 0.6, 0.2])
+    summed = ferret.reconstruct(ferret.merge_packets(packets, [2, 6, 2], normalize=False), like=updates[0])
+    mean = ferret.reconstruct(ferret.merge_packets(packets, [2, 6, 2]), like=updates[0])
+    for k in summed:
+        torch.testing.assert_close(summed[k], 10 * mean[k], rtol=1e-5, atol=1e-5)
+    for weights, error, message in [(["1", 2, 3], TypeError, "real numbers"), ([True, 1, 1], TypeError, "real"),
+                                    ([1, -1, 1], ValueError, "non-negative"), ([0, 0, 0], ValueError, "positive"),
+                                    ([1, 2], ValueError, "2 weights for 3"),
+                                    ([1, float("inf"), 1], ValueError, "finite")]:
+        with pytest.raises(error, match=message):
+            ferret.merge_packets(packets, weights)
+    with pytest.raises(ValueError, match="overflow"):
+        ferret.merge_packets(packets[:2], [1e308, 1e308], normalize=False)
+
+
+def test_merge_by_seed_sums_to_the_weighted_mean():
+    updates = [update_dict(s) for s in range(4)]
+    seeds = [10, 11, 10, 12]
+    packets = [ferret.compress(u, seed=s, budget=40) for u, s in zip(updates, seeds)]
+    weights = [1.0, 2.0, 3.0, 4.0]
+    merged = ferret.merge_by_seed(packets, weights)
+    assert [p.round_seed for p in merged] == [10, 11, 12]
+    got = {k: torch.zeros_like(v) for k, v in updates[0].items()}
+    for p in merged:
+        ferret.reconstruct(p, into=got)
+    for k in got:
+        want = sum(w / 10 * ferret.reconstruct(p, like=updates[0])[k] for w, p in zip(weights, packets))
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-5)
+    one_seed = [ferret.compress(u, seed=1, budget=40) for u in updates]
+    assert ferret.merge_by_seed(one_seed, weights) == [ferret.merge_packets(one_seed, weights)]
+    unnormalised = ferret.merge_by_seed(packets, weights, normalize=False)
+    np.testing.assert_allclose(unnormalised[1].coords, 10 * merged[1].coords, rtol=1e-6)
+
+
+@pytest.mark.parametrize("data", [10**11, "FRPK", None, np.zeros(64, np.uint8), [70, 82]])
+def test_packet_decoding_takes_only_bytes(data):
+    with pytest.raises(TypeError, match="bytes, bytearray or memoryview"):
+        Packet.from_bytes(data)
+    with pytest.raises(TypeError, match="bytes, bytearray or memoryview"):
+        Packet.split(data)
+
+
+def test_packet_decoding_takes_bytearray_and_memoryview():
+    packet = ferret.compress(update_dict(), 0, 16)
+    wire = packet.to_bytes()
+    assert Packet.from_bytes(bytearray(wire)) == Packet.from_bytes(memoryview(wire)) == packet
+    assert Packet.split(memoryview(wire + wire)) == [packet, packet]
+
+
+def test_negated_and_conjugated_views_are_refused():
+    x = torch.zeros(300)
+    packet = ferret.compress(torch.randn(300), 0, 4)
+    with pytest.raises(ValueError, match="negated view.*resolve_neg"):
+        ferret.reconstruct(packet, into=torch._neg_view(x))
+    with pytest.raises(ValueError, match="negated view"):
+        ferret.compress(torch._neg_view(torch.randn(300)), 0, 4)
+    with pytest.raises(ValueError, match="negated view"):
+        ferret.perturb({"x": torch._neg_view(x)}, 0, 1e-3)
+    with pytest.raises(ValueError, match="conjugated view"):
+        ferret.compress(torch.zeros(4, dtype=torch.complex64).conj(), 0, 2)
+    assert float(x.abs().sum()) == 0
+
+
+def test_threads_follow_torch_unless_overridden():
+    from ferret import _core
+
+    torch_threads, override = torch.get_num_threads(), ferret.set_num_threads(None)
+    try:
+        torch.set_num_threads(1)
+        assert ferret.num_threads() == 1
+        ferret.compress(torch.randn(10), 0, 2)
+        assert _core.num_threads() == 1  # what the core's loops ran with
+        torch.set_num_threads(2)
+        assert ferret.num_threads() == 2
+        assert ferret.set_num_threads(3) is None
+        assert ferret.num_threads() == 3
+        ferret.compress(torch.randn(10), 0, 2)
+        assert _core.num_threads() == 3
+        with pytest.raises(ValueError, match="positive"):
+            ferret.set_num_threads(0)
+        assert ferret.set_num_threads(None) == 3
+        assert ferret.num_threads() == 2
+    finally:
+        ferret.set_num_threads(override)
+        torch.set_num_threads(torch_threads)
+    code = "import torch, ferret; torch.set_num_threads(1); print(ferret.num_threads())"
+    env = {**os.environ, "FERRET_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"

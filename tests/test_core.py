@@ -174,3 +174,46 @@ def test_bad_buffers_are_refused():
         _core.compress(np.zeros(4, np.float32), 0, 1, 7, np.zeros(2))
     with pytest.raises(TypeError):
         _core.reconstruct(np.zeros((4, 4), np.float32)[:, 0], 0, 1, RAD, np.ones(1, np.float32), 1.0)
+
+
+def _strided_outputs():
+    return [np.zeros((20, 2), np.float32)[:, 0], torch.zeros(20, 2)[:, 0], np.zeros(40, np.float32)[::2]]
+
+
+@pytest.mark.parametrize("out", _strided_outputs(), ids=["numpy columns", "torch column", "numpy step"])
+def test_writes_into_strided_buffers_are_refused_not_lost_in_a_copy(out):
+    gamma = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _core.srht_reconstruct([out], [0], 20, 1, 2, gamma, 1.0)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _core.reconstruct(out, 0, 1, RAD, gamma, 1.0)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        _core.perturb(out, 0, 1, RAD, 1.0)
+    assert float(np.abs(np.asarray(out)).sum()) == 0
+
+
+def test_read_only_outputs_are_refused():
+    ro = np.zeros(20, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        _core.reconstruct(ro, 0, 1, RAD, np.ones(1, np.float32), 1.0)
+    with pytest.raises(TypeError, match="writable"):
+        _core.srht_reconstruct([ro], [0], 20, 1, 2, np.ones(1, np.float32), 1.0)
+
+
+def test_negated_views_are_refused_by_every_entry_point():
+    x = torch.zeros(20)
+    neg = torch._neg_view(x)
+    gamma32, gamma64 = np.ones(2, np.float32), np.zeros(2)
+    calls = [
+        lambda: _core.compress(neg, 0, 1, RAD, gamma64),
+        lambda: _core.reconstruct(neg, 0, 1, RAD, gamma32, 1.0),
+        lambda: _core.perturb(neg, 0, 1, RAD, 1.0),
+        lambda: _core.sum_squares(neg),
+        lambda: _core.srht_compress([neg], [0], 20, 1, 2, np.zeros(2, np.float32)),
+        lambda: _core.srht_reconstruct([neg], [0], 20, 1, 2, gamma32, 1.0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="negated or conjugated view"):
+            call()
+    assert float(x.abs().sum()) == 0 and not gamma64.any()

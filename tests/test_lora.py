@@ -3,6 +3,7 @@ baselines, PEFT round trips on the real stories260K model, the Triton kernels (i
 against the CPU path, and bad input refused with nothing changed."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -290,3 +291,82 @@ def test_from_peft_refuses_contradictions():
     with pytest.raises(LoraError, match="needs its LoraConfig"):
         lora.from_peft(state)
     assert lora.from_peft(state, {"r": 4, "lora_alpha": 8}).terms["m"][0].coef == 2.0
+
+
+# --- issue 14: hostile input raises LoraError; merges never write non-finite values ------------------
+
+
+def test_from_peft_bad_configs_and_values_raise_lora_errors():
+    A, B = torch.randn(4, 8), torch.randn(8, 4)
+    state = {"base_model.model.m.lora_A.weight": A, "base_model.model.m.lora_B.weight": B}
+    for config, message in [({"r": 0, "lora_alpha": 8}, "r must be a positive int"),
+                            ({"r": -4, "lora_alpha": 8}, "r must be a positive int"),
+                            ({"r": "4", "lora_alpha": 8}, "r must be a positive int"),
+                            ({"r": 4, "lora_alpha": None}, "lora_alpha must be a finite number"),
+                            ({"r": 4, "lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+                            ({"r": 4, "lora_alpha": 8, "rank_pattern": {"m": 0}}, "r must be a positive int")]:
+        with pytest.raises(LoraError, match=message):
+            lora.from_peft(state, config)
+    empty = {"base_model.model.m.lora_A.weight": torch.randn(0, 8),
+             "base_model.model.m.lora_B.weight": torch.randn(8, 0)}
+    with pytest.raises(LoraError, match="r must be a positive int"):
+        lora.from_peft(empty, {"r": 0, "lora_alpha": 8})
+    with pytest.raises(LoraError, match="not a tensor"):
+        lora.from_peft({"base_model.model.m.lora_A.weight": A.tolist(), "base_model.model.m.lora_B.weight": B},
+                       {"r": 4, "lora_alpha": 8})
+
+
+@pytest.mark.parametrize("coef,message", [(None, "a real number"), ("abc", "a real number"), ("2", "a real number"),
+                                          (True, "a real number"), (float("inf"), "finite"),
+                                          (1e39, "float32")])
+def test_bad_scalings_raise_lora_errors(coef, message):
+    with pytest.raises(LoraError, match=message):
+        LoraAdapter({"m": [LoraTerm(torch.randn(4, 10), torch.randn(6, 4), coef)]})
+
+
+def test_bad_and_huge_weights(clients):
+    a, b = clients[4], clients[5]
+    for weights in (["1", 2], [True, 1], [None, 1]):
+        with pytest.raises(LoraError, match="real numbers"):
+            lora.stack([a, b], weights)
+    huge = lora.stack([a, b], [1e308, 1e308])
+    for name in SHAPES:
+        torch.testing.assert_close(huge.delta(name), lora.stack([a, b]).delta(name), rtol=0, atol=0)
+        assert float(huge.delta(name).abs().max()) > 0
+
+
+def test_merge_refuses_overflow_into_low_precision_weights(clients):
+    big = [random_adapter(8, SHAPES, alpha_over_r=1e4, seed=s) for s in range(2)]
+    base = {f"{n}.weight": torch.randn(*s).half() for n, s in SHAPES.items()}
+    before = copy.deepcopy(base)
+    with pytest.raises(LoraError, match="non-finite.*'layer.a'.*nothing was merged"):
+        lora.merge_into(base, lora.stack(big))
+    for k in base:
+        assert torch.equal(base[k], before[k])
+
+
+def test_merge_checks_adapters_again_because_they_alias_the_callers_tensors(clients):
+    adapter = random_adapter(4, SHAPES, seed=9)
+    stacked = lora.stack([adapter, clients[0]])
+    adapter.terms["layer.b"][0].B[2, 1] = float("nan")  # written after the adapter was built
+    base = {f"{n}.weight": torch.randn(*s) for n, s in SHAPES.items()}
+    before = copy.deepcopy(base)
+    with pytest.raises(LoraError, match="'layer.b'.*NaN or Inf"):
+        lora.merge_into(base, stacked)
+    for k in base:
+        assert torch.equal(base[k], before[k])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))])
+def test_checked_merge_writes_what_the_unchecked_merge_writes(clients, backend, monkeypatch):
+    from ferret.lora import merge
+
+    stacked = lora.stack(clients[:3])
+    base = {f"{n}.weight": torch.randn(*s).bfloat16() for n, s in SHAPES.items()}
+    fast = copy.deepcopy(base)
+    lora.merge_into(fast, stacked, backend=backend)
+    monkeypatch.setattr(merge, "_cannot_overflow", lambda *args: False)
+    lora.merge_into(base, stacked, backend=backend)
+    for k in base:
+        assert torch.equal(base[k], fast[k])

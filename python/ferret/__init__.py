@@ -6,6 +6,10 @@ The seeded projection (this release's core)::
     packet = ferret.compress(update, seed=round_seed, budget=1024)     # K fp32 numbers
     ferret.reconstruct(packet, into=params, scale=server_lr)           # params += lr * update
     ferret.perturb(params, seed, eps)                                  # params += eps * z(seed)
+    ferret.merge_by_seed(packets, weights)                             # a server's weighted merge
+
+The compiled core's loops use ``torch.get_num_threads()`` threads unless ``ferret.set_num_threads``
+(or ``FERRET_NUM_THREADS``) says otherwise.
 
 LoRA aggregation (FLoRA's stacking and its baselines) lives in :mod:`ferret.lora`.
 
@@ -13,12 +17,13 @@ CPU tensors and NumPy arrays run on the compiled core, CUDA tensors on the Trito
 follow the basis spec in :mod:`ferret.spec` bit for bit.
 """
 
-from . import lora, spec
-from ._core import num_threads, set_num_threads, simd_level
-from .allocation import allocate
+from . import allocation, lora, spec
+from ._core import simd_level
+from .allocation import allocate, check_budget
+from .backends import num_threads, set_num_threads
 from .layout import Layout
 from .packet import Packet, PacketError
-from .projection import compress, merge_packets, perturb, reconstruct
+from .projection import compress, merge_by_seed, merge_packets, perturb, reconstruct
 from .spec import block_seed, normalize_seed
 
 __version__ = "0.1.0"
@@ -28,9 +33,12 @@ __all__ = [
     "Packet",
     "PacketError",
     "allocate",
+    "allocation",
     "block_seed",
+    "check_budget",
     "compress",
     "lora",
+    "merge_by_seed",
     "merge_packets",
     "normalize_seed",
     "num_threads",

@@ -5,18 +5,55 @@ layouts or packets.
 A backend works a whole packet at a time (:class:`Block` jobs), so the Triton backend can launch
 every kernel of a packet and synchronise with the host once: norms come back in one transfer,
 coordinates in another, and a reconstruction sends all coordinates in one.
+
+The core's thread count follows torch's (``torch.set_num_threads``, ``OMP_NUM_THREADS``), so
+ferret and torch share a machine without oversubscribing it, unless :func:`set_num_threads` or
+the ``FERRET_NUM_THREADS`` environment variable sets it explicitly.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import spec
+from .tensors import FP32_MAX
 
 BASIS_CODES = {"rademacher": 0, "gaussian": 1}
+GAUSSIAN_MAX = 6.0  # above every |v| of the Gaussian basis: Box-Muller with u1 >= 1e-7 gives at most 5.68
+
+
+def _threads_from_env() -> int | None:
+    value = os.environ.get("FERRET_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+_threads_override: int | None = _threads_from_env()
+
+
+def set_num_threads(n: int | None) -> int | None:
+    """Threads for the compiled core's loops: ``n`` (a positive int) from now on, whatever torch
+    uses; ``None`` to follow ``torch.get_num_threads()`` again (the default, unless the
+    ``FERRET_NUM_THREADS`` environment variable was set). Returns the previous setting (an int
+    or ``None``), to restore it. Raises ``ValueError`` for ``n < 1`` and ``TypeError`` for a
+    non-int."""
+    global _threads_override
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise TypeError(f"a thread count is an int or None, got {type(n).__name__}")
+    if n is not None and n < 1:
+        raise ValueError(f"a thread count must be positive (None follows torch), got {n}")
+    previous, _threads_override = _threads_override, n
+    return previous
+
+
+def num_threads() -> int:
+    """The number of threads the core's next call will use: the :func:`set_num_threads` /
+    ``FERRET_NUM_THREADS`` override if there is one, else ``torch.get_num_threads()``."""
+    return _threads_override if _threads_override is not None else torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -41,12 +78,20 @@ class CoreBackend:
 
         self._core = _core
 
+    def _use_threads(self) -> None:
+        """Hand :func:`num_threads` to the core before its loops run (two int reads when unchanged)."""
+        n = num_threads()
+        if self._core.num_threads() != n:
+            self._core.set_num_threads(n)
+
     def sum_squares(self, flats) -> np.ndarray:
         """``sum(x**2)`` of each buffer in the spec's order (fp64)."""
+        self._use_threads()
         return np.array([self._core.sum_squares(x) for x in flats], dtype=np.float64)
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (SRHT)."""
+        self._use_threads()
         out = []
         for block, m in zip(blocks, counts):
             m = int(m)
@@ -62,6 +107,7 @@ class CoreBackend:
 
     def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
         """Add each block's estimate from its fp32 ``coords``, times its ``scale``, in place."""
+        self._use_threads()
         for block, c, scale in zip(blocks, coords, scales):
             c = np.ascontiguousarray(c, dtype=np.float32)
             if block.kind == "srht":
@@ -73,6 +119,7 @@ class CoreBackend:
 
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
         """``flat += eps * v_0(seed)`` in place."""
+        self._use_threads()
         self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
 
 
@@ -156,6 +203,29 @@ class TritonBackend:
             tables.append((offsets, sizes, slots, factors.view(torch.float64).float()))
             at += 4
         return tables
+
+
+def estimate_bound(block: Block, coords) -> float:
+    """A bound on every |element| of a block's estimate from ``coords``, before the scale, with
+    fp32 rounding included, or ``inf`` where the fp32 sum itself could overflow: Rademacher
+    ``Σ|γ_k|``, Gaussian ``6 Σ|γ_k|``; SRHT, per chunk holding a row, ``Σ|γ_k|`` over its rows
+    bounds ``fwht`` and that over the chunk's size the estimate. Both backends compute the same
+    estimate, so one bound serves them."""
+    a = np.abs(np.asarray(coords, dtype=np.float64))
+    if block.kind != "srht":
+        acc = float(a.sum()) * (GAUSSIAN_MAX if block.kind == "gaussian" else 1.0) * _rounding_growth(a.size + 1)
+        return acc if acc <= FP32_MAX else math.inf
+    from . import _core
+
+    _, sizes, slots, _ = _srht_table(_core, block.n, block.seed, block.hadamard, a.size)
+    per_chunk = np.bincount(slots // block.hadamard, weights=a, minlength=sizes.size) * _rounding_growth(
+        block.hadamard.bit_length())
+    return float(np.max(per_chunk / sizes)) if float(np.max(per_chunk)) <= FP32_MAX else math.inf
+
+
+def _rounding_growth(steps: int) -> float:
+    """Generously above (1 + 2**-24) ** steps: how far fp32 rounding can grow a chain of additions."""
+    return math.exp((steps + 8) * 2.0**-23)
 
 
 def _srht_table(core, block_n: int, seed: int, size: int, m: int):

@@ -89,8 +89,9 @@ class Packet:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Packet":
-        """Decode :meth:`to_bytes` output; raises :class:`PacketError` on anything malformed."""
-        data = bytes(data)
+        """Decode :meth:`to_bytes` output (``bytes``, ``bytearray`` or ``memoryview``); raises
+        ``TypeError`` for any other type and :class:`PacketError` on anything malformed."""
+        data = _bytes_of(data)
         if len(data) < _HEADER.size + 4:
             raise PacketError(f"{len(data)} bytes is too short for a packet")
         magic, version, basis, basis_arg, seed, group_size, fingerprint, n_blocks = _HEADER.unpack_from(data)
@@ -118,8 +119,9 @@ class Packet:
 
     @classmethod
     def split(cls, data: bytes) -> list["Packet"]:
-        """Decode a concatenation of encoded packets (e.g. a broadcast of several), in order."""
-        data, packets, at = bytes(data), [], 0
+        """Decode a concatenation of encoded packets (e.g. a broadcast of several), in order; raises
+        as :meth:`from_bytes` does."""
+        data, packets, at = _bytes_of(data), [], 0
         while at < len(data):
             if len(data) - at < _HEADER.size:
                 raise PacketError(f"{len(data) - at} trailing bytes are too short for a packet")
@@ -141,3 +143,10 @@ class Packet:
             f"Packet({self.basis}, seed={self.round_seed}, {self.n_blocks} blocks, "
             f"{self.coords.size} coordinates, {len(self.to_bytes())} bytes)"
         )
+
+
+def _bytes_of(data) -> bytes:
+    # bytes(n) of an int would allocate n zero bytes: only bytes-like objects are packets' input
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"packets decode from bytes, bytearray or memoryview, got {type(data).__name__}")
+    return bytes(data)

@@ -10,7 +10,14 @@ the same round seed and a model of the same shapes rebuilds an unbiased estimate
 Block ``b`` is projected on ``n_b`` bases drawn from ``block_seed(round_seed, b)``; its
 estimate is ``(1/n_b) * sum_k gamma_k v_k``. With ``basis="srht"`` the coordinates are ``n_b``
 rows of the block's randomized Hadamard transform instead, at a cost that does not grow with
-``n_b`` (see :mod:`ferret.spec`). Nothing is written until every input is checked.
+``n_b`` (see :mod:`ferret.spec`). Nothing is written until every input is checked, and a
+reconstruction that would turn a finite value of its targets into Inf or NaN writes nothing.
+
+**Which receiver fits a packet.** Every packet carries its layout's fingerprint: a hash of the
+update's tensor names and shapes, in order, and of the grouping's block size. A receiver must
+pass tensors with the same names and shapes in the same order (a lone tensor or array has the
+name ``""``); dtypes and devices may differ. ``model.named_parameters()`` and
+``model.state_dict()`` differ (buffers, tied weights), so send and receive with the same one.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import math
 import numpy as np
 import torch
 
-from .allocation import allocate
-from .backends import Block, backend_for
+from .allocation import allocate, check_budget, client_weights
+from .backends import Block, backend_for, estimate_bound
 from .basis import basis_name, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
 from .spec import block_seed, normalize_seed
-from .tensors import check_dtype, device_of, flat_view, named_tensors
+from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_flat, writable_flat
+
+SCRATCH_ELEMENTS = 1 << 22  # elements per scratch piece of a checked reconstruction (16 MiB in fp32)
 
 
 def compress(update, seed: int, budget: int, *, basis: str = "rademacher", allocation: str = "norm",
@@ -39,16 +48,22 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     ``allocation`` (``"norm"`` or ``"uniform"``); ``grouping`` forms the blocks (``"tensor"``,
     ``"paper"`` or a block size, see :mod:`ferret.layout`); ``basis`` is ``"rademacher"``,
     ``"gaussian"``, ``"srht"`` or ``"srht:<Hadamard size>"`` (see :mod:`ferret.basis`).
-    Returns a :class:`Packet`. Raises ``ValueError`` for NaN/Inf in the update.
+
+    Returns a :class:`Packet`; the receiver needs tensors of the same names and shapes in the
+    same order (see the module docstring). Raises ``ValueError`` for NaN/Inf in the update and
+    for a budget outside :func:`ferret.allocation.check_budget`'s rule (a positive int, at least
+    one per block, at most 16 per element of the update and ``2**31 - 1`` in all; ``TypeError``
+    if it is not an int), and ``ValueError`` / ``TypeError`` for bad tensors (see :func:`reconstruct`).
     """
     kind, hadamard = parse_basis(basis)
     seed = normalize_seed(seed)
     items = named_tensors(update)
     for name, x in items:
-        check_dtype(name, x, "update")
+        check_tensor(name, x, "update")
     be = backend_for(device_of(items, "update"), backend)
     layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [_numel(x) for _, x in items]))
-    flats = [_readable(x) for _, x in items]
+    check_budget(budget, layout.n_blocks, layout.numel)
+    flats = [readable_flat(x) for _, x in items]
     blocks = layout.block_entries
 
     norms = None
@@ -76,7 +91,9 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
 def block_counts(layout: Layout, budget: int, basis: str = "rademacher", allocation: str = "norm",
                  norms=None) -> np.ndarray:
     """Coordinates per block of ``layout`` (int64): ``allocate``'s, capped at the block sizes for
-    ``srht`` (a block has one row per element). ``norms`` are needed by the ``"norm"`` allocation."""
+    ``srht`` (a block has one row per element). ``norms`` are needed by the ``"norm"`` allocation.
+    Raises as :func:`ferret.allocation.check_budget` does for a budget that does not fit the layout."""
+    check_budget(budget, layout.n_blocks, layout.numel)
     caps = layout.block_sizes if parse_basis(basis)[0] == "srht" else None
     return allocate(budget, layout.n_blocks, allocation, norms, caps=caps)
 
@@ -87,9 +104,18 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
 
     Give either ``like`` (a :class:`Layout`, or tensors with the update's names and shapes) to
     get new float32 tensors back (a tensor or array if ``like`` was one, else a dict by name;
-    on ``device``, default: like's device or CPU), or ``into`` (the receiver's parameters) to
-    add ``scale * update`` to them in place and get them back. Raises
-    :class:`~ferret.packet.PacketError` if the packet was made for another layout.
+    on ``device``, default: like's device or CPU), or ``into`` (the receiver's parameters:
+    contiguous, writable fp32 / bf16 / fp16 tensors or arrays) to add ``scale * update`` to them
+    in place and get them back. ``like`` or ``into`` must hold tensors with the names and shapes
+    the sender compressed, in the same order: the packet's layout fingerprint is a hash of them
+    (and of the grouping), and dtypes and devices may differ.
+
+    Raises :class:`~ferret.packet.PacketError` if the packet was made for another layout, or if
+    its estimate times ``scale`` would write a non-finite value (Inf or NaN) where a target holds
+    a finite one (coordinates or a scale too large for the targets' dtype: one client cannot
+    poison a model); ``ValueError`` for a non-finite ``scale``, non-contiguous or read-only
+    targets, and torch tensors whose negative or conjugate bit is set; ``TypeError`` for other
+    dtypes. Nothing is written when it raises.
     """
     if (like is None) == (into is None):
         raise TypeError("reconstruct takes exactly one of like= (new tensors) or into= (in place)")
@@ -103,8 +129,8 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
         items = named_tensors(into, "parameters")
         layout = _layout_for(packet, items)
         for name, x in items:
-            check_dtype(name, x, "parameters")
-            _writable_flat(name, x)
+            check_tensor(name, x, "parameters")
+            writable_flat(name, x)
         targets = items
     else:
         layout = like if isinstance(like, Layout) else _layout_for(packet, named_tensors(like, "like"))
@@ -121,7 +147,7 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
         raise PacketError(f"block {b} has {layout.block_sizes[b]} elements, so at most that many srht rows, "
                           f"but the packet holds {int(packet.counts[b])} coordinates for it")
     be = backend_for(device_of(targets, "parameters"), backend)
-    flats = [_writable_flat(n, x) for n, x in targets]
+    flats = [writable_flat(n, x) for n, x in targets]
     jobs, coords, scales = [], [], []
     for b, entries in enumerate(layout.block_entries):
         block_coords = packet.block_coords(b)
@@ -129,7 +155,10 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
                           block_seed(packet.round_seed, b), kind, hadamard))
         coords.append(block_coords)
         n_over_m = layout.block_sizes[b] if kind == "srht" else 1  # srht: alpha * n / m; the others alpha / m
-        scales.append(np.float32(scale * n_over_m / block_coords.size) if block_coords.size else np.float32(0))
+        with np.errstate(over="ignore"):  # a scale that overflows fp32 is refused by the check below
+            scales.append(np.float32(scale * n_over_m / block_coords.size) if block_coords.size else np.float32(0))
+    if not _cannot_overflow(jobs, coords, scales, fresh=into is None):
+        _refuse_overflow(be, layout, jobs, coords, scales, scale)
     be.reconstruct(jobs, coords, scales)
 
     if into is not None:
@@ -139,38 +168,70 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
     return dict(targets)
 
 
-def merge_packets(packets, weights=None) -> Packet:
-    """One packet whose reconstruction is the weighted mean of the packets' reconstructions.
+def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
+    """One packet whose reconstruction is the weighted mean of the packets' reconstructions (or,
+    with ``normalize=False``, their weighted sum ``Σ_i w_i · reconstruction_i``).
 
     ``packets`` share a round seed, basis and layout (their clients projected onto the same
     bases); their per-block counts may differ (``norm`` allocation). Block b of client i rebuilds
     (1/n_bi) Σ_k γ_ik v_k, so the merged coordinate k is n_b · Σ_i p_i γ_ik / n_bi over the clients
     with k < n_bi, with n_b = max_i n_bi: one reconstruction serves the whole round. ``weights``
-    (default: equal) are normalised to sum to 1. Raises :class:`PacketError` for packets that do
-    not share seed, basis and layout, and ``ValueError`` for bad weights.
+    (default: equal) follow :func:`ferret.allocation.client_weights`: finite, non-negative real
+    numbers with a positive sum, normalised to sum to 1 without overflow unless ``normalize`` is
+    false. Raises :class:`PacketError` for packets that do not share seed, basis and layout,
+    ``TypeError`` for non-packets and weights that are not numbers, and ``ValueError`` for bad
+    weights or merged coordinates that overflow float32.
     """
-    packets = list(packets)
-    if not packets:
-        raise ValueError("no packets to merge")
+    packets = _packets(packets)
     first = packets[0]
     for i, p in enumerate(packets):
-        if not isinstance(p, Packet):
-            raise TypeError(f"packet {i} is a {type(p).__name__}, not a Packet")
         if (p.round_seed, p.basis, p.group_size, p.fingerprint, p.n_blocks) != (
                 first.round_seed, first.basis, first.group_size, first.fingerprint, first.n_blocks):
             raise PacketError(f"packet {i} was made with another round seed, basis or layout than packet 0")
-    w = np.full(len(packets), 1.0 / len(packets)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(packets),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be {len(packets)} finite non-negative numbers with a positive sum")
-    w = w / w.sum()
+    w = client_weights(weights, len(packets), normalize=normalize)
     counts = np.max([p.counts for p in packets], axis=0).astype(np.uint32)
     merged = np.zeros(int(counts.sum(dtype=np.int64)), dtype=np.float64)
     starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)[:-1]])
-    for p, p_i in zip(packets, w):
-        for b in range(p.n_blocks):
-            own = p.block_coords(b).astype(np.float64)
-            merged[starts[b] : starts[b] + own.size] += p_i * int(counts[b]) / own.size * own
-    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, merged.astype(np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+        for p, p_i in zip(packets, w):
+            for b in range(p.n_blocks):
+                own = p.block_coords(b).astype(np.float64)
+                merged[starts[b] : starts[b] + own.size] += p_i * int(counts[b]) / own.size * own
+        coords = merged.astype(np.float32)
+    if not np.all(np.isfinite(coords)):
+        raise ValueError(f"the weighted coordinates overflow float32 (weights {w.tolist()}): use smaller weights")
+    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords)
+
+
+def merge_by_seed(packets, weights=None, *, normalize: bool = True) -> list[Packet]:
+    """Merge packets of several round seeds: one packet per seed (in order of first appearance)
+    whose reconstructions add up to the weighted mean of all the packets' reconstructions (with
+    ``normalize=False``, to their weighted sum).
+
+    This is the server's merge when every client projects onto bases of its own seed: reconstruct
+    each returned packet into the model (``reconstruct(p, into=params, scale=lr)``) and the model
+    gets ``lr`` times the weighted mean. ``weights`` are normalised over all packets, then each
+    seed's packets are merged by :func:`merge_packets` with their share; seeds whose weights are
+    all zero are left out. Raises as :func:`merge_packets` does.
+    """
+    packets = _packets(packets)
+    w = client_weights(weights, len(packets), normalize=normalize)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(packets):
+        groups.setdefault(p.round_seed, []).append(i)
+    return [merge_packets([packets[i] for i in members], w[members], normalize=False)
+            for members in groups.values() if np.any(w[members] > 0)]
+
+
+def _packets(packets) -> list[Packet]:
+    """``packets`` as a non-empty list of :class:`Packet`; ``ValueError`` / ``TypeError`` otherwise."""
+    packets = list(packets)
+    if not packets:
+        raise ValueError("no packets to merge")
+    for i, p in enumerate(packets):
+        if not isinstance(p, Packet):
+            raise TypeError(f"packet {i} is a {type(p).__name__}, not a Packet")
+    return packets
 
 
 def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend: str | None = None):
@@ -188,9 +249,9 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
         raise ValueError(f"eps must be finite, got {eps}")
     items = named_tensors(params, "parameters")
     for name, x in items:
-        check_dtype(name, x, "parameters")
+        check_tensor(name, x, "parameters")
     be = backend_for(device_of(items, "parameters"), backend)
-    flats = [_writable_flat(n, x) for n, x in items]
+    flats = [writable_flat(n, x) for n, x in items]
     for i, flat in enumerate(flats):
         be.perturb(flat, block_seed(seed, i), basis, eps)
     return params
@@ -219,17 +280,46 @@ def _names(layout: Layout, entries) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _readable(x):
-    flat = flat_view(x)
-    if flat is not None:
-        return flat
-    return x.detach().contiguous().view(-1) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x).reshape(-1)
+def _cannot_overflow(jobs, coords, scales, fresh: bool) -> bool:
+    """Whether a bound proves that adding every block's estimate keeps each target element finite:
+    the largest |value| of a segment (0 for ``fresh`` zeros) plus the largest |scale * estimate|
+    stays below the segment dtype's largest finite value, with room for fp32 rounding. One read
+    of the targets, one transfer from their device; NaN or Inf in a target fails the bound."""
+    flats = [flat for job in jobs for flat, _ in job.segments]
+    peaks = iter([0.0] * len(flats) if fresh else _peaks(flats))
+    for job, c, scale in zip(jobs, coords, scales):
+        step = abs(float(scale)) * estimate_bound(job, c)
+        for flat, _ in job.segments:
+            if not (next(peaks) + step) * (1 + 2.0**-20) <= _largest(flat.dtype):
+                return False
+    return True
 
 
-def _writable_flat(name: str, x):
-    flat = flat_view(x)
-    if flat is None:
-        raise ValueError(f"{name or 'the tensor'} is not contiguous: ferret writes in place only into contiguous tensors")
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
-        raise ValueError(f"{name or 'the array'} is read-only")
-    return flat
+def _peaks(flats) -> list[float]:
+    """max |x| of each buffer (NaN if it holds one), in one transfer."""
+    peaks = [max_abs(torch.as_tensor(f)) for f in flats]
+    return torch.stack(peaks).cpu().tolist() if peaks else []
+
+
+def _largest(dtype) -> float:
+    return float(torch.finfo(dtype).max) if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).max)
+
+
+def _refuse_overflow(be, layout: Layout, jobs, coords, scales, scale: float) -> None:
+    """Raise :class:`PacketError` if adding a block's estimate would turn a finite target element
+    non-finite: each segment is rebuilt, piece by piece, into a scratch copy (``SCRATCH_ELEMENTS``
+    at a time, by the same backend, so with the very bits it would write) and compared."""
+    for b, job in enumerate(jobs):
+        for (flat, start), entry in zip(job.segments, layout.block_entries[b]):
+            target = torch.as_tensor(flat)
+            for a in range(0, target.numel(), SCRATCH_ELEMENTS):
+                piece = target[a : a + SCRATCH_ELEMENTS]
+                scratch = piece.clone()
+                with np.errstate(over="ignore", invalid="ignore"):  # Triton's interpreter computes in NumPy
+                    be.reconstruct([Block([(scratch, start + a)], job.n, job.seed, job.kind, job.hadamard)],
+                                   [coords[b]], [scales[b]])
+                if bool((torch.isfinite(piece) & ~torch.isfinite(scratch)).any()):
+                    raise PacketError(
+                        f"reconstructing this packet with scale {scale} would write non-finite values (Inf or "
+                        f"NaN) over finite ones in {_names(layout, [entry])}: the estimate times the scale, added "
+                        f"to it, overflows {piece.dtype}; nothing was written")

@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
+import numpy as np
 import torch
+
+from ..tensors import FP32_MAX
 
 
 class LoraError(ValueError):
@@ -38,9 +42,11 @@ class LoraAdapter:
     ``terms`` maps a module name of the base model (``"model.layers.0.self_attn.q_proj"``) to its
     terms. Each module's update has the shape (out_features, in_features) of a ``torch.nn.Linear``
     weight; with ``fan_in_fan_out`` (GPT-2's ``Conv1D``) the base weight stores its transpose.
-    Tensors are kept as given (detached, not copied). Raises :class:`LoraError` for terms whose
-    A and B ranks disagree, for shapes that differ between terms of one module, for more than
-    one dtype or device, and for NaN or Inf anywhere.
+    Tensors are kept as given (detached, not copied: an adapter aliases its caller's tensors, so
+    :func:`~ferret.lora.merge_into` checks their values again before it writes). Raises
+    :class:`LoraError` for terms whose A and B ranks disagree, for shapes that differ between
+    terms of one module, for more than one dtype or device, for NaN or Inf anywhere, and for a
+    scaling ``coef`` that is not a real number (bools and strings included) or not finite in float32.
     """
 
     def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False,
@@ -136,7 +142,15 @@ def _checked(name: str, term: LoraTerm) -> LoraTerm:
         raise LoraError(f"module {name!r}: A is on {A.device} but B on {B.device}")
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise LoraError(f"module {name!r}: A or B holds NaN or Inf")
-    coef = float(term.coef)
+    return LoraTerm(A.detach(), B.detach(), _checked_coef(name, term.coef))
+
+
+def _checked_coef(name: str, coef) -> float:
+    if isinstance(coef, (bool, np.bool_)) or not isinstance(coef, Real):
+        raise LoraError(f"module {name!r}: the scaling must be a real number, got {coef!r}")
+    coef = float(coef)
     if not math.isfinite(coef):
-        raise LoraError(f"module {name!r}: the scaling {term.coef} is not finite")
-    return LoraTerm(A.detach(), B.detach(), coef)
+        raise LoraError(f"module {name!r}: the scaling {coef} is not finite")
+    if abs(coef) > FP32_MAX:
+        raise LoraError(f"module {name!r}: the scaling {coef} does not fit float32, in which the factors are merged")
+    return coef

@@ -17,33 +17,28 @@ with different ``lora_alpha`` still combine into one adapter with unit scaling.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from .. import allocation
 from .adapter import LoraAdapter, LoraError, LoraTerm
 
 
 def client_weights(weights: Sequence[float] | None, n_clients: int) -> list[float]:
-    """Normalise ``weights`` (``None``: equal) to non-negative floats summing to 1.
+    """Normalise ``weights`` (``None``: equal) to non-negative floats summing to 1, without
+    overflow (the rule of :func:`ferret.allocation.client_weights`).
 
-    Raises :class:`LoraError` for a count that differs from ``n_clients``, for negative or
-    non-finite weights, and for weights that do not sum to a positive number.
+    Raises :class:`LoraError` for no clients, a count that differs from ``n_clients``, weights
+    that are not real numbers (bools and strings included), negative or non-finite weights, and
+    weights that do not sum to a positive number.
     """
     if n_clients == 0:
         raise LoraError("no client adapters to aggregate")
-    if weights is None:
-        return [1.0 / n_clients] * n_clients
-    w = [float(x) for x in weights]
-    if len(w) != n_clients:
-        raise LoraError(f"{len(w)} weights for {n_clients} client adapters")
-    if not all(math.isfinite(x) and x >= 0 for x in w):
-        raise LoraError(f"client weights must be finite and non-negative, got {w}")
-    total = sum(w)
-    if total <= 0:
-        raise LoraError(f"client weights must sum to a positive number, got {w}")
-    return [x / total for x in w]
+    try:
+        return allocation.client_weights(weights, n_clients).tolist()
+    except (TypeError, ValueError) as err:
+        raise LoraError(f"client weights: {err}") from None
 
 
 def stack(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:

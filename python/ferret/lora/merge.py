@@ -10,11 +10,13 @@ kernel takes the ranks at run time: it compiles once per dtype, whatever the cli
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 
 import torch
 
+from ..tensors import FP32_MAX, max_abs
 from .adapter import LoraAdapter, LoraError
 
 CHUNK_BYTES = 64 << 20  # fp32 scratch for one chunk of a low-precision weight
@@ -27,16 +29,19 @@ def merge_into(base, adapter: LoraAdapter, *, backend: str | None = None) -> Non
     ``base`` is a ``torch.nn.Module`` (a transformers model; a PEFT model's base model is used)
     or a state dict mapping ``"<module>.weight"`` to tensors. ``backend`` is ``"torch"`` or
     ``"triton"``; by default CUDA weights use Triton and CPU weights torch. Every module is checked
-    (present, shape, dtype, device) before any weight changes; raises :class:`LoraError` otherwise.
+    before any weight changes: present, shape, dtype, device, the factors finite (adapters alias
+    their callers' tensors, which may have changed since), and the merged weight finite wherever
+    it was (a huge update, or one that overflows a bf16 / fp16 weight). Raises :class:`LoraError`
+    otherwise, with nothing merged.
     """
     weights = _base_weights(base, adapter)
-    use_triton = _use_triton(backend, adapter.device)
+    merge = _merge_triton if _use_triton(backend, adapter.device) else _merge_torch
     with torch.no_grad():
         for name, weight in weights.items():
-            if use_triton:
-                _merge_triton(weight, adapter, name)
-            else:
-                _merge_torch(weight, adapter, name)
+            if not _cannot_overflow(weight, adapter, name):
+                _refuse_overflow(merge, weight, adapter, name)
+        for name, weight in weights.items():
+            merge(weight, adapter, name)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, adapter: LoraAdapter, name: str, *,
@@ -58,6 +63,32 @@ def forward(x: torch.Tensor, weight: torch.Tensor, adapter: LoraAdapter, name: s
     else:
         y = (torch.nn.functional.linear(flat.float(), w.float()) + (flat.float() @ A.T) @ B.T).to(x.dtype)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _cannot_overflow(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> bool:
+    """Whether a bound proves ``W + ΔW`` finite for module ``name``: max|W| plus
+    Σ_terms |coef|·r·max|A|·max|B| (with room for rounding) below the largest value of W's dtype
+    (and of fp32, in which the update is computed). One transfer from the device. Raises
+    :class:`LoraError` for NaN or Inf in the factors."""
+    terms = adapter.terms[name]
+    peaks = torch.stack([max_abs(x) for t in terms for x in (t.A, t.B)] + [max_abs(weight)]).cpu().tolist()
+    if not all(math.isfinite(p) for p in peaks[:-1]):
+        raise LoraError(f"module {name!r}: A or B holds NaN or Inf (changed since the adapter was built?); "
+                        f"nothing was merged")
+    rank = sum(t.rank for t in terms)
+    bound = sum(abs(t.coef) * t.rank * a * b for t, a, b in zip(terms, peaks[0:-1:2], peaks[1:-1:2]))
+    growth = math.exp((rank + 8) * 2.0**-23) * 1.01  # fp32 sums of rank terms; bf16 / fp16 factors round coefs
+    return (peaks[-1] + bound * growth) * (1 + 2.0**-20) <= min(float(torch.finfo(weight.dtype).max), FP32_MAX)
+
+
+def _refuse_overflow(merge, weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:
+    """Raise :class:`LoraError` if ``merge`` would turn a finite element of ``weight`` non-finite:
+    it merges into a copy of the weight (the same bits it would write), which is then discarded."""
+    scratch = weight.clone()
+    merge(scratch, adapter, name)
+    if bool((torch.isfinite(weight) & ~torch.isfinite(scratch)).any()):
+        raise LoraError(f"merging would write non-finite values (Inf or NaN) into module {name!r}'s {weight.dtype} "
+                        f"weight: the update overflows it; nothing was merged")
 
 
 def _merge_torch(weight: torch.Tensor, adapter: LoraAdapter, name: str) -> None:

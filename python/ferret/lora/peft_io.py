@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from numbers import Integral, Real
 
 import torch
 
@@ -26,7 +27,9 @@ def from_peft(source, config=None, *, adapter_name: str = "default") -> LoraAdap
     (``get_peft_model_state_dict`` / ``adapter_model.safetensors``) with its ``LoraConfig`` (or
     the config as a dict) as ``config``. ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
     ``alpha_pattern`` and ``fan_in_fan_out`` are honoured. Raises :class:`LoraError` for DoRA,
-    LoRA biases, embedding adapters, ranks that contradict the config and A without B.
+    LoRA biases, embedding adapters, ranks that contradict the config, A without B, values that
+    are not tensors, a rank ``r`` that is not a positive int and a ``lora_alpha`` that is not a
+    finite number.
     """
     if isinstance(source, torch.nn.Module):
         if config is not None:
@@ -107,6 +110,8 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], config: dict, adapter_na
             raise LoraError(f"{key} is not a PEFT LoRA weight (expected '<module>.lora_A.weight' or '.lora_B.weight')")
         if match["adapter"] not in (None, adapter_name):
             continue
+        if not isinstance(value, torch.Tensor):
+            raise LoraError(f"{key} is a {type(value).__name__}, not a tensor")
         parts.setdefault(match["module"], {})[match["part"]] = value
     if not parts:
         raise LoraError(f"no LoRA weights for adapter {adapter_name!r} in the state dict")
@@ -132,6 +137,10 @@ def _rank_and_alpha(config: dict, name: str) -> tuple[int, float]:
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"]) if rank_pattern else config["r"]
     alpha = (alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
              if alpha_pattern else config["lora_alpha"])
+    if isinstance(r, bool) or not isinstance(r, Integral) or r < 1:
+        raise LoraError(f"module {name!r}: the rank r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise LoraError(f"module {name!r}: lora_alpha must be a finite number, got {alpha!r}")
     return int(r), float(alpha)
 
 
