@@ -11,8 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ferret.fl.checkpoint import to_json
-from ferret.fl.compare import label_dir, read_metrics
+from ferret.fl.compare import label_dir
+from ferret.fl.results import read_metrics, to_json
 
 
 def main(run_dir: str, out_prefix: str) -> None:

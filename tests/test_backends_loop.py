@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ferret import fl
-from ferret.models import stories260k_dir
+from ferret.fl.models import stories260k_dir
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed"),
@@ -30,10 +30,10 @@ ZEROTH = fl.LocalTraining(steps=2, batch_size=4, lr=5e-5)
 ADAM = fl.LocalTraining(steps=2, batch_size=4, lr=3e-3, optimizer="adamw")
 
 JOBS = {
-    "ferret_rademacher": lambda: fl.Ferret(64, LOCAL),
-    "ferret_srht": lambda: fl.Ferret(64, LOCAL, basis="srht:256"),
-    "fedkseed": lambda: fl.FedKSeed(4, ZEROTH, eps=1e-3),
-    "flora": lambda: fl.FLoRA([4, 2], ADAM, target_modules=["q_proj"]),
+    "ferret_rademacher": lambda: fl.Ferret(budget=64, local=LOCAL),
+    "ferret_srht": lambda: fl.Ferret(budget=64, local=LOCAL, basis="srht:256"),
+    "fedkseed": lambda: fl.FedKSeed(k=4, local=ZEROTH, eps=1e-3),
+    "flora": lambda: fl.FLoRA(ranks=[4, 2], local=ADAM, target_modules=["q_proj"]),
 }
 
 

@@ -152,7 +152,7 @@ def test_resume_may_change_where_the_run_computes(tmp_path):
     saved = Config(rounds=2, device="cpu", options={"momentum": 0.5})
     net, algorithm = torch.nn.Linear(3, 2), saved.build_algorithm()
     algorithm.velocity = {"weight": torch.ones(2, 3)}
-    checkpoint.save(tmp_path / "checkpoint.safetensors", net, algorithm, fl.RunResult(1.0), saved.dumps())
+    checkpoint.save(tmp_path / "checkpoint.safetensors", net, algorithm, fl.RunResult(initial_eval_loss=1.0), saved.dumps())
     moved = Config(rounds=2, device="auto", dtype="fp32", backend="core", options={"momentum": 0.5})
     assert experiment.resumed_config(tmp_path, moved) is moved
     assert experiment.resumed_config(tmp_path, None) == saved
@@ -201,5 +201,159 @@ def test_config_round_trips_through_toml_and_entries_split_settings_from_options
     assert parse_entry("flora:alpha_per_rank=1.0", config)[1].options == {"ranks": [8, 4, 2], "alpha_per_rank": 1.0}
     with pytest.raises(ConfigError, match="fraction must be in"):
         Config(fraction=0.0)
-    with pytest.raises(ConfigError, match="ferret options: .*unknown bases 'own'"):
+    with pytest.raises(ConfigError, match="ferret options: .*bases.*'own'"):
         Config(options={"bases": "own"}).build_algorithm()
+
+
+def _refused_up_front(tmp_path: Path):
+    """(arguments, message) of input that must be found out before anything is written."""
+    toml = tmp_path / "bytes.toml"
+    toml.write_bytes(b"rounds = 3\n# caf\xe9\n")
+    dolly = tmp_path / "bytes.jsonl"
+    dolly.write_bytes(b'{"instruction": "caf\xe9", "response": "b", "category": "c"}\n')
+    task = {"Definition": ["Add the numbers."], "Instances": [{"input": f"{i} 1", "output": [str(i + 1)]}
+                                                              for i in range(40)]}
+    ni_bytes, ni_dir = tmp_path / "ni-bytes", tmp_path / "ni-dir"
+    (ni_bytes / "t1.json").parent.mkdir()
+    (ni_bytes / "t1.json").write_bytes(json.dumps(task).encode().replace(b"Add", b"\xffAdd"))
+    (ni_dir / "x.json").mkdir(parents=True)
+    (ni_dir / "t1.json").write_text(json.dumps(task))
+    clashes = {"model-dir": "model/", "run-log": "run.log", "loss-png": "loss.png", "model-file": "model",
+               "tmp-dir": "checkpoint.safetensors.tmp/"}
+    for out, name in clashes.items():
+        (tmp_path / out).mkdir()
+        if name.endswith("/"):
+            (tmp_path / out / name).mkdir()
+        else:
+            (tmp_path / out / name).write_text("mine\n")
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.json").write_text("[]\n")
+    return [
+        (["run", "--min-per-client", "0", "--clients", "20", "--alpha", "0.01"],
+         ("split gave all 20 clients", "min_per_client must be at least 1")),  # the split's floor, or the config's
+        (["run", "--config", toml], "bytes.toml: not UTF-8 text"),
+        (["run", "--data", dolly], "bytes.jsonl:1: not UTF-8 text"),
+        (["run", "--data", ni_bytes, "--clients", "1", "--n-eval", "5"], "t1.json: not UTF-8 text"),
+        (["run", "--data", ni_dir, "--clients", "1", "--n-eval", "5"], "x.json: cannot read"),
+        (["run", "--out", "/proc/x"], "cannot write to output directory /proc/x"),
+        (["run", "--out", "/sys/x"], "cannot write to output directory /sys/x"),
+        *[(["run", "--out", tmp_path / out], f"already holds {name.rstrip('/')}") for out, name in clashes.items()],
+        (["compare", "fedavg", "--out", tmp_path / "cmp"], "already holds compare.json"),
+        (["run", "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["compare", "fedavg", "--threads", "-1"], "--threads must be at least 1, got -1"),
+    ]
+
+
+def test_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """In process, as each case loads at most the bundled model: exit 2, one message, nothing written."""
+    from ferret.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    for args, message in _refused_up_front(tmp_path):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert main([*map(str, args), "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert any(m in err for m in ((message,) if isinstance(message, str) else message)), (args, err)
+        assert err.count("\n") == 1, (args, err)
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, args
+    assert not Path("/proc/x").exists() and not Path("/sys/x").exists()
+
+
+def _killed_before_its_first_checkpoint(run: Path, like: Path) -> None:
+    """What a run killed before its first checkpoint leaves: its settings, its log, the start record."""
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text((like / "config.toml").read_text())
+    (run / "run.log").write_text((like / "run.log").read_text().splitlines()[0] + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps(metrics(like)[0]) + "\n")
+
+
+def test_run_killed_before_its_first_checkpoint_reruns_or_starts_over(tmp_path):
+    whole = tmp_path / "whole"
+    ferret("run", *SMALL, "--out", whole, check=True)
+    rerun, resumed, cmp = tmp_path / "rerun", tmp_path / "resumed", tmp_path / "cmp"
+    for run in (rerun, resumed, cmp / "fedavg"):
+        _killed_before_its_first_checkpoint(run, whole)
+    ferret("run", *SMALL, "--out", rerun, "--threads", "1", check=True)
+    proc = ferret("run", "--resume", resumed, "--no-progress", check=True)
+    assert "starting over" in proc.stdout + proc.stderr
+    for run in (rerun, resumed):
+        a, b = weights(whole), weights(run)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        assert [x.get("eval_loss") for x in metrics(run)] == [x.get("eval_loss") for x in metrics(whole)]
+    ferret("compare", "fedavg", *SMALL, "--out", cmp, "--resume", check=True)
+    assert "| fedavg |" in (cmp / "table.md").read_text()
+
+
+def _checkpoint(tmp_path: Path):
+    from ferret import fl
+    from ferret.fl import checkpoint
+    from ferret.fl.config import Config
+
+    config = Config(rounds=2, device="cpu", options={"momentum": 0.5})
+    algorithm = config.build_algorithm()
+    algorithm.velocity = {"weight": torch.ones(2, 3)}
+    path = tmp_path / "checkpoint.safetensors"
+    checkpoint.save(path, torch.nn.Linear(3, 2), algorithm, fl.RunResult(initial_eval_loss=1.0), config.dumps())
+    return path, config
+
+
+def test_checkpoint_with_flipped_bits_is_refused_and_changes_nothing(tmp_path):
+    from ferret.fl import checkpoint
+
+    path, config = _checkpoint(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x04  # in the tensor data, which follows the header
+    path.write_bytes(bytes(data))
+    net = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path.name}.*checksum"):
+        checkpoint.load(path, net, config.build_algorithm())
+    assert all(before[k].equal(v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("key, value", [("result", "{"), ("result", '{"rounds": 3}'), ("broadcast_bytes", "many"),
+                                        ("config", "rounds = "), ("config", None), ("checksum", None)])
+def test_checkpoint_with_malformed_metadata_is_refused(tmp_path, key, value):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ferret.fl import checkpoint, experiment
+
+    path, config = _checkpoint(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != key}
+    tensors = load_file(str(path))
+    if value is not None:
+        meta[key] = value
+    if "checksum" in meta:
+        meta["checksum"] = checkpoint.digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError, match=path.name):
+        checkpoint.load(path, torch.nn.Linear(3, 2), config.build_algorithm())
+    with pytest.raises(checkpoint.CheckpointError, match=path.name):
+        experiment.saved_settings(tmp_path)
+
+
+def test_compare_entries_may_have_spaces_around_settings():
+    from ferret.fl.compare import parse_entry
+    from ferret.fl.config import Config
+
+    label, entry = parse_entry("fedavg: lr = 0.1, steps=1 ,batch_size= 2", Config())
+    assert (entry.algorithm, entry.lr, entry.steps, entry.batch_size, entry.options) == ("fedavg", 0.1, 1, 2, {})
+
+
+def test_a_split_never_leaves_a_client_without_examples():
+    from ferret import fl
+    from ferret.fl.data import DataError
+
+    with pytest.raises(DataError, match="split gave all 20 clients 1 or more examples"):
+        fl.dirichlet_split(fl.synthetic_tasks(20, seed=0), 20, 0.01, seed=0, min_per_client=0)
+    assert all(fl.dirichlet_split(fl.synthetic_tasks(20, seed=0), 3, 0.5, seed=0, min_per_client=0))
+
+
+def test_threads_set_torch_and_the_core():
+    """In a process of its own, as the thread counts are process-wide."""
+    code = ("from ferret.__main__ import set_threads; import ferret, torch; set_threads(2); "
+            "print(torch.get_num_threads(), ferret.num_threads())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.stdout.split() == ["2", "2"], proc.stderr[-2000:]

@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ferret
 from ferret import fl
+from ferret.fl import protocol
+from ferret.fl.algorithms.lora import init_adapter
 from ferret.fl.data import DataError, prompt_of
-from ferret.models import stories260k_dir
+from ferret.fl.models import stories260k_dir
 from ferret.packet import _HEADER
 from ferret.spec import block_seed
 
@@ -41,16 +43,16 @@ def model():
 
 
 ALGORITHMS = {
-    "ferret": lambda: fl.Ferret(3800, LOCAL),
-    "ferret_paper": lambda: fl.Ferret.paper(3800, LOCAL),
-    "ferret_srht": lambda: fl.Ferret(3800, LOCAL, basis="srht"),
-    "ferret_momentum": lambda: fl.Ferret(3800, LOCAL, bases="client", momentum=0.5),
-    "fedavg": lambda: fl.FedAvg(LOCAL),
-    "fedzo": lambda: fl.FedZO(fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
-    "fedkseed": lambda: fl.FedKSeed(32, fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
-    "flora": lambda: fl.FLoRA([8, 4, 2], ADAM),
-    "fedit": lambda: fl.FedIT(4, ADAM),
-    "zeropad": lambda: fl.ZeroPadding([8, 4, 2], ADAM),
+    "ferret": lambda: fl.Ferret(budget=3800, local=LOCAL),
+    "ferret_paper": lambda: fl.build("ferret-paper", budget=3800, local=LOCAL),
+    "ferret_srht": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="srht"),
+    "ferret_momentum": lambda: fl.Ferret(budget=3800, local=LOCAL, bases="client", momentum=0.5),
+    "fedavg": lambda: fl.FedAvg(local=LOCAL),
+    "fedzo": lambda: fl.FedZO(local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
+    "fedkseed": lambda: fl.FedKSeed(k=32, local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
+    "flora": lambda: fl.FLoRA(ranks=[8, 4, 2], local=ADAM),
+    "fedit": lambda: fl.FedIT(ranks=4, local=ADAM),
+    "zeropad": lambda: fl.ZeroPadding(ranks=[8, 4, 2], local=ADAM),
 }
 
 
@@ -84,9 +86,9 @@ def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
 def test_ferret_tracks_fedavg(data):
     shards, held = data
     d = sum(p.numel() for p in model().parameters())
-    runs = {"fedavg": fl.FedAvg(LOCAL), "small": fl.Ferret(3800, LOCAL),
-            "client": fl.Ferret(100_000, LOCAL, bases="client"),  # three independent projections a round
-            "lossless": fl.Ferret(d, LOCAL, basis="srht:32768")}  # every row of an orthogonal transform
+    runs = {"fedavg": fl.FedAvg(local=LOCAL), "small": fl.Ferret(budget=3800, local=LOCAL),
+            "client": fl.Ferret(budget=100_000, local=LOCAL, bases="client"),  # three independent projections a round
+            "lossless": fl.Ferret(budget=d, local=LOCAL, basis="srht:32768")}  # every row of an orthogonal transform
     results = {name: fl.run(algorithm, model(), shards, held, rounds=3, device="cpu", seed=2)
                for name, algorithm in runs.items()}
     gain = {name: r.initial_eval_loss - r.final_eval_loss for name, r in results.items()}
@@ -101,8 +103,8 @@ def test_ferret_tracks_fedavg(data):
 def test_runs_are_deterministic(data):
     shards, held = data
     a, b = model(), model()
-    fl.run(fl.Ferret(1000, LOCAL), a, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
-    fl.run(fl.Ferret(1000, LOCAL), b, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
+    fl.run(fl.Ferret(budget=1000, local=LOCAL), a, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
+    fl.run(fl.Ferret(budget=1000, local=LOCAL), b, shards, held, rounds=2, fraction=0.67, device="cpu", seed=3)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -111,9 +113,9 @@ def test_runs_are_deterministic(data):
 def test_device_auto_without_cuda_is_the_cpu_run(data):
     shards, held = data
     a, b = model(), model()
-    fl.run(fl.Ferret(1000, LOCAL, momentum=0.5), a, shards, held, rounds=2, seed=3, device="cpu", dtype="fp32",
+    fl.run(fl.Ferret(budget=1000, local=LOCAL, momentum=0.5), a, shards, held, rounds=2, seed=3, device="cpu", dtype="fp32",
            backend="core")
-    fl.run(fl.Ferret(1000, LOCAL, momentum=0.5), b, shards, held, rounds=2, seed=3)  # every setting "auto"
+    fl.run(fl.Ferret(budget=1000, local=LOCAL, momentum=0.5), b, shards, held, rounds=2, seed=3)  # every setting "auto"
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -121,8 +123,8 @@ def test_device_auto_without_cuda_is_the_cpu_run(data):
 def test_bf16_autocasts_the_forward_passes_over_fp32_weights(data):
     shards, held = data
     fp32, bf16 = model(), model()
-    plain = fl.run(fl.FedAvg(LOCAL), fp32, shards[:1], held, rounds=1, seed=3, device="cpu")
-    mixed = fl.run(fl.FedAvg(LOCAL), bf16, shards[:1], held, rounds=1, seed=3, device="cpu", dtype="bf16")
+    plain = fl.run(fl.FedAvg(local=LOCAL), fp32, shards[:1], held, rounds=1, seed=3, device="cpu")
+    mixed = fl.run(fl.FedAvg(local=LOCAL), bf16, shards[:1], held, rounds=1, seed=3, device="cpu", dtype="bf16")
     assert all(p.dtype == torch.float32 for p in bf16.parameters())
     assert mixed.final_eval_loss < mixed.initial_eval_loss and mixed.final_eval_loss != plain.final_eval_loss
     assert any(not torch.equal(x, y) for x, y in zip(fp32.parameters(), bf16.parameters()))
@@ -144,7 +146,7 @@ def test_bad_device_dtype_or_backend_is_refused_before_anything_runs(settings, m
     with pytest.raises(ConfigError, match=message):
         Config(**settings)
     with pytest.raises(ConfigError, match=message):
-        fl.run(fl.Ferret(1000, LOCAL), m, shards, held, rounds=1, **settings)
+        fl.run(fl.Ferret(budget=1000, local=LOCAL), m, shards, held, rounds=1, **settings)
     if "backend" not in settings:
         with pytest.raises(ConfigError, match=message):
             centralized(m, shards, held, LOCAL, rounds=1, **settings)
@@ -203,7 +205,7 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     m = model()
     n_tensors = sum(1 for p in m.parameters() if p.requires_grad)
     d = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    algorithm, broadcasts = fl.Ferret(1000, LOCAL), []
+    algorithm, broadcasts = fl.Ferret(budget=1000, local=LOCAL), []
     ferret_ = fl.run(algorithm, m, shards, held, rounds=2, device="cpu", seed=4,
                      on_round=lambda r: broadcasts.append(algorithm.broadcast))
     for record in ferret_.rounds:
@@ -211,9 +213,9 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     assert ferret_.rounds[0].download_bytes == 0
     merged = ferret.Packet.from_bytes(broadcasts[0])  # per block, the most coordinates any client sent
     assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == _HEADER.size + 4 * n_tensors + 4 * merged.coords.size + 4
-    fedavg = fl.run(fl.FedAvg(LOCAL), model(), shards, held, rounds=1, device="cpu", seed=4)
+    fedavg = fl.run(fl.FedAvg(local=LOCAL), model(), shards, held, rounds=1, device="cpu", seed=4)
     assert all(4 * d < b < 4 * d + 16384 for b in fedavg.rounds[0].upload_bytes.values())
-    kseed = fl.run(fl.FedKSeed(32, fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1,
+    kseed = fl.run(fl.FedKSeed(k=32, local=fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1,
                    device="cpu", seed=4)
     assert set(kseed.rounds[0].upload_bytes.values()) == {4 * 32}
 
@@ -224,13 +226,13 @@ def test_flora_with_one_client_is_plain_lora_training(data, tokenizer):
     shards, held = data
     seed = 5
     federated = model()
-    fl.run(fl.FLoRA(4, ADAM), federated, shards[:1], held, rounds=1, device="cpu", seed=seed)
+    fl.run(fl.FLoRA(ranks=4, local=ADAM), federated, shards[:1], held, rounds=1, device="cpu", seed=seed)
 
-    round_seed = block_seed(seed, 0)
-    torch.manual_seed(round_seed ^ 0)
-    plain = get_peft_model(model(), LoraConfig(r=4, lora_alpha=8, target_modules=list(fl.FLoRA(4).target_modules),
+    client = protocol.client_context(seed, 0, 0)
+    plain = get_peft_model(model(), LoraConfig(r=4, lora_alpha=8, target_modules=fl.FLoRA(ranks=4).options.modules,
                                                lora_dropout=0.0))
-    fl.train.first_order_steps(plain, shards[0], rng=np.random.default_rng([seed, 0, 0]), **vars(ADAM))
+    init_adapter(plain, client.generator)
+    fl.train.first_order_steps(plain, shards[0], rng=client.rng, **vars(ADAM))
     plain = plain.merge_and_unload()
     for (name, x), (_, y) in zip(federated.state_dict().items(), plain.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
@@ -241,7 +243,7 @@ def test_non_finite_client_is_dropped(data):
     m = model()
     before = copy.deepcopy(m.state_dict())
     with pytest.warns(RuntimeWarning, match="client 0 dropped"):
-        result = fl.run(fl.FedAvg(fl.LocalTraining(steps=2, lr=1e30)), m, shards[:1], held, rounds=1, device="cpu",
+        result = fl.run(fl.FedAvg(local=fl.LocalTraining(steps=2, lr=1e30)), m, shards[:1], held, rounds=1, device="cpu",
                         seed=6)
     assert result.rounds[0].dropped == [0]
     for name, x in m.state_dict().items():
@@ -270,7 +272,7 @@ def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
     rng = np.random.default_rng(1)
     net = torch.nn.Linear(30, 20)
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
-    algorithm = fl.Ferret(40, bases=bases, momentum=0.5)
+    algorithm = fl.Ferret(budget=40, bases=bases, momentum=0.5)
     weights = [0.6, 0.4]
     expected_velocity = None
     for t in range(2):
@@ -291,27 +293,25 @@ def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
         start = {n: start[n] + expected_velocity[n] for n in start}
         for n, p in net.named_parameters():
             torch.testing.assert_close(p.detach(), start[n], rtol=1e-5, atol=1e-5)
-    restored = fl.Ferret(40, bases=bases, momentum=0.5)
+    restored = fl.Ferret(budget=40, bases=bases, momentum=0.5)
     restored.load_state_dict(algorithm.state_dict())
     assert restored.velocity.keys() == algorithm.velocity.keys()
 
 
 def test_ferret_warns_once_when_srht_moves_a_small_share_of_the_model(data):
-    from ferret.fl.algorithms import ClientContext
-
     shards, _ = data
-    algorithm = fl.Ferret(100, LOCAL, basis="srht:16")  # K·B = 1600 of 260K weights
-    ctx = ClientContext(round=0, client=0, round_seed=1, rng=np.random.default_rng(0))
+    algorithm = fl.Ferret(budget=100, local=LOCAL, basis="srht:16")  # K·B = 1600 of 260K weights
+    ctx = protocol.client_context(1, 0, 0)
     with pytest.warns(RuntimeWarning, match="moves at most 1% of the weights"):
         algorithm.client_update(model(), shards[0], ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         algorithm.client_update(model(), shards[0], ctx)  # once only
-        fl.Ferret(100, LOCAL, basis="rademacher").client_update(model(), shards[0], ctx)
+        fl.Ferret(budget=100, local=LOCAL, basis="rademacher").client_update(model(), shards[0], ctx)
 
 
 def test_ferret_rejects_unknown_options():
-    with pytest.raises(ValueError, match="unknown bases 'own'"):
+    with pytest.raises(ValueError, match="bases must be one of 'shared', 'client', got 'own'"):
         fl.Ferret(bases="own")
     with pytest.raises(ValueError, match="momentum must be in"):
         fl.Ferret(momentum=1.0)
@@ -429,9 +429,45 @@ def test_mmlu_scores_the_most_likely_letter(tmp_path, tokenizer):
     path.write_text(json.dumps(records[:1] + [{"instruction": "x", "input": "y", "output": "no answer"}]))
     with pytest.raises(fl.DataError, match="record 1 is not an MMLU question"):
         fl.load_mmlu(path)
+    path.write_bytes(b'[{"instruction": "caf\xe9"}]')
+    with pytest.raises(fl.DataError, match="not UTF-8 text"):
+        fl.load_mmlu(path)
 
 
 def test_real_mmlu_subset_loads_when_present():
     path = shared_asset("mmlu/mmlu_test_1444.json")
     questions = fl.load_mmlu(path)
     assert len(questions) == 1444 and {q.response for q in questions} == set("ABCD")
+
+
+def test_both_engines_take_sampling_and_seeding_from_the_round_protocol(data, monkeypatch):
+    """The embedded loop and the Flower strategy and client call ferret.fl.protocol for every
+    client a round samples and seeds: spies on it see every call, so no engine keeps a copy."""
+    pytest.importorskip("flwr", reason="the [flower] extra is not installed")
+    from flwr.app import Context, RecordDict
+
+    from ferret.fl.config import Config
+    from ferret.flower.apps import FLOWER_KEYS
+    from ferret.flower.client import local_update
+    from ferret.flower.strategy import AlgorithmStrategy
+
+    calls = {"round_context": [], "client_context": []}
+    for name in calls:
+        real = getattr(protocol, name)
+        monkeypatch.setattr(protocol, name, lambda *a, _real=real, _name=name: calls[_name].append(a) or _real(*a))
+    shards, held = data
+    fl.run(fl.FedAvg(local=fl.LocalTraining(steps=1)), model(), shards, held, rounds=2, device="cpu", seed=9,
+           fraction=0.67)
+    assert [a[1] for a in calls["round_context"]] == [0, 1]
+    assert len(calls["client_context"]) == 2 * 2 and all(a[0] == 9 for a in calls["client_context"])
+
+    config = Config(algorithm="fedavg", clients=3, rounds=1, seed=9, steps=1, synthetic_per_family=20, n_eval=20,
+                    rouge_samples=0, device="cpu")
+    strategy = AlgorithmStrategy(fl.FedAvg(), model(), clients=3, seed=9, fraction=0.67)
+    strategy.nodes = {99: 10}  # no node for the round's clients: nothing is sent, the round is still drawn
+    assert list(strategy.configure_train(1, None, None, grid=None)) == []
+    assert calls["round_context"][-1] == (9, 0, 3, 0.67) and strategy.round_context.clients == [0, 2]
+    context = Context(run_id=1, node_id=10, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    info = {"round": 0, "round-seed": ferret.block_seed(9, 0), "partition": 0, "since": 0}
+    local_update(info, {}, context, config, dict(FLOWER_KEYS))
+    assert calls["client_context"][-1] == (9, 0, 0)

@@ -22,17 +22,22 @@ import torch
 
 pytest.importorskip("flwr", reason="the [flower] extra is not installed")
 
+from flwr.app import RecordDict  # noqa: E402
+
 import ferret  # noqa: E402
 from ferret import fl  # noqa: E402
 from ferret.fl.algorithms.lora import encode_adapter  # noqa: E402
 from ferret.fl.config import Config, ConfigError  # noqa: E402
-from ferret.flower import FerretStrategy, codec_for, config_from_run  # noqa: E402
-from ferret.flower.records import MalformedReply  # noqa: E402
+from ferret.fl.algorithms import MalformedUpload  # noqa: E402
+from ferret.flower import config_from_run, from_record, to_record  # noqa: E402
 
 APP = Path(__file__).parents[1] / "examples" / "flower"
 BIN = Path(sys.executable).parent  # Flower's executables sit beside the interpreter that has flwr
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# The SuperLink starts flower-superexec by name: the interpreter's bin directory goes first on PATH,
+# so the tests run from a virtualenv that is not activated too.
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_TELEMETRY_ENABLED": "0",
+       "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, steps=3, lr=0.02, rouge_samples=0)
 OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
 MOMENTUM = {"budget": 500, "bases": "client", "momentum": 0.5}  # server state the clients replay too
@@ -74,45 +79,21 @@ def metrics(out: Path) -> list[dict]:
 
 
 # -- records -----------------------------------------------------------------------------------
-def test_ferret_upload_travels_as_coordinates_and_metadata():
-    net = torch.nn.Linear(30, 20)
-    algorithm = fl.Ferret(40)
-    packet = ferret.compress({n: torch.randn(p.shape) for n, p in net.named_parameters()}, seed=7, budget=40)
-    codec = codec_for(algorithm)
-    record = codec.to_record(packet.to_bytes())
-    assert record["upload"]["coords"].numpy().dtype == np.float32 and record["upload"]["coords"].numpy().size == 40
-    upload = codec.from_record(record)
-    assert upload == packet.to_bytes()
-    codec.check(upload, net, expected_seed=7)
-    with pytest.raises(MalformedReply, match="seed 7, the round's is 8"):
-        codec.check(upload, net, expected_seed=8)
-    with pytest.raises(MalformedReply, match="another model or layout"):
-        codec.check(upload, torch.nn.Linear(30, 21), expected_seed=7)
-    nan = codec.to_record(packet.to_bytes())
-    coords = nan["upload"]["coords"].numpy().copy()
-    coords[3] = np.nan
-    nan["upload"]["coords"] = type(nan["upload"]["coords"])(coords)
-    with pytest.raises(MalformedReply, match="NaN"):
-        codec.from_record(nan)
-    shapeless = codec.to_record(packet.to_bytes())
-    shapeless["upload"]["coords"] = type(shapeless["upload"]["coords"])(np.zeros((2, 20), np.float32))
-    with pytest.raises(MalformedReply, match="1-d float32"):
-        codec.from_record(shapeless)
-
-
-def test_lora_upload_travels_as_each_clients_own_rank():
+@pytest.mark.parametrize("kind", ["ferret", "lora"])
+def test_every_upload_travels_as_its_own_bytes(kind):
     from ferret.lora import LoraAdapter, LoraTerm
 
-    adapter = LoraAdapter({"proj": [LoraTerm(torch.randn(3, 8), torch.randn(5, 3), 1.0)]})
-    codec = codec_for(fl.FLoRA([3]))
-    record = codec.to_record(encode_adapter(adapter))
-    assert record["upload"]["proj.A"].numpy().shape == (3, 8) and record["upload"]["proj.B"].numpy().shape == (5, 3)
-    model = torch.nn.Module()
-    model.proj = torch.nn.Linear(8, 5)
-    codec.check(codec.from_record(record), model, expected_seed=0)
-    model.proj = torch.nn.Linear(8, 6)
-    with pytest.raises(MalformedReply, match="does not fit"):
-        codec.check(codec.from_record(record), model, expected_seed=0)
+    if kind == "ferret":
+        upload = ferret.compress({"w": torch.randn(20, 30)}, seed=7, budget=40).to_bytes()
+    else:
+        upload = encode_adapter(LoraAdapter({"proj": [LoraTerm(torch.randn(3, 8), torch.randn(5, 3), 1.0)]}))
+    record = to_record(upload)
+    assert record["upload"]["bytes"].numpy().dtype == np.uint8 and from_record(record) == upload
+    with pytest.raises(MalformedUpload, match="no upload"):
+        from_record(RecordDict({}))
+    record["upload"]["bytes"] = type(record["upload"]["bytes"])(np.zeros((2, 3), np.float32))
+    with pytest.raises(MalformedUpload, match="1-d uint8"):
+        from_record(record)
 
 
 def test_run_config_maps_onto_ferret_run_settings():
@@ -124,8 +105,8 @@ def test_run_config_maps_onto_ferret_run_settings():
         config_from_run({"epochs": 3})
     with pytest.raises(ConfigError, match="reference run"):
         config_from_run({"algorithm": "centralized"})
-    with pytest.raises(TypeError, match="drives Ferret"):
-        FerretStrategy(fl.FedAvg(), torch.nn.Linear(2, 2), clients=1)
+    with pytest.raises(ConfigError, match="budget must be a positive number"):
+        config_from_run({"algorithm": "ferret", "options": "budget=0"})
 
 
 def test_a_node_config_sets_where_that_node_computes():
@@ -151,10 +132,11 @@ def test_a_data_owner_trains_on_its_own_file(tmp_path):
     config = small_config("ferret")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data": str(own)}, state=RecordDict(),
                       run_config={})
-    info = {"round": 0, "round-seed": 11, "partition": 0, "since": 0}
+    round_seed = ferret.block_seed(config.seed, 0)
+    info = {"round": 0, "round-seed": round_seed, "partition": 0, "since": 0}
     upload, examples, _ = local_update(info, {}, context, config, dict(FLOWER_KEYS))
     assert examples == 7
-    assert ferret.Packet.from_bytes(upload).round_seed == 11
+    assert ferret.Packet.from_bytes(upload).round_seed == round_seed
     assert int(context.state["ferret-sync"]["synced"]) == 0
 
 
@@ -169,7 +151,7 @@ config = Config(**spec["config"])
 mods = []
 if spec.get("faulty"):
     from flwr.app import Message
-    def faulty(msg, context, call_next):  # client 1 sends NaN coordinates; client 2 fails in round 1
+    def faulty(msg, context, call_next):  # client 1 sends bytes that are no packet; client 2 fails in round 1
         c = int(context.node_config["partition-id"])
         if "round" not in msg.content:  # the partition-id query
             return call_next(msg, context)
@@ -177,8 +159,8 @@ if spec.get("faulty"):
             raise RuntimeError("client 2 crashed")
         reply = call_next(msg, context)
         if c == 1 and not reply.has_error() and "upload" in reply.content:
-            coords = reply.content["upload"]["coords"]
-            reply.content["upload"]["coords"] = type(coords)(coords.numpy() * float("nan"))
+            upload = reply.content["upload"]["bytes"]
+            reply.content["upload"]["bytes"] = type(upload)(upload.numpy()[::-1].copy())
         return reply
     mods = [faulty]
 if spec.get("late"):
@@ -215,14 +197,25 @@ def simulate(config: Config, out: Path, **extra) -> subprocess.CompletedProcess:
     return proc
 
 
-# ferret-momentum samples 2 of 3 clients per round: clients catch up on the rounds they missed,
-# weights and server momentum alike
-CASES = {"ferret": {}, "ferret-momentum": {"options": MOMENTUM, "fraction": 0.67, "rounds": 3}, "flora": {}}
+# Every registered algorithm. ferret-momentum samples 2 of 3 clients per round: clients catch up
+# on the rounds they missed, weights and server momentum alike.
+ZEROTH = {"lr": 1e-5}
+CASES = {"ferret": ("ferret", {}),
+         "ferret-momentum": ("ferret", {"options": MOMENTUM, "fraction": 0.67, "rounds": 3}),
+         "ferret-paper": ("ferret-paper", {"options": {"budget": 500}}),
+         "fedavg": ("fedavg", {}), "fedzo": ("fedzo", ZEROTH), "fedkseed": ("fedkseed", {**ZEROTH, "options": {"k": 16}}),
+         "flora": ("flora", {}), "fedit": ("fedit", {"options": {"ranks": 4}}),
+         "zeropad": ("zeropad", {"options": {"ranks": [4, 2, 2]}})}
+
+
+def test_every_algorithm_has_a_simulation_case():
+    assert {algorithm for algorithm, _ in CASES.values()} == set(fl.ALGORITHMS)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_simulation_reaches_the_embedded_loops_weights(case, tmp_path):
-    config = small_config(case.split("-")[0], **CASES[case])
+    algorithm, changes = CASES[case]
+    config = small_config(algorithm, **changes)
     simulate(config, tmp_path)
     want = embedded_weights(config)
     got = flower_weights(tmp_path, config)
@@ -255,7 +248,7 @@ def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_pa
     assert [r["dropped"] for r in rounds] == [[1], [1, 2]]
     assert all(np.isfinite(r["eval_loss"]) for r in rounds)
     log = proc.stdout + proc.stderr
-    assert "client 1 sent a malformed reply" in log and "client 2 failed" in log
+    assert "client 1 sent an upload the server refuses" in log and "client 2 failed" in log
     # the rounds aggregated what arrived: the model moved in both rounds
     start = next(m for m in metrics(tmp_path) if m["kind"] == "start")["eval_loss"]
     assert rounds[0]["eval_loss"] != start and rounds[1]["eval_loss"] != rounds[0]["eval_loss"]
@@ -294,10 +287,10 @@ def test_secagg_refuses_what_cannot_be_summed():
     from ferret.flower.secagg import check_secure
 
     with pytest.raises(ConfigError, match="allocation='uniform'"):
-        check_secure(fl.Ferret(500))
+        check_secure(fl.Ferret(budget=500))
     with pytest.raises(ConfigError, match="cannot be summed"):
-        check_secure(fl.FLoRA([4]))
-    check_secure(fl.Ferret(500, allocation="uniform"))
+        check_secure(fl.FLoRA(ranks=[4]))
+    check_secure(fl.Ferret(budget=500, allocation="uniform"))
 
 
 def test_a_late_reply_is_left_out_and_the_client_rejoins(tmp_path):

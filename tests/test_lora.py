@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from ferret import lora
 from ferret.lora import LoraAdapter, LoraError, LoraTerm
-from ferret.models import stories260k_dir
+from ferret.fl.models import stories260k_dir
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

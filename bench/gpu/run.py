@@ -148,7 +148,7 @@ def federated(out: Path, dry: bool) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ferret import fl
-    from ferret.models import stories260k_dir
+    from ferret.fl.models import stories260k_dir
 
     tokenizer = AutoTokenizer.from_pretrained(stories260k_dir())
     train, held = fl.holdout(fl.synthetic_tasks(30, seed=0), 40, seed=0)
@@ -156,7 +156,7 @@ def federated(out: Path, dry: bool) -> dict:
     eval_data = fl.encode(held, tokenizer)
     local = fl.LocalTraining(steps=2 if dry else 5, batch_size=4, lr=0.1)
     budget = 64 if dry else 3800
-    makers = {"ferret": lambda: fl.Ferret(budget, local), "fedavg": lambda: fl.FedAvg(local)}
+    makers = {"ferret": lambda: fl.Ferret(budget=budget, local=local), "fedavg": lambda: fl.FedAvg(local=local)}
     # GPU: Triton kernels; CPU: the compiled core. Dry: both on the CPU, Triton in its interpreter.
     runs = {"gpu": dict(device="cpu" if dry else "cuda", backend="triton" if dry else "auto", dtype="fp32"),
             "cpu": dict(device="cpu", backend="core", dtype="fp32")}

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+# what the `fl` extra installs (pyproject.toml): a run without them says what to install
+LOOP_LIBRARIES = {"transformers", "peft", "rouge_score", "tqdm", "matplotlib", "tomli_w", "tomli"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ferret {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if err.name not in LOOP_LIBRARIES:
+            raise
+        print(f"ferret {args.command}: error: the loop needs {err.name}: pip install 'ferret-fl[fl]'", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +96,8 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the algorithm, e.g. --option budget=3800 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-round lines")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and ferret's core "
+                        "(default: theirs); where the run computes, not part of its settings")
     kinds = {"str": str, "int": int, "float": float}
     for f in dataclasses.fields(Config):
         if f.name == "options" or (f.name == "algorithm" and not algorithm):
@@ -100,8 +109,7 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
 
 def _config(args, base: dict | None = None):
     """The configuration: ``base`` (settings) or defaults, then ``--config``, then flags and options."""
-    from .fl.compare import parse_value
-    from .fl.config import Config, ConfigError
+    from .fl.config import Config, ConfigError, parse_value
 
     values = dict(base or {})
     if args.config is not None:
@@ -122,10 +130,29 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def set_threads(n: int | None) -> None:
+    """Make torch and ferret's compiled core use ``n`` CPU threads, whatever ``FERRET_NUM_THREADS``
+    says (``None``: leave both as they are); raises :class:`~ferret.fl.config.ConfigError` when
+    ``n`` is below 1."""
+    from .fl.config import ConfigError
+
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    from . import set_num_threads
+
+    torch.set_num_threads(n)
+    set_num_threads(n)
+
+
 def cmd_run(args) -> int:
     from .fl import experiment
     from .fl.config import ConfigError
 
+    set_threads(args.threads)
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise ConfigError("--resume names the run directory: leave out --out")
@@ -143,6 +170,7 @@ def cmd_compare(args) -> int:
     from .fl import compare
     from .fl.config import ConfigError
 
+    set_threads(args.threads)
     base = _config(args)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out, the comparison's directory")
@@ -173,7 +201,7 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import demo
-    from .models import stories260k_dir
+    from .fl.models import stories260k_dir
 
     model = args.model or stories260k_dir()
     if not (model / "model.safetensors").is_file():

@@ -15,31 +15,23 @@ import re
 from pathlib import Path
 
 from . import experiment, report
-from .config import Config, ConfigError, tomllib
-from .simulation import RunResult
+from .config import Config, ConfigError, parse_assignments
+from .results import RunResult, read_metrics
+
+TABLE, JSON, PLOT = "table.md", "compare.json", "loss.png"  # what a comparison writes besides its runs
 
 
 def parse_entry(entry: str, base: Config) -> tuple[str, Config]:
     """(label, config) for one entry on top of ``base``; raises :class:`ConfigError`."""
     name, _, rest = entry.partition(":")
+    name = name.strip()
     fields = {f.name for f in dataclasses.fields(Config)} - {"options", "algorithm"}
     settings, options = {}, {}
-    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a list
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"{entry!r}: settings are key=value, got {item!r}")
-        (settings if key in fields else options)[key.strip()] = parse_value(value.strip())
+    for key, value in parse_assignments(rest, repr(entry)).items():
+        (settings if key in fields else options)[key] = value
     inherited = base.options if name == base.algorithm else {}  # options belong to one algorithm
     values = {**base.to_dict(), **settings, "algorithm": name, "options": {**inherited, **options}}
     return entry, Config.from_dict(values, entry)
-
-
-def parse_value(text: str):
-    """A TOML value (number, boolean, quoted string, array), or the text itself as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def label_dir(label: str) -> str:
@@ -49,57 +41,85 @@ def label_dir(label: str) -> str:
 
 def compare(base: Config, entries: list[str], out: str | Path, *, target: float | None = None,
             resume: bool = False, progress: bool = True, echo=print) -> dict[str, RunResult]:
-    """Run every entry into ``out/<label>`` (resuming unfinished ones when ``resume``), then write
-    ``table.md``, ``compare.json`` and ``loss.png`` in ``out``. ``target`` (default: the worst
-    final eval loss, so every run reaches it) is the loss the table counts rounds to. Returns the
+    """Run every entry into ``out/<label>`` (when ``resume``, skipping finished ones and continuing
+    the others), then write ``table.md``, ``compare.json`` and ``loss.png`` in ``out``. ``target``
+    (default: the worst final eval loss, so every run reaches it) is the loss the table counts
+    rounds to. Every entry and directory is checked before anything runs (:class:`ConfigError`,
+    or :class:`~ferret.fl.checkpoint.CheckpointError` for a damaged checkpoint). Returns the
     records by label."""
     out = Path(out)
     if not entries:
         raise ConfigError("nothing to compare: name at least one algorithm")
-    runs = [parse_entry(e, base) for e in entries]  # every entry is checked before anything runs
+    runs = [parse_entry(e, base) for e in entries]
     labels = [label for label, _ in runs]
-    if len(set(labels)) != len(labels):
-        raise ConfigError("an entry is named twice")
-    if (out / "table.md").exists() and not resume:
-        raise ConfigError(f"{out} already holds a comparison: continue it with --resume {out}, or choose another --out")
-    if not resume:
-        for label, _ in runs:
-            experiment.check_out_dir(out / label_dir(label), resume=False)
+    _check_distinct(out, labels)
+    _check_out(out, resume)
+    plans = [_plan(out, label, config, resume) for label, config in runs]
     results, finals = {}, {}
-    for label, config in runs:
+    for (label, _), (config, cont) in zip(runs, plans):
         sub = out / label_dir(label)
         echo(f"== {label} ==")
-        if resume and (sub / "summary.md").exists():
-            results[label], finals[label] = read_metrics(sub / "metrics.jsonl")
+        if config is None:
+            results[label], finals[label] = read_metrics(sub / experiment.METRICS)
             echo(f"already finished: eval loss {results[label].final_eval_loss:.4f}")
             continue
-        cont = resume and (sub / "checkpoint.safetensors").exists()
-        results[label] = experiment.run(None if cont else config, sub, resume=cont, progress=progress, echo=echo)
-        finals[label] = read_metrics(sub / "metrics.jsonl")[1]
+        results[label] = experiment.run(config, sub, resume=cont, progress=progress, echo=echo)
+        finals[label] = read_metrics(sub / experiment.METRICS)[1]
     if target is None:
         target = max(r.final_eval_loss for r in results.values())
     rows = [report.Summary.of(label, results[label], target, finals[label].get("rouge_l")) for label in labels]
     title = f"{base.model}, {Path(base.data).name}, {base.clients} clients, {base.rounds} rounds"
-    (out / "table.md").write_text(f"# {title}\n\n" + report.table(rows, target), encoding="utf-8")
-    (out / "compare.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1), encoding="utf-8")
-    report.plot(results, out / "loss.png", title=title)
+    (out / TABLE).write_text(f"# {title}\n\n" + report.table(rows, target), encoding="utf-8")
+    (out / JSON).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1), encoding="utf-8")
+    report.plot(results, out / PLOT, title=title)
     echo(report.table(rows, target))
     return results
 
 
-def read_metrics(path: str | Path) -> tuple[RunResult, dict]:
-    """(records, the end record) from a finished run's metrics.jsonl."""
-    from .simulation import RoundRecord
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuse ``out`` if a comparison's own files would clash with what it holds (any of them when
+    not resuming, a directory in their place when resuming)."""
+    present = [name for name in (TABLE, JSON, PLOT) if (out / name).exists()]
+    if resume:
+        present = [name for name in present if (out / name).is_dir()]
+        if present:
+            raise ConfigError(f"{out / present[0]} is in the way: a comparison writes a file there; move it")
+    elif TABLE in present:
+        raise ConfigError(f"{out} already holds a comparison: continue it with --resume --out {out}, "
+                          f"or choose another --out")
+    elif present:
+        raise ConfigError(f"{out} already holds {', '.join(present)}, which a comparison writes: move "
+                          f"{'it' if len(present) == 1 else 'them'}, or choose another --out")
 
-    lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    start = next(x for x in lines if x["kind"] == "start")
-    rounds = []
-    for x in (x for x in lines if x["kind"] == "round"):
-        clients = [c for c in lines if c["kind"] == "client" and c["round"] == x["round"]]
-        rounds.append(RoundRecord(x["round"] - 1, x["eval_loss"], x["clients"], x["dropped"],
-                                  {c["client"]: c["upload_bytes"] for c in clients},
-                                  x["download_bytes"] // max(len(x["clients"]), 1),
-                                  {c["client"]: c["local_seconds"] for c in clients}, x["aggregate_seconds"],
-                                  x.get("rouge_l")))
-    end = next((x for x in lines if x["kind"] == "end"), {})
-    return RunResult(start["eval_loss"], rounds), end
+
+def _plan(out: Path, label: str, config: Config, resume: bool) -> tuple[Config | None, bool]:
+    """(the config to run the entry ``label`` with, None when its run is finished; whether to resume
+    its checkpoint), with its directory checked as :func:`~ferret.fl.experiment.run` would."""
+    sub = out / label_dir(label)
+    if resume and (sub / experiment.SUMMARY).exists():
+        _check_finished(sub)
+        return None, False
+    cont = (sub / experiment.CHECKPOINT).is_file()
+    if cont and not resume:
+        raise ConfigError(f"{out} holds an unfinished comparison ({sub} holds a run): continue it with "
+                          f"--resume --out {out}, or choose another --out")
+    experiment.check_out_dir(sub, resume=cont)
+    return (experiment.resumed_config(sub, config) if cont else config), cont
+
+
+def _check_distinct(out: Path, labels: list[str]) -> None:
+    """Raise :class:`ConfigError` when two entries would run into one directory."""
+    dirs = [label_dir(label) for label in labels]
+    for i, d in enumerate(dirs):
+        if d in dirs[:i]:
+            raise ConfigError(f"an entry is named twice: {labels[dirs.index(d)]!r} and {labels[i]!r} would both "
+                              f"run in {out / d}")
+
+
+def _check_finished(sub: Path) -> None:
+    """Raise :class:`ConfigError` unless the finished run in ``sub`` has metrics that read back."""
+    try:
+        read_metrics(sub / experiment.METRICS)
+    except (OSError, ValueError, KeyError, StopIteration) as err:
+        raise ConfigError(f"{sub / experiment.METRICS} cannot be read back ({type(err).__name__}: {err}): "
+                          f"move {sub} away to run that entry again") from None

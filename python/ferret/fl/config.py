@@ -17,7 +17,8 @@ Example (every key optional; these are the defaults)::
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +28,20 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .algorithms import ALGORITHMS, Algorithm, LocalTraining
+from .protocol import WEIGHTINGS
 from .runtime import Runtime, resolve
+from .settings import ConfigError, Settings, at_least, one_of, positive_finite
 
 REFERENCES = ("centralized", "standalone")
 RUNTIME_KEYS = ("device", "dtype", "backend")  # where a run computes, not what: a resumed run may change them
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run: an unknown key, a wrong type, a value out of range."""
-
-
 @dataclass
-class Config:
+class Config(Settings):
+    """Every setting of an experiment (see the module docstring); made only valid: building one
+    checks every value, the algorithm's options and local training included, and the device
+    (:class:`ConfigError` with one message)."""
+
     algorithm: str = "ferret"
     model: str = "stories260k"
     data: str = "synthetic"
@@ -70,38 +73,34 @@ class Config:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.check()
+        try:
+            super().__post_init__()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
 
     def check(self) -> None:
-        """Raise :class:`ConfigError` for a wrong type or value, an unknown algorithm or option, or a
-        device, dtype or backend :func:`~ferret.fl.runtime.resolve` refuses (backend "triton" on the
-        CPU sets ``TRITON_INTERPRET=1`` here, before anything imports triton)."""
-        hints = {f.name: f.type for f in dataclasses.fields(self)}
-        for name, kind in hints.items():
-            value = getattr(self, name)
-            if not _is(value, kind):
-                raise ConfigError(f"{name} must be {_describe(kind)}, got {value!r}")
+        """Raise :class:`ConfigError` unless every setting is valid (building a Config does this)."""
+        self.__post_init__()
+
+    def validate(self) -> None:
         names = sorted(ALGORITHMS) + list(REFERENCES)
         if self.algorithm not in names:
-            raise ConfigError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(names)}")
-        for name in ("clients", "rounds", "n_eval", "max_prompt", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.weighting not in ("examples", "equal"):
-            raise ConfigError(f"weighting must be 'examples' or 'equal', got {self.weighting!r}")
-        if self.optimizer not in (None, "sgd", "adamw"):
-            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+            raise ValueError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(names)}")
+        for name in ("clients", "rounds", "n_eval", "max_prompt", "max_length", "min_per_client",
+                     "synthetic_per_family", "max_new_tokens"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("seed", "rouge_samples", "rouge_every", "mmlu_questions"):
+            at_least(name, getattr(self, name), 0)
+        positive_finite("alpha", self.alpha)
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        one_of("weighting", self.weighting, WEIGHTINGS)
         if self.algorithm in REFERENCES:
             if self.options:
-                raise ConfigError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")
+                raise ValueError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")
+            self.local(LocalTraining())
         else:
-            accepted = _options_of(ALGORITHMS[self.algorithm])
-            unknown = sorted(set(self.options) - set(accepted))
-            if unknown:
-                raise ConfigError(f"unknown option {unknown[0]!r} for {self.algorithm}: "
-                                  f"it takes {', '.join(accepted) or 'no options'}")
+            self.build_algorithm()
         self.runtime()
 
     def runtime(self) -> Runtime:
@@ -109,18 +108,21 @@ class Config:
         return resolve(self.device, self.dtype, self.backend)
 
     def local(self, default: LocalTraining) -> LocalTraining:
-        """Local training: ``default`` with the settings this config gives."""
+        """Local training: ``default`` with the settings this config gives; ``ValueError`` for a bad value."""
         given = {k: getattr(self, k) for k in ("steps", "batch_size", "lr", "optimizer", "grad_accum", "clip")}
-        return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
+        try:
+            return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"local training: {err}") from None
 
     def build_algorithm(self) -> Algorithm:
-        """The configured algorithm object (not for the references); raises :class:`ConfigError`."""
-        make = ALGORITHMS[self.algorithm]
-        cls = make.__self__ if inspect.ismethod(make) else make
+        """The configured algorithm object (not for the references); raises ``ValueError``."""
+        entry = ALGORITHMS[self.algorithm]
+        local = self.local(entry.cls.default_local)
         try:
-            return make(local=self.local(cls.default_local), **self.options)
+            return entry.build(local, **self.options)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{self.algorithm} options: {err}") from None
+            raise ValueError(f"{self.algorithm} options: {err}") from None
 
     def to_dict(self) -> dict:
         """Every setting (None ones left out, as TOML has no null)."""
@@ -137,10 +139,13 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        """A config from a TOML file; raises :class:`ConfigError` for a missing or malformed file."""
+        """A config from a TOML file; raises :class:`ConfigError` naming the file when it is missing,
+        unreadable, not UTF-8 or not valid TOML, or for a bad setting."""
+        from .data import decode_utf8
+
         path = Path(path)
         try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
+            values = tomllib.loads(decode_utf8(path.read_bytes(), str(path), ConfigError))
         except OSError as err:
             raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
@@ -154,22 +159,21 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
 
-def _options_of(make) -> list[str]:
-    params = inspect.signature(make).parameters
-    return [n for n, p in params.items() if n not in ("self", "cls", "local") and p.kind != p.VAR_KEYWORD]
+def parse_value(text: str):
+    """A TOML value (number, boolean, quoted string, array), or the text itself as a string."""
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
 
 
-def _is(value, kind) -> bool:
-    kinds = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
-    for alt in str(kind).split("|"):
-        alt = alt.strip()
-        if alt == "None" and value is None:
-            return True
-        if alt in kinds and isinstance(value, kinds[alt]) and not (alt != "bool" and isinstance(value, bool)):
-            return True
-    return False
-
-
-def _describe(kind) -> str:
-    words = {"str": "a string", "int": "an integer", "float": "a number", "dict": "a table", "None": "unset"}
-    return " or ".join(words.get(a.strip(), a.strip()) for a in str(kind).split("|"))
+def parse_assignments(text: str, source: str = "options") -> dict:
+    """``"key=value,key=[1,2],..."`` as a dict (commas inside ``[...]`` belong to a list; spaces
+    around keys and values are ignored); raises :class:`ConfigError` for an item without ``=``."""
+    values = {}
+    for item in filter(str.strip, re.split(r",(?![^\[]*\])", text)):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{source}: settings are key=value, got {item.strip()!r}")
+        values[key.strip()] = parse_value(value)
+    return values

@@ -37,22 +37,23 @@ def prompt_of(ex: Example) -> str:
 def load_dolly(path: str | Path) -> list[Example]:
     """Dolly-15K records (``instruction``, ``context``, ``response``, ``category``) from a jsonl file.
 
-    Raises :class:`DataError` naming the line of the first malformed record.
+    Raises :class:`DataError` naming the file (and the line of the first malformed record) when it
+    is missing, unreadable, not UTF-8, malformed or empty.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no Dolly file at {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                examples.append(Example(str(rec["instruction"]), str(rec["response"]), str(rec["category"]),
-                                        str(rec.get("context") or "")))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{line_no}: not a Dolly record ({type(err).__name__}: {err})") from None
+    for line_no, raw in enumerate(read_bytes(path).splitlines(), start=1):
+        line = decode_utf8(raw, f"{path}:{line_no}")
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            examples.append(Example(str(rec["instruction"]), str(rec["response"]), str(rec["category"]),
+                                    str(rec.get("context") or "")))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path}:{line_no}: not a Dolly record ({type(err).__name__}: {err})") from None
     if not examples:
         raise DataError(f"{path} holds no records")
     return examples
@@ -62,7 +63,8 @@ def load_natural_instructions(directory: str | Path, max_per_task: int | None = 
     """Natural Instructions tasks from ``directory/*.json``: task name -> examples (one client each).
 
     Each example's instruction is the task's definition, its input the instance input and its
-    response the first reference output. Raises :class:`DataError` for a malformed task file.
+    response the first reference output. Raises :class:`DataError` naming the task file that is
+    unreadable (a directory, say), not UTF-8, malformed or empty.
     """
     directory = Path(directory)
     files = sorted(directory.glob("*.json"))
@@ -70,8 +72,9 @@ def load_natural_instructions(directory: str | Path, max_per_task: int | None = 
         raise DataError(f"no task json files in {directory}")
     tasks = {}
     for file in files:
+        text = decode_utf8(read_bytes(file), str(file))
         try:
-            task = json.loads(file.read_text(encoding="utf-8"))
+            task = json.loads(text)
             definition = task["Definition"][0] if isinstance(task["Definition"], list) else task["Definition"]
             instances = task["Instances"][:max_per_task] if max_per_task else task["Instances"]
             tasks[file.stem] = [Example(str(definition), str(inst["output"][0]), file.stem, str(inst["input"]))
@@ -81,6 +84,23 @@ def load_natural_instructions(directory: str | Path, max_per_task: int | None = 
         if not tasks[file.stem]:
             raise DataError(f"{file}: the task has no instances")
     return tasks
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of the file ``path``; raises :class:`DataError` naming it when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def decode_utf8(data: bytes, where: str, error: type[ValueError] = DataError) -> str:
+    """``data`` decoded as UTF-8; raises ``error`` (a :class:`DataError` by default) saying
+    ``where`` the first byte that is not UTF-8 lies."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 _WORDS = ["cat", "dog", "ball", "tree", "sun", "fish", "bird", "cake", "boat", "frog", "star", "hat",
@@ -136,11 +156,12 @@ def dirichlet_split(examples: list[Example], n_clients: int, alpha: float, seed:
                     min_per_client: int = 2, max_tries: int = 100) -> list[list[Example]]:
     """Spread ``examples`` over ``n_clients`` with per-category proportions drawn from Dirichlet(α).
 
-    Redraws (deterministically) until every client holds at least ``min_per_client`` examples;
-    raises :class:`DataError` when there are more clients than the data can serve.
+    Redraws (deterministically) until every client holds at least ``min_per_client`` examples, and
+    never none; raises :class:`DataError` when there are more clients than the data can serve.
     """
     if n_clients < 1:
         raise DataError(f"need at least one client, got {n_clients}")
+    min_per_client = max(1, min_per_client)  # a client without examples cannot train
     if len(examples) < n_clients * min_per_client:
         raise DataError(f"{len(examples)} examples cannot give {n_clients} clients {min_per_client} each")
     if not alpha > 0:
@@ -158,7 +179,7 @@ def dirichlet_split(examples: list[Example], n_clients: int, alpha: float, seed:
                 shards[client].extend(part.tolist())
         if min(map(len, shards)) >= min_per_client:
             return [[examples[i] for i in sorted(s)] for s in shards]
-    raise DataError(f"no Dirichlet({alpha}) split gave all {n_clients} clients {min_per_client} examples "
+    raise DataError(f"no Dirichlet({alpha}) split gave all {n_clients} clients {min_per_client} or more examples "
                     f"in {max_tries} draws: use fewer clients or a larger alpha")
 
 
@@ -215,12 +236,3 @@ def batch_schedule(n_examples: int, steps: int, batch_size: int, rng: np.random.
         order += rng.permutation(n_examples).tolist()
     per = min(batch_size, n_examples)
     return [order[s * per : (s + 1) * per] for s in range(steps)] if per else []
-
-
-def weights_of(shards: list, mode: str) -> list[float]:
-    """Client weights: ``"examples"`` (proportional to the shard sizes) or ``"equal"``."""
-    if mode == "examples":
-        return [float(len(s)) for s in shards]
-    if mode == "equal":
-        return [1.0] * len(shards)
-    raise DataError(f"unknown client weighting {mode!r}: use 'examples' or 'equal'")

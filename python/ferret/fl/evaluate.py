@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, Encoded, Example, prompt_of
+from .data import DataError, Encoded, Example, decode_utf8, prompt_of, read_bytes
 from .runtime import DEFAULT, Runtime, model_device
 
 
@@ -71,9 +71,7 @@ def load_mmlu(path: str | Path, limit: int = 0) -> list[Example]:
     Raises :class:`DataError` naming the first malformed record."""
     path = Path(path)
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(f"cannot read MMLU file {path}: {err.strerror}") from None
+        records = json.loads(decode_utf8(read_bytes(path), str(path)))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not JSON: {err}") from None
     if not isinstance(records, list) or not records:

@@ -4,28 +4,38 @@ The directory holds ``config.toml`` (the resolved configuration), ``metrics.json
 per client per round and one per round), ``summary.md``, ``loss.png``, ``model/`` (the final
 weights in safetensors, with the tokenizer), ``run.log`` and ``checkpoint.safetensors`` (the
 server state after the last finished round, for :func:`run` with ``resume=True``).
+
+A run never writes over anything in its directory (:data:`RUN_FILES` names all it writes), but
+for what a run killed before its first checkpoint left there: a new run may replace that, and
+resuming it starts it over from its ``config.toml``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, models, references, report
-from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError
-from .data import (DataError, Encoded, Example, dirichlet_split, encode, holdout, load_dolly,
-                   load_natural_instructions, synthetic_tasks)
+from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
+from .data import (DataError, Encoded, Example, decode_utf8, dirichlet_split, encode, holdout, load_dolly,
+                   load_natural_instructions, read_bytes, synthetic_tasks)
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
+from .results import RunResult, append_metrics, read_lines, round_lines, start_extra, temporary, write_metrics
 from .runtime import Runtime
-from .simulation import RunResult
 from .simulation import run as run_rounds
 
-RESULT_FILES = ("config.toml", "metrics.jsonl", "checkpoint.safetensors", "summary.md")
+CONFIG, LOG, METRICS, CHECKPOINT, SUMMARY, PLOT, MODEL = ("config.toml", "run.log", "metrics.jsonl",
+                                                         "checkpoint.safetensors", "summary.md", "loss.png", "model")
+# What a run writes before its first checkpoint, in this order: what a run killed by then leaves,
+# and what a rerun may replace (the temporary files of the atomic writes included).
+BEFORE_CHECKPOINT = (CONFIG, LOG, METRICS, temporary(Path(METRICS)).name, temporary(Path(CHECKPOINT)).name)
+RUN_FILES = (*BEFORE_CHECKPOINT, CHECKPOINT, SUMMARY, PLOT, MODEL)  # every name a run writes in its directory
+RUN_DIRS = (MODEL,)                                                 # those of them that are directories
+RESULT_FILES = (CHECKPOINT, METRICS, SUMMARY)                       # those that hold what a run measured
 
 
 @dataclass
@@ -43,33 +53,29 @@ class Setup:
 
 
 def prepare(config: Config) -> Setup:
-    """Load the model (onto the configured device) and data and split them as ``config`` says;
-    raises :class:`ConfigError`, :class:`~ferret.fl.data.DataError` or
+    """Load and split the data, then load the model (onto the configured device) and tokenise, as
+    ``config`` says; every data problem (an empty client included) is found here, before a run
+    writes anything. Raises :class:`ConfigError`, :class:`~ferret.fl.data.DataError` or
     :class:`~ferret.fl.models.ModelError` on bad input."""
-    if config.algorithm not in REFERENCES:
-        config.build_algorithm()  # options are checked before the model loads
+    algorithm = None if config.algorithm in REFERENCES else config.build_algorithm()
     runtime = config.runtime()
-    model, tokenizer = models.load(config.model)
-    runtime.place(model)
     train, held = holdout(examples_of(config), config.n_eval, seed=config.seed)
-    if Path(config.data).is_dir():  # Natural Instructions: one client per task, as many as there are
-        by_task: dict[str, list[Example]] = {}
-        for ex in train:
-            by_task.setdefault(ex.category, []).append(ex)
-        if config.clients > len(by_task):
-            raise DataError(f"{config.clients} clients asked for, but {config.data} holds {len(by_task)} tasks")
-        parts = [by_task[t] for t in sorted(by_task)[: config.clients]]
-    else:
-        parts = dirichlet_split(train, config.clients, config.alpha, seed=config.seed,
-                                min_per_client=config.min_per_client)
-    enc = dict(max_prompt=config.max_prompt, max_length=config.max_length)
+    parts = client_examples(config, train)
     mmlu = load_mmlu(config.mmlu, config.mmlu_questions) if config.mmlu else []
-    return Setup(config, model, tokenizer, [encode(p, tokenizer, **enc) for p in parts], encode(held, tokenizer, **enc),
-                 held, mmlu, runtime)
+    model, tokenizer = models.load(config.model)
+    if algorithm is not None:
+        try:
+            algorithm.check_model(model)  # options against the model, before anything is written
+        except ValueError as err:
+            raise ConfigError(f"{config.algorithm} options: {err}") from None
+    runtime.place(model)
+    enc = dict(max_prompt=config.max_prompt, max_length=config.max_length)
+    return Setup(config=config, model=model, tokenizer=tokenizer, shards=[encode(p, tokenizer, **enc) for p in parts],
+                 eval_data=encode(held, tokenizer, **enc), eval_examples=held, mmlu=mmlu, runtime=runtime)
 
 
 def examples_of(config: Config) -> list[Example]:
-    """The configured dataset's examples."""
+    """The configured dataset's examples; raises :class:`~ferret.fl.data.DataError`."""
     if config.data == "synthetic":
         return synthetic_tasks(config.synthetic_per_family, seed=config.seed)
     path = Path(config.data)
@@ -81,38 +87,76 @@ def examples_of(config: Config) -> list[Example]:
                     f"Instructions directory")
 
 
+def client_examples(config: Config, train: list[Example]) -> list[list[Example]]:
+    """Each client's examples: one task each from a Natural Instructions directory, else a Dirichlet
+    split of ``train``. Raises :class:`~ferret.fl.data.DataError` when a client would hold none."""
+    if Path(config.data).is_dir():
+        by_task: dict[str, list[Example]] = {}
+        for ex in train:
+            by_task.setdefault(ex.category, []).append(ex)
+        if config.clients > len(by_task):
+            raise DataError(f"{config.clients} clients asked for, but {config.data} holds {len(by_task)} tasks")
+        parts = [by_task[t] for t in sorted(by_task)[: config.clients]]
+    else:
+        parts = dirichlet_split(train, config.clients, config.alpha, seed=config.seed,
+                                min_per_client=config.min_per_client)
+    if not all(parts):
+        raise DataError(f"client {parts.index([])} would hold no examples")
+    return parts
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
-    """Refuse an output directory that cannot be written, or that holds results when not resuming.
-    Creates nothing."""
+    """Refuse, with :class:`ConfigError` saying what to do, an output directory that a run cannot
+    write or whose contents it would clash with: any name a run writes (:data:`RUN_FILES`) when
+    not resuming, unless the directory holds only what a run killed before its first checkpoint
+    left (:func:`killed_before_first_checkpoint`: a rerun replaces it); neither a checkpoint nor
+    such a run when resuming; a file where a run writes a directory or the reverse. Leaves
+    nothing behind: writability is probed by creating and removing a directory and a file."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
-    if not resume and out.is_dir() and any((out / f).exists() for f in RESULT_FILES):
-        raise ConfigError(f"{out} already holds the results of a run: continue it with --resume {out}, "
-                          f"or choose another --out")
-    if resume and not (out / "checkpoint.safetensors").is_file():
-        raise ConfigError(f"{out} holds no checkpoint to resume from")
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to output directory {out}: {existing} is not a writable directory")
+    if resume:
+        _check_resumable(out)
+    else:
+        _check_fresh(out)
+    for name in RUN_FILES:
+        if (out / name).exists() and (out / name).is_dir() != (name in RUN_DIRS):
+            kind = "directory" if name in RUN_DIRS else "file"
+            raise ConfigError(f"{out / name} is in the way: a run writes a {kind} there; move it, or choose "
+                              f"another --out")
+    _probe_writable(out)
+
+
+def killed_before_first_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a run's settings and otherwise only what a run writes before its first
+    checkpoint (:data:`BEFORE_CHECKPOINT`, its metrics no more than the start record)."""
+    present = _present(out)
+    return CONFIG in present and set(present) <= set(BEFORE_CHECKPOINT) and _only_started(out / METRICS)
 
 
 def saved_settings(out: Path) -> dict:
-    """The settings of the run saved in ``out`` (a dict, not yet checked: its device may be
-    one this machine lacks)."""
-    return _toml(checkpoint.config_of(out / "checkpoint.safetensors"))
+    """The settings of the run saved in ``out`` (a dict, not yet checked: its device may be one this
+    machine lacks): its checkpoint's, or, for a run killed before its first checkpoint, its
+    ``config.toml``. Raises :class:`~ferret.fl.checkpoint.CheckpointError` or :class:`ConfigError`."""
+    if (out / CHECKPOINT).is_file():
+        return tomllib.loads(checkpoint.config_of(out / CHECKPOINT))
+    path = out / CONFIG
+    try:
+        return tomllib.loads(decode_utf8(read_bytes(path), str(path), ConfigError))
+    except (DataError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{err}; no round of the run in {out} finished: start it again with "
+                          f"ferret run --out {out} and the settings it had") from None
 
 
 def resumed_config(out: Path, given: Config | None) -> Config:
     """The configuration saved in ``out``; ``given`` (if any) must equal it except for where it
-    computes (device, dtype, backend: a run may resume on another machine), and is returned."""
+    computes (device, dtype, backend: a run may resume on another machine), and is returned.
+    Raises :class:`ConfigError` or :class:`~ferret.fl.checkpoint.CheckpointError`."""
     saved = saved_settings(out)
     if given is None:
-        return Config.from_dict(saved, str(out / "config.toml"))
+        return Config.from_dict(saved, str(out / CONFIG))
     runtime = {k: getattr(given, k) for k in RUNTIME_KEYS}
     a = given.to_dict()
-    b = Config.from_dict({**saved, **runtime}, str(out / "config.toml")).to_dict()
+    b = Config.from_dict({**saved, **runtime}, str(out / CONFIG)).to_dict()
     if a != b:
         key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         raise ConfigError(f"{out} holds a run of another configuration: {key} is {b.get(key)!r} there, "
@@ -122,9 +166,12 @@ def resumed_config(out: Path, given: Config | None) -> Config:
 
 def run(config: Config | None, out: str | Path, *, resume: bool = False, progress: bool = True,
         echo=print) -> RunResult:
-    """Run the experiment into ``out`` (resuming the run there when ``resume``); returns its records.
+    """Run the experiment into ``out`` (resuming the run there when ``resume``: from its checkpoint,
+    or from the start when it was killed before its first one); returns its records.
 
-    ``echo`` receives one line per round. Bad input raises before anything is written.
+    ``echo`` receives one line per round. Bad input raises (:class:`ConfigError`,
+    :class:`~ferret.fl.data.DataError`, :class:`~ferret.fl.models.ModelError`,
+    :class:`~ferret.fl.checkpoint.CheckpointError`) before anything is written.
     """
     out = Path(out)
     check_out_dir(out, resume)
@@ -133,23 +180,31 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
     elif config is None:
         config = Config()
     setup = prepare(config)
+    algorithm = None if config.algorithm in REFERENCES else config.build_algorithm()
+    from_checkpoint = resume and (out / CHECKPOINT).is_file()
+    previous = checkpoint.load(out / CHECKPOINT, setup.model, algorithm) if from_checkpoint else None
     out.mkdir(parents=True, exist_ok=True)
-    log = _logger(out / "run.log")
-    (out / "config.toml").write_text(config.dumps(), encoding="utf-8")
+    (out / CONFIG).write_text(config.dumps(), encoding="utf-8")
+    log = _logger(out / LOG)
     log.info("%s on %s, %s, %d clients, %d rounds", config.algorithm, config.model, config.data,
              config.clients, config.rounds)
-
-    def say(line: str) -> None:
-        log.info(line)
-        echo(line)
-
+    say = _teller(log, echo)
+    if resume and not from_checkpoint:
+        say(f"no round of the run in {out} had finished: starting over")
     extra = {}
-    if setup.mmlu and not resume:
+    if setup.mmlu and not from_checkpoint:
         extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
-    if config.algorithm in REFERENCES:
+    if algorithm is None:
         result = _run_reference(setup, out, say, extra)
     else:
-        result = _run_federated(setup, out, resume, progress, say, extra)
+        result = _run_federated(setup, algorithm, out, previous, progress, say, extra)
+    _finish(setup, result, out, say)
+    return result
+
+
+def _finish(setup: Setup, result: RunResult, out: Path, say) -> None:
+    """Score the final model and write the end record, the model, the plot and, last, the summary."""
+    config = setup.config
     final = {"kind": "end", "round": len(result.rounds), "eval_loss": result.final_eval_loss}
     scored = config.algorithm != "standalone"  # standalone leaves one model per client, none global
     if config.rouge_samples and scored:
@@ -157,38 +212,37 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
     if setup.mmlu and scored:
         final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
     if scored:
-        models.save(setup.model, setup.tokenizer, out / "model")
-    report.plot({config.algorithm: result}, out / "loss.png", title=f"{config.algorithm} on {config.model}")
-    report.append_metrics(out / "metrics.jsonl", [final])
+        models.save(setup.model, setup.tokenizer, out / MODEL)
+    report.plot({config.algorithm: result}, out / PLOT, title=f"{config.algorithm} on {config.model}")
+    append_metrics(out / METRICS, [final])
     summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))
     # summary.md comes last: its presence marks a finished run (ferret compare --resume skips it)
-    (out / "summary.md").write_text(f"# {config.algorithm}\n\n" + report.table([summary]), encoding="utf-8")
+    (out / SUMMARY).write_text(f"# {config.algorithm}\n\n" + report.table([summary]), encoding="utf-8")
     say(f"done: eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f}"
         + (f", Rouge-L {100 * final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
-    return result
 
 
-def _run_federated(setup: Setup, out: Path, resume: bool, progress: bool, say, extra: dict) -> RunResult:
+def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | None, progress: bool, say,
+                   extra: dict) -> RunResult:
+    """Run the rounds (those after ``previous``, the records restored from the checkpoint, when
+    given), checkpointing and recording each."""
     config = setup.config
-    algorithm = config.build_algorithm()
-    metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.safetensors"
+    metrics, ckpt = out / METRICS, out / CHECKPOINT
     config_toml = config.dumps()
-    if resume:
-        previous = checkpoint.load(ckpt, setup.model, algorithm)
-        report.write_metrics(metrics, previous, _start_extra(metrics))  # drop lines of a round cut short
-        say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
+    if previous is None:
+        previous = _start(setup, metrics, extra)
     else:
-        previous = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data, runtime=setup.runtime))
-        report.write_metrics(metrics, previous, extra)
+        write_metrics(metrics, previous, start_extra(metrics))  # drop lines of a round cut short
+        say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
 
     def on_round(record) -> None:
         if config.rouge_every and (record.round + 1) % config.rouge_every == 0:
             record.rouge_l = _rouge(setup)
         checkpoint.save(ckpt, setup.model, algorithm, so_far, config_toml)
-        report.append_metrics(metrics, report.round_lines(record))
+        append_metrics(metrics, round_lines(record))
         say(_round_line(record, config.rounds))
 
-    so_far = RunResult(previous.initial_eval_loss, list(previous.rounds))  # the engine appends each round
+    so_far = RunResult(initial_eval_loss=previous.initial_eval_loss, rounds=list(previous.rounds))  # the engine appends
     return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
                       fraction=config.fraction, seed=config.seed, weighting=config.weighting,
                       progress=progress, on_round=on_round, resume=so_far, device=config.device, dtype=config.dtype,
@@ -196,32 +250,32 @@ def _run_federated(setup: Setup, out: Path, resume: bool, progress: bool, say, e
 
 
 def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
+    """Run the configured reference (centralized or standalone training), recording each round."""
     config = setup.config
     train = getattr(references, config.algorithm)
     local = config.local(references.LocalTraining())
-    metrics = out / "metrics.jsonl"
-    report.write_metrics(metrics, RunResult(eval_loss(setup.model, setup.eval_data, runtime=setup.runtime)), extra)
+    metrics = out / METRICS
+    _start(setup, metrics, extra)
 
     def on_round(record):
-        report.append_metrics(metrics, report.round_lines(record))
+        append_metrics(metrics, round_lines(record))
         say(_round_line(record, config.rounds))
 
     return train(setup.model, setup.shards, setup.eval_data, local, rounds=config.rounds, seed=config.seed,
                  on_round=on_round, device=config.device, dtype=config.dtype)
 
 
+def _start(setup: Setup, metrics: Path, extra: dict) -> RunResult:
+    """The records before the first round (the initial eval loss), written to ``metrics`` with ``extra``."""
+    start = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data, runtime=setup.runtime))
+    write_metrics(metrics, start, extra)
+    return start
+
+
 def _rouge(setup: Setup) -> float:
     config = setup.config
     return rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
                    max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt, runtime=setup.runtime)
-
-
-def _start_extra(metrics: Path) -> dict:
-    try:
-        first = json.loads(metrics.read_text(encoding="utf-8").splitlines()[0])
-    except (OSError, IndexError, json.JSONDecodeError):
-        return {}
-    return {k: v for k, v in first.items() if k not in ("kind", "round", "eval_loss")}
 
 
 def _round_line(record, rounds: int) -> str:
@@ -237,6 +291,69 @@ def _round_line(record, rounds: int) -> str:
     return line
 
 
+def _check_fresh(out: Path) -> None:
+    """Refuse ``out`` if a new run there would clash with what it holds (see :func:`check_out_dir`)."""
+    present = _present(out)
+    if not present or killed_before_first_checkpoint(out):
+        return
+    if set(present) & set(RESULT_FILES):
+        how = f"continue it with --resume {out}, or" if CHECKPOINT in present else "move it, or"
+        raise ConfigError(f"{out} already holds the results of a run: {how} choose another --out")
+    raise ConfigError(f"{out} already holds {', '.join(present)}, which a run writes: move "
+                      f"{'it' if len(present) == 1 else 'them'}, or choose another --out")
+
+
+def _check_resumable(out: Path) -> None:
+    """Refuse ``out`` if it holds neither a checkpoint nor a run killed before its first one."""
+    if (out / CHECKPOINT).is_file() or killed_before_first_checkpoint(out):
+        return
+    if set(_present(out)) & set(RESULT_FILES):
+        raise ConfigError(f"{out} holds no checkpoint to resume from, only results (centralized and standalone "
+                          f"runs keep no checkpoint): choose another --out to run again")
+    raise ConfigError(f"{out} holds no checkpoint to resume from: start a run with --out {out}")
+
+
+def _present(out: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` that exist in ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+
+
+def _only_started(metrics: Path) -> bool:
+    """Whether ``metrics`` is missing or holds no record but the start record."""
+    try:
+        return not metrics.exists() or all(x.get("kind") == "start" for x in read_lines(metrics))
+    except (OSError, ValueError):
+        return False
+
+
+def _probe_writable(out: Path) -> None:
+    """Raise :class:`ConfigError` unless a directory and a file can be created (and are removed
+    again) in ``out``, or in its nearest existing ancestor when it does not exist yet."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write to output directory {out}: {existing} is not a directory")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".ferret-probe-", dir=existing))
+        try:
+            (probe / "probe").write_bytes(b"")
+            (probe / "probe").unlink()
+        finally:
+            probe.rmdir()
+    except OSError as err:
+        raise ConfigError(f"cannot write to output directory {out}: {err.strerror} in {existing}") from None
+
+
+def _teller(log: logging.Logger, echo):
+    """A function that writes a line to ``log`` and to ``echo``."""
+    def say(line: str) -> None:
+        log.info(line)
+        echo(line)
+
+    return say
+
+
 def _logger(path: Path) -> logging.Logger:
     log = logging.getLogger(f"ferret.run.{path}")
     log.setLevel(logging.INFO)
@@ -246,11 +363,3 @@ def _logger(path: Path) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     return log
-
-
-def _toml(text: str) -> dict:
-    from .config import tomllib
-
-    return tomllib.loads(text)
-
-

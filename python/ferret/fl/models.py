@@ -8,11 +8,16 @@ from pathlib import Path
 
 import torch
 
-from ..models import stories260k_dir
+STORIES260K = Path(__file__).parent.parent / "assets" / "stories260K"
 
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded."""
+
+
+def stories260k_dir() -> Path:
+    """The bundled stories260K Hugging Face model directory (260K-parameter Llama, MIT; see its LICENSE)."""
+    return STORIES260K
 
 
 def smollm2_gguf() -> Path:

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import torch
 
-from ..spec import block_seed
+from . import protocol
 from .algorithms import LocalTraining
 from .data import DataError, Encoded
-from .simulation import RoundRecord, RunResult
+from .results import RoundRecord, RunResult
 from .evaluate import eval_loss
 from .runtime import resolve
 from .train import first_order_steps
@@ -31,13 +31,13 @@ def centralized(model: torch.nn.Module, shards: list[Encoded], eval_data: Encode
     result = RunResult(initial_eval_loss=eval_loss(model, eval_data, runtime=runtime))
     steps = local.steps * len(shards)
     for t in range(rounds):
-        torch.manual_seed(block_seed(seed, t))
         start = time.perf_counter()
         first_order_steps(model, pooled, rng=np.random.default_rng([seed, t]), runtime=runtime,
                           **{**vars(local), "steps": steps})
         runtime.synchronize()
-        record = RoundRecord(t, eval_loss(model, eval_data, runtime=runtime), [0], [], {0: 0}, 0,
-                             {0: time.perf_counter() - start}, 0.0)
+        record = RoundRecord(round=t, eval_loss=eval_loss(model, eval_data, runtime=runtime), clients=[0], dropped=[],
+                             upload_bytes={0: 0}, download_bytes=0, local_seconds={0: time.perf_counter() - start},
+                             aggregate_seconds=0.0)
         result.rounds.append(record)
         if on_round is not None:
             on_round(record)
@@ -60,13 +60,14 @@ def standalone(model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded
     for t in range(rounds):
         seconds = {}
         for c, (own, shard) in enumerate(zip(copies, shards)):
-            torch.manual_seed(block_seed(block_seed(seed, t), c))
             start = time.perf_counter()
-            first_order_steps(own, shard, rng=np.random.default_rng([seed, t, c]), runtime=runtime, **vars(local))
+            first_order_steps(own, shard, rng=protocol.client_context(seed, t, c).rng, runtime=runtime, **vars(local))
             runtime.synchronize()
             seconds[c] = time.perf_counter() - start
         loss = float(np.mean([eval_loss(own, eval_data, runtime=runtime) for own in copies]))
-        record = RoundRecord(t, loss, list(range(len(shards))), [], {c: 0 for c in seconds}, 0, seconds, 0.0)
+        record = RoundRecord(round=t, eval_loss=loss, clients=list(range(len(shards))), dropped=[],
+                             upload_bytes={c: 0 for c in seconds}, download_bytes=0, local_seconds=seconds,
+                             aggregate_seconds=0.0)
         result.rounds.append(record)
         if on_round is not None:
             on_round(record)

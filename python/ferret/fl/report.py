@@ -1,47 +1,15 @@
-"""What a run leaves for people and programs: metrics as JSON lines, a summary table in the
-layout of the Ferret paper's Tables 2 and 3, and plots of eval loss against rounds and bytes."""
+"""What a run leaves for people: a summary table in the layout of the Ferret paper's Tables 2 and
+3, and plots of eval loss against rounds and bytes. The records and metrics.jsonl are
+:mod:`ferret.fl.results`."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .simulation import RoundRecord, RunResult
-
-
-def round_lines(record: RoundRecord) -> list[dict]:
-    """The metrics.jsonl records of one round: one per client, then the round's overall record."""
-    lines = [{"kind": "client", "round": record.round + 1, "client": c, "upload_bytes": record.upload_bytes[c],
-              "local_seconds": record.local_seconds[c]} for c in record.upload_bytes]
-    overall = {"kind": "round", "round": record.round + 1, "eval_loss": record.eval_loss, "clients": record.clients,
-               "dropped": record.dropped, "upload_bytes": sum(record.upload_bytes.values()),
-               "download_bytes": record.download_bytes * len(record.clients),
-               "local_seconds": sum(record.local_seconds.values()), "aggregate_seconds": record.aggregate_seconds}
-    if record.rouge_l is not None:
-        overall["rouge_l"] = record.rouge_l
-    return lines + [overall]
-
-
-def write_metrics(path: str | Path, result: RunResult, extra: dict | None = None) -> None:
-    """Rewrite ``path`` with every record of ``result`` (a start record with ``extra``, then the rounds)."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"kind": "start", "round": 0, "eval_loss": result.initial_eval_loss, **(extra or {})}) + "\n")
-        for record in result.rounds:
-            for line in round_lines(record):
-                f.write(json.dumps(line) + "\n")
-    os.replace(tmp, path)
-
-
-def append_metrics(path: str | Path, lines: list[dict]) -> None:
-    """Append records to ``path``, one JSON object per line."""
-    with open(path, "a", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
+from .results import RunResult
 
 
 @dataclass
@@ -60,13 +28,17 @@ class Summary:
 
     @classmethod
     def of(cls, name: str, result: RunResult, target: float | None = None, rouge_l: float | None = None) -> "Summary":
+        """The row of the run ``name`` with records ``result``: means over its rounds and clients, the
+        first round whose eval loss is at most ``target`` (None when none is, or no target) and
+        ``rouge_l`` as given."""
         rounds = result.rounds
         per_client = [s for r in rounds for s in r.local_seconds.values()]
         uploads = [b for r in rounds for b in r.upload_bytes.values()]
         reached = next((r.round + 1 for r in rounds if target is not None and r.eval_loss <= target), None)
-        return cls(name, _mean(per_client), _mean([r.aggregate_seconds for r in rounds]), _mean(uploads),
-                   int(sum(uploads)), _mean([r.download_bytes for r in rounds]), reached, result.final_eval_loss,
-                   rouge_l)
+        return cls(name=name, local_seconds=_mean(per_client),
+                   aggregate_seconds=_mean([r.aggregate_seconds for r in rounds]), upload_per_round=_mean(uploads),
+                   upload_total=int(sum(uploads)), download_per_round=_mean([r.download_bytes for r in rounds]),
+                   rounds_to_target=reached, final_eval_loss=result.final_eval_loss, rouge_l=rouge_l)
 
 
 def table(rows: list[Summary], target: float | None = None) -> str:

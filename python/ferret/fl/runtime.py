@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import ConfigError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = ("auto", "core", "triton")
 
@@ -69,7 +71,7 @@ DEFAULT = Runtime()  # CPU, fp32, kernels chosen by the tensors' device
 def resolve(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Runtime:
     """The :class:`Runtime` for the three settings (strings, as in a config).
 
-    Raises :class:`~ferret.fl.config.ConfigError` with one message for an unknown or unavailable
+    Raises :class:`~ferret.fl.settings.ConfigError` with one message for an unknown or unavailable
     device, an unknown dtype or bf16 on a GPU without it, an unknown backend, ``"core"`` on a
     CUDA device, or ``"triton"`` without Triton. ``"triton"`` on the CPU sets
     ``TRITON_INTERPRET=1`` (Triton reads it once, when it is first imported) and refuses when
@@ -156,6 +158,4 @@ def _interpret_triton() -> None:
 
 
 def _refuse(message: str):
-    from .config import ConfigError  # config imports the algorithms, which import this module
-
     raise ConfigError(message)

@@ -1,8 +1,10 @@
 """The embedded engine: a server and N clients in one process.
 
 Each round samples a fraction of the clients, gives each a working copy of the global weights,
-collects their uploads (bytes, counted as sent), aggregates, and evaluates. Everything random
-derives from one seed, so two runs with the same arguments produce identical weights.
+collects their uploads (bytes, counted as sent), aggregates, and evaluates; every step of the
+round protocol (sampling, seeding, running a client, accepting and weighting its upload) is
+:mod:`ferret.fl.protocol`'s, which the Flower engine calls too. Everything random derives from
+one seed, so two runs with the same arguments produce identical weights.
 """
 
 from __future__ import annotations
@@ -10,41 +12,15 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..spec import block_seed
-from .algorithms import Algorithm, ClientContext, NonFiniteUpdate, RoundContext
-from .data import DataError, Encoded, weights_of
+from . import protocol
+from .algorithms import Algorithm
+from .data import DataError, Encoded
 from .evaluate import eval_loss
+from .results import RoundRecord, RunResult
 from .runtime import resolve
-
-
-@dataclass
-class RoundRecord:
-    """One round's accounting: the columns of the Ferret paper's Tables 2 and 3."""
-
-    round: int
-    eval_loss: float
-    clients: list[int]
-    dropped: list[int]
-    upload_bytes: dict[int, int]       # per client
-    download_bytes: int                # per client: the previous round's broadcast
-    local_seconds: dict[int, float]    # per client
-    aggregate_seconds: float
-    rouge_l: float | None = None       # when the caller scores generations this round
-
-
-@dataclass
-class RunResult:
-    initial_eval_loss: float
-    rounds: list[RoundRecord] = field(default_factory=list)
-
-    @property
-    def final_eval_loss(self) -> float:
-        return self.rounds[-1].eval_loss if self.rounds else self.initial_eval_loss
 
 
 def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, *,
@@ -72,11 +48,11 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
         raise DataError(f"client {next(i for i, s in enumerate(shards) if len(s) == 0)} has no examples")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    client_weights = weights_of(shards, weighting)
+    protocol.client_weight(1, weighting)  # a bad weighting fails before the first round
     runtime = resolve(device, dtype, backend)
     runtime.place(model)
     algorithm.runtime = runtime
-    result = resume if resume is not None else RunResult(eval_loss(model, eval_data, runtime=runtime))
+    result = resume if resume is not None else RunResult(initial_eval_loss=eval_loss(model, eval_data, runtime=runtime))
     worker = copy.deepcopy(model)
     rounds_iter = range(len(result.rounds), rounds)
     if progress:
@@ -84,35 +60,30 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
 
         rounds_iter = tqdm(rounds_iter, desc=algorithm.name, unit="round", initial=len(result.rounds), total=rounds)
     for t in rounds_iter:
-        rng = np.random.default_rng([seed, t])
-        m = max(1, round(fraction * len(shards)))
-        chosen = sorted(rng.choice(len(shards), size=m, replace=False).tolist())
-        ctx = RoundContext(round=t, round_seed=block_seed(seed, t), clients=chosen)
+        ctx = protocol.round_context(seed, t, len(shards), fraction)
         download = len(algorithm.broadcast)
         uploads, weights, up_bytes, local_s, dropped = [], [], {}, {}, []
-        for c in (tqdm(chosen, desc=f"round {t + 1} clients", unit="client", leave=False) if progress else chosen):
+        for c in (tqdm(ctx.clients, desc=f"round {t + 1} clients", unit="client", leave=False) if progress
+                  else ctx.clients):
             worker.load_state_dict(model.state_dict())
-            torch.manual_seed(block_seed(ctx.round_seed, c))
-            start = time.perf_counter()
-            try:
-                upload = algorithm.client_update(worker, shards[c], ClientContext(
-                    round=t, client=c, round_seed=ctx.round_seed, rng=np.random.default_rng([seed, t, c])))
-            except NonFiniteUpdate as err:
-                warnings.warn(f"round {t}: client {c} dropped: {err}", RuntimeWarning, stacklevel=2)
+            client = protocol.client_context(seed, t, c)
+            ran = protocol.run_client(algorithm, worker, shards[c], client)
+            error = ran.error or protocol.check_upload(algorithm, model, ran.upload, client)
+            if error:
+                warnings.warn(f"round {t}: client {c} dropped: {error}", RuntimeWarning, stacklevel=2)
                 dropped.append(c)
                 continue
-            local_s[c] = time.perf_counter() - start
-            up_bytes[c] = len(upload)
-            uploads.append(upload)
-            weights.append(client_weights[c])
+            local_s[c], up_bytes[c] = ran.seconds, len(ran.upload)
+            uploads.append(ran.upload)
+            weights.append(protocol.client_weight(len(shards[c]), weighting))
         start = time.perf_counter()
         if uploads:
-            total = sum(weights)
-            algorithm.aggregate(model, uploads, [w / total for w in weights], ctx)
+            algorithm.aggregate(model, uploads, protocol.normalized(weights), ctx)
         runtime.synchronize()
         agg_s = time.perf_counter() - start
-        loss = eval_loss(model, eval_data, runtime=runtime)
-        record = RoundRecord(t, loss, chosen, dropped, up_bytes, download, local_s, agg_s)
+        record = RoundRecord(round=t, eval_loss=eval_loss(model, eval_data, runtime=runtime), clients=ctx.clients,
+                             dropped=dropped, upload_bytes=up_bytes, download_bytes=download, local_seconds=local_s,
+                             aggregate_seconds=agg_s)
         result.rounds.append(record)
         if progress:
             rounds_iter.set_postfix(eval_loss=f"{record.eval_loss:.3f}")

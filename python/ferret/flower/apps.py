@@ -26,19 +26,17 @@ The model, tokenizer and data are loaded once per ClientApp process.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..fl.compare import parse_value
-from ..fl.config import RUNTIME_KEYS, Config, ConfigError
+from ..fl.config import RUNTIME_KEYS, Config, ConfigError, parse_assignments
 from ..fl.experiment import prepare
-from ..fl.report import write_metrics
-from .client import local_update, process_setup, threads
-from .records import codec_for
+from ..fl.results import write_metrics
+from .client import local_update, threads
+from .records import to_record
 from .secagg import run_secure, secagg_when_asked, secure_train
 from .strategy import AlgorithmStrategy
 
@@ -58,9 +56,7 @@ def config_from_run(run_config: dict, defaults: Config | None = None, flower_def
         if key in flower:
             flower[key] = value
         elif key == "options":
-            items = re.split(r",(?![^\[]*\])", str(value))  # commas inside [...] belong to a list
-            values["options"] = {k.strip(): parse_value(v.strip()) for k, _, v in
-                                 (item.partition("=") for item in items if item.strip())}
+            values["options"] = parse_assignments(str(value), "run config options")
         elif key.replace("-", "_") in fields:
             if value != "":  # "": the default (e.g. the algorithm's own local training)
                 values[key.replace("-", "_")] = value
@@ -127,7 +123,7 @@ def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) 
         info = {k: int(v) for k, v in msg.content["round"].items()}
         broadcasts = {int(k): a.numpy().tobytes() for k, a in msg.content["broadcasts"].items()}
         upload, n_examples, seconds = local_update(info, broadcasts, context, config, flower)
-        content = codec_for(process_setup(config)[3]).to_record(upload)
+        content = to_record(upload)
         content["metrics"] = MetricRecord({"num-examples": n_examples, "local-seconds": seconds})
         return Message(content, reply_to=msg)
 

@@ -5,18 +5,15 @@ trains that client. Shared by the plain and the SecAgg+ ClientApp."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import OrderedDict
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from ..fl.algorithms import ClientContext, RoundContext
+from ..fl import protocol
 from ..fl.config import Config
 from ..fl.experiment import prepare
 from ..fl.runtime import model_device
-from ..spec import block_seed
 
 _REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"  # keys in context.state
 _PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm, tokenizer): once per process
@@ -27,8 +24,9 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
                  flower: dict) -> tuple[bytes, int, float]:
     """One client's round: bring the node's replica up to date with the missed ``broadcasts``
     (round -> bytes), keep it in ``context.state``, train on the node's partition as the embedded
-    loop would; returns (upload bytes, examples, seconds). ``info``: round, round-seed,
-    partition and since (the first broadcast sent)."""
+    loop would (:mod:`ferret.fl.protocol`); returns (upload bytes, the node's example count,
+    seconds). ``info``: round, round-seed, partition and since (the first broadcast sent). Raises
+    ``RuntimeError`` when the message does not fit this node or the client's update is not finite."""
     threads(flower)
     model, base, shards, algorithm = process_setup(config)
     t, round_seed, c = info["round"], info["round-seed"], info["partition"]
@@ -45,18 +43,19 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
     algorithm.load_state_dict({k: v.to(device) for k, v in state.items()})
     for r in sorted(broadcasts):
         if r >= synced:  # rounds the server aggregated; skipped ones never come
-            algorithm.apply(model, broadcasts[r], RoundContext(round=r, round_seed=block_seed(config.seed, r)))
+            algorithm.apply(model, broadcasts[r], protocol.round_context(config.seed, r, config.clients, config.fraction))
     context.state[_REPLICA] = ArrayRecord(model.state_dict())
     if algorithm.state_dict():
         context.state[_STATE] = ArrayRecord(OrderedDict(algorithm.state_dict()))
     context.state[_SYNC] = ConfigRecord({"synced": t})
 
-    torch.manual_seed(block_seed(round_seed, c))
-    start = time.perf_counter()
-    upload = algorithm.client_update(model, data, ClientContext(
-        round=t, client=c, round_seed=round_seed, rng=np.random.default_rng([config.seed, t, c])))
-    weight = len(data) if config.weighting == "examples" else 1
-    return upload, weight, time.perf_counter() - start
+    client = protocol.client_context(config.seed, t, c)
+    if client.round_seed != round_seed:
+        raise RuntimeError(f"round {t}'s seed from the server differs from this run's: another run's message?")
+    ran = protocol.run_client(algorithm, model, data, client)
+    if ran.error:
+        raise RuntimeError(f"client {c} dropped: {ran.error}")
+    return ran.upload, len(data), ran.seconds
 
 
 def process_setup(config: Config):
@@ -71,6 +70,11 @@ def process_setup(config: Config):
         _PROCESS.clear()  # one run per process at a time
         _PROCESS[key] = (setup.model, base, setup.shards, algorithm, setup.tokenizer)
     return _PROCESS[key][:4]
+
+
+def process_algorithm(config: Config):
+    """The algorithm object of this process's run of ``config`` (see :func:`process_setup`)."""
+    return process_setup(config)[3]
 
 
 def _node_data(context: Context, config: Config):

@@ -2,7 +2,9 @@
 
 Ferret's reconstruction is linear in the coordinates. With shared bases and the same block counts
 on every client (``bases="shared"``, ``allocation="uniform"``), a round's update needs only
-``sum_i p_i gamma_i``. Flower's SecAgg+ (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod``
+``sum_i p_i gamma_i``: the algorithm's secure-aggregation hook (``check_summable``, ``summable``,
+``aggregate_mean``) says which vector a client contributes and how the mean becomes the round's
+broadcast; nothing here knows the packet format. Flower's SecAgg+ (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod``
 on the clients) computes that from masked, quantized vectors, so no single client's coordinates
 reach the server. SecAgg+ lives in Flower's legacy workflow API; :class:`SecureFerret` is the
 legacy strategy it drives, and it hands each round to the same :class:`AlgorithmStrategy`
@@ -38,13 +40,9 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from ..fl.algorithms import Ferret
+from ..fl import protocol
 from ..fl.config import Config, ConfigError
-from ..fl.train import trainable
-from ..layout import Layout
-from ..packet import Packet
-from ..projection import block_counts
-from .client import local_update
+from .client import local_update, process_algorithm
 from .strategy import AlgorithmStrategy
 
 CLIPPING_RANGE = 8.0          # SecAgg+'s clipping range c (Flower's default)
@@ -57,12 +55,12 @@ def error_bound(n_clients: int, coordinate_range: float, weight_ratios) -> float
 
 
 def check_secure(algorithm) -> None:
-    """Raise :class:`ConfigError` unless ``algorithm`` is a Ferret whose coordinates can be summed."""
-    if not isinstance(algorithm, Ferret):
-        raise ConfigError(f"secagg sums Ferret's coordinates; {algorithm.name} uploads cannot be summed")
-    if algorithm.bases != "shared" or algorithm.allocation != "uniform" or algorithm.clip is not None:
-        raise ConfigError("secagg needs Ferret with bases='shared', allocation='uniform' and no clip: "
-                          "every client's coordinates must mean the same thing")
+    """Raise :class:`ConfigError` unless ``algorithm``'s uploads can be summed (its secure-aggregation
+    hook, :meth:`~ferret.fl.algorithms.Algorithm.check_summable`)."""
+    try:
+        algorithm.check_summable()
+    except ValueError as err:
+        raise ConfigError(f"secagg: {err}") from None
 
 
 def run_secure(grid, context: Context, core: AlgorithmStrategy, config: Config, flower: dict, max_weight: float):
@@ -82,9 +80,6 @@ class SecureFerret(LegacyStrategy):
 
     def __init__(self, core: AlgorithmStrategy, grid, coordinate_range: float):
         self.core, self.grid, self.coordinate_range = core, grid, coordinate_range
-        algorithm = core.algorithm
-        self.layout = Layout.of(trainable(core.model), algorithm.grouping)
-        self.counts = block_counts(self.layout, algorithm.budget, algorithm.basis, "uniform")
 
     def initialize_parameters(self, client_manager):
         return Parameters(tensors=[], tensor_type="numpy.ndarray")
@@ -112,12 +107,8 @@ class SecureFerret(LegacyStrategy):
             if len(clients) < self.core.min_replies:
                 return None
             mean = parameters_to_ndarrays(next(iter(clients.values())).parameters)[0]
-            coords = (mean * (self.coordinate_range / CLIPPING_RANGE)).astype(np.float32)
-            broadcast = Packet(ctx.round_seed, self.core.algorithm.basis, self.layout.group_size,
-                               self.layout.fingerprint, self.counts, coords).to_bytes()
-            self.core.algorithm.apply(self.core.model, broadcast, ctx)
-            self.core.algorithm.broadcast = broadcast
-            return broadcast
+            self.core.algorithm.aggregate_mean(self.core.model, mean * (self.coordinate_range / CLIPPING_RANGE), ctx)
+            return self.core.algorithm.broadcast
 
         self.core.conclude_round({c: int(r.metrics["upload-bytes"]) for c, r in clients.items()},
                                  {c: float(r.metrics["local-seconds"]) for c, r in clients.items()}, aggregate)
@@ -146,12 +137,13 @@ def secure_train(msg: Message, context: Context, config: Config, flower: dict) -
     info = {k: int(fitins.config[k]) for k in ("round", "round-seed", "partition", "since")}
     broadcasts = {int(k.split("-", 1)[1]): bytes(v) for k, v in fitins.config.items() if k.startswith("broadcast-")}
     upload, n_examples, seconds = local_update(info, broadcasts, context, config, flower)
-    coords = Packet.from_bytes(upload).coords.astype(np.float64)
+    weight = protocol.client_weight(n_examples, config.weighting)
+    coords = process_algorithm(config).summable(upload)
     limit = float(flower["secagg-range"])
     if np.any(np.abs(coords) > limit):
         log(WARNING, "client %d: %d coordinates beyond secagg-range %g are clipped (largest %g)", info["partition"],
             int(np.sum(np.abs(coords) > limit)), limit, float(np.max(np.abs(coords))))
     log(INFO, "client %d: %d coordinates into SecAgg+", info["partition"], coords.size)
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([coords * (CLIPPING_RANGE / limit)]), n_examples,
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([coords * (CLIPPING_RANGE / limit)]), int(weight),
                     {"local-seconds": seconds, "upload-bytes": len(upload)})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

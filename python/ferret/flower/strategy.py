@@ -1,8 +1,9 @@
 """The server side on Flower: a ``Strategy`` that drives one of the loop's algorithm objects.
 
-Each round it samples clients exactly as the embedded loop does (same seed, same round seeds),
-sends every sampled client the broadcasts it has not applied yet, turns the replies back into
-the algorithm's upload bytes, drops the malformed or missing ones (logged), and lets the
+Each round follows :mod:`ferret.fl.protocol` as the embedded loop does (the same sampling, seeds,
+upload checks and weights), sends every sampled client the broadcasts it has not applied yet,
+turns the replies back into the algorithm's upload bytes, drops the malformed or missing ones
+(logged), and lets the
 algorithm aggregate into the global model. A round with fewer than ``min_replies`` good replies
 leaves the model as it was. Clients are told apart by their ``partition-id``, learnt once with a
 query, so a Flower run and an embedded run with the same settings give the same global weights.
@@ -21,12 +22,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..fl.algorithms import Algorithm, RoundContext
+from ..fl import protocol
+from ..fl.algorithms import Algorithm, MalformedUpload, RoundContext
 from ..fl.data import Encoded
 from ..fl.evaluate import eval_loss
-from ..fl.simulation import RoundRecord, RunResult
-from ..spec import block_seed
-from .records import MalformedReply, codec_for
+from ..fl.results import RoundRecord, RunResult
+from .records import from_record
 
 
 class AlgorithmStrategy(Strategy):
@@ -41,13 +42,14 @@ class AlgorithmStrategy(Strategy):
     def __init__(self, algorithm: Algorithm, model: torch.nn.Module, *, clients: int, seed: int = 0,
                  fraction: float = 1.0, weighting: str = "examples", min_replies: int = 1,
                  eval_data: Encoded | None = None, discovery_timeout: float = 300.0):
-        self.algorithm, self.model, self.codec = algorithm, model, codec_for(algorithm)
+        self.algorithm, self.model = algorithm, model
+        protocol.client_weight(1, weighting)  # a bad weighting fails here, not in round 1
         self.clients, self.seed, self.fraction, self.weighting = clients, seed, fraction, weighting
         self.min_replies, self.eval_data, self.discovery_timeout = min_replies, eval_data, discovery_timeout
         self.nodes: dict[int, int] = {}            # partition -> node id
         self.history: list[bytes | None] = []      # each round's broadcast (None: skipped round)
         self.synced: dict[int, int] = {}          # partition -> rounds its replica has applied
-        self.result = RunResult(self._eval_loss())
+        self.result = RunResult(initial_eval_loss=self._eval_loss())
         self._round: tuple[RoundContext, list[int], float] | None = None
 
     def summary(self) -> None:
@@ -59,23 +61,19 @@ class AlgorithmStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         if not self.nodes:
             self.nodes = self._discover(grid)
-        t = server_round - 1
-        rng = np.random.default_rng([self.seed, t])
-        chosen = sorted(rng.choice(self.clients, size=max(1, round(self.fraction * self.clients)),
-                                   replace=False).tolist())
-        ctx = RoundContext(round=t, round_seed=block_seed(self.seed, t), clients=chosen)
-        self._round = (ctx, chosen, time.perf_counter())
+        ctx = protocol.round_context(self.seed, server_round - 1, self.clients, self.fraction)
+        self._round = (ctx, ctx.clients, time.perf_counter())
         messages = []
-        for c in chosen:
+        for c in ctx.clients:
             if c not in self.nodes:
-                log(WARNING, "round %d: client %d has no node", t, c)
+                log(WARNING, "round %d: client %d has no node", ctx.round, c)
                 continue
             since = self.synced.get(c, 0)
             broadcasts = ArrayRecord({f"{r}": Array(np.frombuffer(b, dtype=np.uint8).copy())
                                       for r, b in enumerate(self.history) if r >= since and b is not None})
             content = RecordDict({
-                "round": ConfigRecord({"round": t, "round-seed": ctx.round_seed, "partition": c, "since": since,
-                                       "run-seed": self.seed}),
+                "round": ConfigRecord({"round": ctx.round, "round-seed": ctx.round_seed, "partition": c,
+                                       "since": since, "run-seed": self.seed}),
                 "broadcasts": broadcasts,
             })
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=self.nodes[c]))
@@ -90,20 +88,26 @@ class AlgorithmStrategy(Strategy):
                 log(WARNING, "round %d: client %s failed: %s", ctx.round, c, reply.error.reason)
                 continue
             try:
-                upload = self.codec.from_record(reply.content)
-                self.codec.check(upload, self.model, self._expected_seed(ctx, c))
+                upload = from_record(reply.content)
                 metrics = reply.content["metrics"]
-                good[c] = (upload, float(metrics["num-examples"]), float(metrics["local-seconds"]))
-            except (MalformedReply, KeyError, TypeError) as err:
+                n_examples, seconds = int(metrics["num-examples"]), float(metrics["local-seconds"])
+            except (MalformedUpload, KeyError, TypeError, ValueError) as err:
                 log(WARNING, "round %d: client %s sent a malformed reply, dropped: %s", ctx.round, c, err)
+                continue
+            error = (protocol.check_upload(self.algorithm, self.model, upload,
+                                           protocol.client_context(self.seed, ctx.round, c))
+                     if isinstance(c, int) else f"node {c} is no client of this run")
+            if error:
+                log(WARNING, "round %d: client %s sent an upload the server refuses, dropped: %s", ctx.round, c, error)
+                continue
+            good[c] = (upload, protocol.client_weight(n_examples, self.weighting), seconds)
 
         def aggregate() -> bytes | None:
             if len(good) < self.min_replies:
                 return None
             order = sorted(good)
-            weights = [good[c][1] if self.weighting == "examples" else 1.0 for c in order]
-            total = sum(weights)
-            self.algorithm.aggregate(self.model, [good[c][0] for c in order], [w / total for w in weights], ctx)
+            weights = protocol.normalized([good[c][1] for c in order])
+            self.algorithm.aggregate(self.model, [good[c][0] for c in order], weights, ctx)
             return self.algorithm.broadcast
 
         metrics = self.conclude_round({c: len(good[c][0]) for c in good}, {c: good[c][2] for c in good}, aggregate)
@@ -130,8 +134,9 @@ class AlgorithmStrategy(Strategy):
         aggregate_s = time.perf_counter() - start
         loss = self._eval_loss()
         download = len(self.history[-2]) if len(self.history) > 1 and self.history[-2] is not None else 0
-        self.result.rounds.append(RoundRecord(ctx.round, loss, chosen, dropped, dict(upload_bytes), download,
-                                              dict(local_seconds), aggregate_s))
+        self.result.rounds.append(RoundRecord(round=ctx.round, eval_loss=loss, clients=chosen, dropped=dropped,
+                                              upload_bytes=dict(upload_bytes), download_bytes=download,
+                                              local_seconds=dict(local_seconds), aggregate_seconds=aggregate_s))
         log(INFO, "round %d: eval loss %.4f, %d clients aggregated in %.2f s", ctx.round, loss, len(upload_bytes),
             time.perf_counter() - started)
         return MetricRecord({"eval-loss": loss, "clients": len(upload_bytes)})
@@ -153,10 +158,6 @@ class AlgorithmStrategy(Strategy):
         if self.eval_data is None:
             return float("nan")
         return eval_loss(self.model, self.eval_data, runtime=self.algorithm.runtime)
-
-    def _expected_seed(self, ctx: RoundContext, client: int) -> int:
-        seed_of = getattr(self.algorithm, "seed_of", None)
-        return seed_of(ctx.round_seed, client) if seed_of else ctx.round_seed
 
     def partition_of(self, node_id: int):
         """The client (partition id) running on ``node_id``, or a label naming the node."""

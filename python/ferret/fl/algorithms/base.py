@@ -1,5 +1,11 @@
 """The interface every federated algorithm implements, free of any engine (the embedded loop and
-a Flower app drive the same objects)."""
+a Flower app drive the same objects).
+
+An algorithm is one unit: its class holds what a client computes and uploads, how the server
+checks an upload it receives, aggregates the uploads and broadcasts the result, and its
+``Options`` (a :class:`~ferret.fl.settings.Settings` dataclass, every value checked when it is
+made). :mod:`ferret.fl.algorithms` registers it under its name.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 
 from ..data import Encoded
 from ..runtime import DEFAULT, Runtime
+from ..settings import Settings, at_least, one_of, positive_finite
 from ..train import trainable
 
 
@@ -17,9 +24,15 @@ class NonFiniteUpdate(ValueError):
     """A client's update holds NaN or Inf; the engine drops that client from the round."""
 
 
-@dataclass
-class LocalTraining:
-    """First-order local training: ``steps`` optimiser steps of ``batch_size`` examples."""
+class MalformedUpload(ValueError):
+    """An upload the server must not aggregate (wrong format, another model or round, NaN/Inf)."""
+
+
+@dataclass(frozen=True)
+class LocalTraining(Settings):
+    """First-order local training: ``steps`` optimiser steps (``"sgd"`` or ``"adamw"``) of
+    ``batch_size`` examples at learning rate ``lr``, each step averaging ``grad_accum``
+    micro-batches and clipping the gradient norm to ``clip`` (None: no clipping)."""
 
     steps: int = 10
     batch_size: int = 4
@@ -28,46 +41,87 @@ class LocalTraining:
     grad_accum: int = 1
     clip: float | None = None
 
+    def validate(self) -> None:
+        at_least("steps", self.steps, 1)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("grad_accum", self.grad_accum, 1)
+        positive_finite("lr", self.lr)
+        one_of("optimizer", self.optimizer, ("sgd", "adamw"))
+        if self.clip is not None:
+            positive_finite("clip", self.clip)
+
+
+@dataclass(frozen=True)
+class NoOptions(Settings):
+    """The options of an algorithm that takes none."""
+
 
 @dataclass
 class ClientContext:
-    """What the engine tells a client about the round: ids, the round's shared seed, its rng."""
+    """What the engine tells a client about the round: ids, the round's shared seed, and the
+    client's own generators: ``rng`` (NumPy: batches, seeds) and ``generator`` (torch, CPU: e.g. a
+    fresh adapter's initial weights). Made by :mod:`ferret.fl.protocol` alone."""
 
     round: int
     client: int
     round_seed: int
     rng: np.random.Generator
+    generator: torch.Generator
 
 
 @dataclass
 class RoundContext:
+    """The round being run: its index, its shared seed and the clients sampled for it."""
+
     round: int
     round_seed: int
     clients: list[int] = field(default_factory=list)
 
 
 class Algorithm:
-    """One federated algorithm: what a client computes and uploads (bytes), how the server
-    aggregates the uploads into the global model, and what it broadcasts back (bytes).
+    """One federated algorithm: what a client computes and uploads (bytes), how the server checks
+    an upload, aggregates the uploads into the global model, and what it broadcasts back (bytes).
 
-    ``runtime`` (a :class:`~ferret.fl.runtime.Runtime`, set by the engine that drives the object)
-    gives the dtype of its forward passes and the backend of every ferret kernel it calls; its
-    tensors follow the model's device."""
+    Built as ``Algo(local=..., option=value, ...)`` (or ``Algo(options=Algo.Options(...))``); the
+    options are checked then (``ValueError`` / ``TypeError``). ``runtime`` (a
+    :class:`~ferret.fl.runtime.Runtime`, set by the engine that drives the object) gives the dtype
+    of its forward passes and the backend of every ferret kernel it calls; its tensors follow the
+    model's device.
+    """
 
     name = "algorithm"
+    Options: type[Settings] = NoOptions
     full_parameter = True  # whether clients train (and the server updates) every parameter
     default_local = LocalTraining()  # the local training a client runs unless told otherwise
     runtime: Runtime = DEFAULT
 
-    def __init__(self):
+    def __init__(self, options: Settings | None = None, *, local: LocalTraining | None = None, **values):
+        if options is not None and values:
+            raise TypeError("give the options either as an Options object or as keywords, not both")
+        if options is not None and not isinstance(options, self.Options):
+            raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options if options is not None else self.Options(**values)
+        if local is not None and not isinstance(local, LocalTraining):
+            raise TypeError(f"local must be a LocalTraining, got {type(local).__name__}")
+        self.local = local or self.default_local
         self.broadcast = b""  # the last aggregate sent to the clients, as encoded
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` if the options cannot run on ``model`` (checked before any round, once
+        the model is loaded; e.g. Ferret's budget against its parameters). The default accepts any."""
 
     def client_update(self, model: torch.nn.Module, data: Encoded, ctx: ClientContext) -> bytes:
         """Train ``model`` (a working copy holding the global weights) on ``data``; return the upload."""
         raise NotImplementedError
 
+    def check_upload(self, upload: bytes, model: torch.nn.Module, ctx: ClientContext) -> None:
+        """Raise :class:`MalformedUpload` unless ``upload`` is what client ``ctx.client`` of the round
+        may send for the global ``model``: the right format, shapes, seed, finite values."""
+        raise NotImplementedError
+
     def aggregate(self, model: torch.nn.Module, uploads: list[bytes], weights: list[float], ctx: RoundContext) -> None:
-        """Apply the clients' uploads (weights normalised to sum to 1) to the global ``model`` in place."""
+        """Apply the clients' checked uploads (weights normalised to sum to 1) to the global ``model``
+        in place; sets :attr:`broadcast`."""
         raise NotImplementedError
 
     def apply(self, model: torch.nn.Module, broadcast: bytes, ctx: RoundContext) -> None:
@@ -82,6 +136,22 @@ class Algorithm:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    # -- secure aggregation: an algorithm whose aggregate needs only the weighted sum of vectors the
+    # clients derive from their uploads can run under a secure sum (Flower's SecAgg+) --------------
+    def check_summable(self) -> None:
+        """Raise ``ValueError`` unless a round can be aggregated from the weighted mean of
+        :meth:`summable` vectors (the default: it cannot)."""
+        raise ValueError(f"{self.name} uploads cannot be summed securely")
+
+    def summable(self, upload: bytes) -> np.ndarray:
+        """The float64 vector a secure sum adds for this upload."""
+        raise NotImplementedError
+
+    def aggregate_mean(self, model: torch.nn.Module, mean: np.ndarray, ctx: RoundContext) -> None:
+        """Aggregate a round from the weighted mean of the clients' :meth:`summable` vectors, as
+        :meth:`aggregate` would from the uploads themselves; sets :attr:`broadcast`."""
+        raise NotImplementedError
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -2,35 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ... import spec
 from ..data import Encoded, batch_schedule
-from ..runtime import model_device, to_host
-from ..train import first_order_steps, zeroth_order_step
-from .base import Algorithm, ClientContext, LocalTraining, RoundContext, difference, snapshot
+from ..runtime import model_device
+from ..settings import Settings, positive_finite
+from ..train import first_order_steps, trainable, zeroth_order_step
+from .base import Algorithm, ClientContext, LocalTraining, MalformedUpload, RoundContext, difference, snapshot
+from .uploads import decode_tensors, encode_tensors
+
+
+@dataclass(frozen=True)
+class FedAvgOptions(Settings):
+    """``server_lr``: the server's step on the weighted mean of the clients' updates."""
+
+    server_lr: float = 1.0
+
+    def validate(self) -> None:
+        positive_finite("server_lr", self.server_lr)
 
 
 class FedAvg(Algorithm):
     """Clients upload their full fp32 update Δ_i; the server adds server_lr · Σ p_i Δ_i."""
 
     name = "fedavg"
+    Options = FedAvgOptions
     default_local = LocalTraining()
 
-    def __init__(self, local: LocalTraining | None = None, server_lr: float = 1.0):
-        super().__init__()
-        self.local = local or self.default_local
-        self.server_lr = server_lr
-
     def local_train(self, model, data: Encoded, ctx: ClientContext) -> None:
+        """The client's local steps on ``model`` (first-order; FedZO: zeroth-order)."""
         first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
 
     def client_update(self, model, data, ctx):
         start = snapshot(model)
         self.local_train(model, data, ctx)
         return encode_tensors(difference(model, start))
+
+    def check_upload(self, upload, model, ctx):
+        params = dict(trainable(model))
+        for name, t in decode_tensors(upload).items():
+            if name not in params or tuple(t.shape) != tuple(params[name].shape):
+                raise MalformedUpload(f"update tensor {name} {tuple(t.shape)} does not fit the model")
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
         device = model_device(model)
@@ -48,17 +63,18 @@ class FedAvg(Algorithm):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, d in update.items():
-                params[name].add_(d.to(params[name].dtype), alpha=self.server_lr)
+                params[name].add_(d.to(params[name].dtype), alpha=self.options.server_lr)
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    """Tensors (on any device) as safetensors bytes."""
-    return st_save(to_host(tensors))
+@dataclass(frozen=True)
+class FedZOOptions(FedAvgOptions):
+    """``server_lr`` as for FedAvg; ``eps``: the perturbation of the two-point estimates."""
 
+    eps: float = 5e-4
 
-def decode_tensors(data: bytes, device: torch.device) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_tensors`, onto ``device``."""
-    return {name: t.to(device, non_blocking=True) for name, t in st_load(data).items()}
+    def validate(self) -> None:
+        super().validate()
+        positive_finite("eps", self.eps)
 
 
 class FedZO(FedAvg):
@@ -67,15 +83,11 @@ class FedZO(FedAvg):
     (``local.optimizer`` and ``local.clip`` do not apply)."""
 
     name = "fedzo"
-
+    Options = FedZOOptions
     default_local = LocalTraining(steps=10, batch_size=4, lr=3e-7)
-
-    def __init__(self, local: LocalTraining | None = None, server_lr: float = 1.0, *, eps: float = 5e-4):
-        super().__init__(local or self.default_local, server_lr)
-        self.eps = eps
 
     def local_train(self, model, data, ctx):
         device = model_device(model)
         for rows in batch_schedule(len(data), self.local.steps, self.local.batch_size, ctx.rng):
             seed = spec.normalize_seed(int(ctx.rng.integers(2**63)))
-            zeroth_order_step(model, data.batch(rows, device), seed, self.eps, self.local.lr, self.runtime)
+            zeroth_order_step(model, data.batch(rows, device), seed, self.options.eps, self.local.lr, self.runtime)

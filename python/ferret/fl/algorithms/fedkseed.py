@@ -3,13 +3,33 @@ client uploads K scalars (its accumulated projected gradients) and the server re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ... import perturb, spec
 from ..data import batch_schedule
 from ..runtime import model_device
+from ..settings import Settings, at_least, positive_finite
 from ..train import trainable, zeroth_order_step
-from .base import Algorithm, LocalTraining, NonFiniteUpdate
+from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate
+
+MAX_SEEDS = 1 << 16  # the round's seeds are drawn on the host, one Philox call each
+
+
+@dataclass(frozen=True)
+class FedKSeedOptions(Settings):
+    """``k``: candidate seeds per round (the paper uses up to 4096); ``eps``: the perturbation of
+    the two-point estimates."""
+
+    k: int = 1024
+    eps: float = 5e-4
+
+    def validate(self) -> None:
+        at_least("k", self.k, 1)
+        if self.k > MAX_SEEDS:
+            raise ValueError(f"k must be at most {MAX_SEEDS} candidate seeds, got {self.k}")
+        positive_finite("eps", self.eps)
 
 
 class FedKSeed(Algorithm):
@@ -17,32 +37,35 @@ class FedKSeed(Algorithm):
     ``local.batch_size`` examples at ``local.lr`` with perturbation ``eps``."""
 
     name = "fedkseed"
+    Options = FedKSeedOptions
     default_local = LocalTraining(steps=200, batch_size=4, lr=3e-7)
 
-    def __init__(self, k: int = 1024, local: LocalTraining | None = None, *, eps: float = 5e-4):
-        super().__init__()
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        self.k, self.local, self.eps = k, local or self.default_local, eps
+    def __init__(self, options: FedKSeedOptions | None = None, *, local: LocalTraining | None = None, **values):
+        super().__init__(options, local=local, **values)
         self._seeds: tuple[int, list[int]] = (-1, [])
 
     def seeds(self, round_seed: int) -> list[int]:
         """The round's K candidate seeds."""
         if self._seeds[0] != round_seed:
-            self._seeds = (round_seed, [spec.block_seed(round_seed, j) for j in range(self.k)])
+            self._seeds = (round_seed, [spec.block_seed(round_seed, j) for j in range(self.options.k)])
         return self._seeds[1]
 
     def client_update(self, model, data, ctx):
-        seeds = self.seeds(ctx.round_seed)
-        acc = np.zeros(self.k, dtype=np.float64)
+        seeds, k, eps = self.seeds(ctx.round_seed), self.options.k, self.options.eps
+        acc = np.zeros(k, dtype=np.float64)
         device = model_device(model)
         for rows in batch_schedule(len(data), self.local.steps, self.local.batch_size, ctx.rng):
-            j = int(ctx.rng.integers(self.k))
-            acc[j] += zeroth_order_step(model, data.batch(rows, device), seeds[j], self.eps, self.local.lr,
-                                        self.runtime)
+            j = int(ctx.rng.integers(k))
+            acc[j] += zeroth_order_step(model, data.batch(rows, device), seeds[j], eps, self.local.lr, self.runtime)
         if not np.all(np.isfinite(acc)):
             raise NonFiniteUpdate("a zeroth-order estimate is NaN or Inf")
         return acc.astype("<f4").tobytes()
+
+    def check_upload(self, upload, model, ctx):
+        if not isinstance(upload, (bytes, bytearray)) or len(upload) != 4 * self.options.k:
+            raise MalformedUpload(f"expected {self.options.k} float32 scalars")
+        if not np.all(np.isfinite(np.frombuffer(upload, dtype="<f4"))):
+            raise MalformedUpload("the scalars hold NaN or Inf")
 
     def aggregate(self, model, uploads, weights, ctx):
         total = sum(w * np.frombuffer(u, dtype="<f4").astype(np.float64) for u, w in zip(uploads, weights))

@@ -5,46 +5,79 @@ adapter of its own rank on the global weights; the server aggregates the adapter
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ... import lora
-from ..runtime import model_device, to_host
+from ..runtime import model_device
+from ..settings import Settings, positive_finite
 from ..train import first_order_steps
-from .base import Algorithm, LocalTraining, NonFiniteUpdate
+from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate
+from .uploads import decode_tensors, encode_tensors, metadata_of
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 4096
+
+
+@dataclass(frozen=True)
+class LoraOptions(Settings):
+    """``ranks``: every client's LoRA rank, or one per client (client c takes ``ranks[c % len]``);
+    ``alpha_per_rank``: LoRA's alpha over the rank (the scaling is alpha / r); ``target_modules``:
+    the module names (or one name) the adapters wrap."""
+
+    ranks: int | list[int] = 8
+    alpha_per_rank: float = 2.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def validate(self) -> None:
+        ranks = [self.ranks] if isinstance(self.ranks, int) else self.ranks
+        if not ranks or any(not 1 <= r <= MAX_RANK for r in ranks):
+            raise ValueError(f"ranks must be a rank or a non-empty list of ranks from 1 to {MAX_RANK}, got {self.ranks}")
+        positive_finite("alpha_per_rank", self.alpha_per_rank)
+        if not self.modules or any(not m for m in self.modules):
+            raise ValueError(f"target_modules must name at least one module, got {self.target_modules!r}")
+
+    @property
+    def modules(self) -> list[str]:
+        """The target module names as a list."""
+        return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+
+
+@dataclass(frozen=True)
+class EqualRankOptions(LoraOptions):
+    """:class:`LoraOptions` for an aggregation that averages A and B: one rank for every client."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.ranks, int) and len(set(self.ranks)) > 1:
+            raise ValueError(f"averaging A and B needs one rank for every client, got ranks {self.ranks}")
 
 
 class LoraAlgorithm(Algorithm):
     """Shared client side; subclasses choose the server's aggregation."""
 
+    Options = LoraOptions
     full_parameter = False
     default_local = LocalTraining(lr=1e-3, optimizer="adamw")
 
-    def __init__(self, ranks: int | list[int] = 8, local: LocalTraining | None = None, *,
-                 alpha_per_rank: float = 2.0, target_modules=DEFAULT_TARGETS):
-        super().__init__()
-        self.ranks = ranks
-        self.local = local or self.default_local
-        self.alpha_per_rank = alpha_per_rank
-        self.target_modules = list(target_modules)
-
     def rank_of(self, client: int) -> int:
         """Client ``client``'s LoRA rank."""
-        return self.ranks if isinstance(self.ranks, int) else self.ranks[client % len(self.ranks)]
+        ranks = self.options.ranks
+        return ranks if isinstance(ranks, int) else ranks[client % len(ranks)]
 
     def client_update(self, model, data, ctx):
         from peft import LoraConfig, get_peft_model
 
         r = self.rank_of(ctx.client)
-        torch.manual_seed(ctx.round_seed ^ ctx.client)  # the fresh adapter's A
-        # The engine's working copy is wrapped in place and unwrapped afterwards: no copy of the model.
-        peft_model = get_peft_model(model, LoraConfig(
-            r=r, lora_alpha=self.alpha_per_rank * r, target_modules=self.target_modules, lora_dropout=0.0))
+        config = LoraConfig(r=r, lora_alpha=self.options.alpha_per_rank * r, target_modules=self.options.modules,
+                            lora_dropout=0.0)
+        with torch.random.fork_rng(devices=[]):  # PEFT's own initialisation leaves torch's global RNG as it was
+            # The engine's working copy is wrapped in place and unwrapped afterwards: no copy of the model.
+            peft_model = get_peft_model(model, config)
         try:
+            init_adapter(peft_model, ctx.generator)
             first_order_steps(peft_model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
             adapter = lora.from_peft(peft_model)
         except lora.LoraError as err:
@@ -53,7 +86,20 @@ class LoraAlgorithm(Algorithm):
             peft_model.unload()
         return encode_adapter(adapter)
 
+    def check_upload(self, upload, model, ctx):
+        adapter = decode_adapter(upload)
+        modules = dict(model.named_modules())
+        for name in adapter.modules:
+            A, B = adapter.stacked(name)
+            weight = getattr(modules.get(name), "weight", None)
+            if weight is None or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != tuple(weight.shape[:2]):
+                raise MalformedUpload(f"adapter module {name} does not fit the model")
+            if A.shape[0] > self.rank_of(ctx.client):
+                raise MalformedUpload(f"adapter module {name} has rank {A.shape[0]}, above the client's "
+                                      f"{self.rank_of(ctx.client)}")
+
     def combine(self, adapters, weights) -> lora.LoraAdapter:
+        """The one adapter the server merges from the clients' ``adapters`` (weights sum to 1)."""
         raise NotImplementedError
 
     def aggregate(self, model, uploads, weights, ctx):
@@ -63,6 +109,19 @@ class LoraAlgorithm(Algorithm):
 
     def apply(self, model, broadcast, ctx):
         lora.merge_into(model, decode_adapter(broadcast, model_device(model)), backend=self.runtime.lora_backend)
+
+
+def init_adapter(peft_model, generator: torch.Generator) -> None:
+    """A fresh adapter's A drawn from the client's own generator as PEFT draws it (Kaiming uniform,
+    a = √5), on the CPU so every device starts from the same bits; B stays zero."""
+    for module in peft_model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and "default" in lora_a:
+            weight = lora_a["default"].weight
+            fresh = torch.empty(weight.shape, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            with torch.no_grad():
+                weight.copy_(fresh)
 
 
 class FLoRA(LoraAlgorithm):
@@ -78,6 +137,7 @@ class FedIT(LoraAlgorithm):
     """Averaging A and B (equal ranks)."""
 
     name = "fedit"
+    Options = EqualRankOptions
 
     def combine(self, adapters, weights):
         return lora.fedit(adapters, weights)
@@ -98,19 +158,18 @@ def encode_adapter(adapter: lora.LoraAdapter) -> bytes:
     for name in adapter.modules:
         A, B = adapter.stacked(name)
         tensors[f"{name}.A"], tensors[f"{name}.B"] = A.contiguous(), B.contiguous()
-    return st_save(to_host(tensors), metadata={"fan_in_fan_out": json.dumps(adapter.fan_in_fan_out)})
-
-
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` table of safetensors bytes (empty if none)."""
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    return encode_tensors(tensors, metadata={"fan_in_fan_out": json.dumps(adapter.fan_in_fan_out)})
 
 
 def decode_adapter(data: bytes, device: torch.device | str = "cpu") -> lora.LoraAdapter:
-    """Inverse of :func:`encode_adapter`, onto ``device``."""
-    tensors = {k: t.to(device, non_blocking=True) for k, t in st_load(data).items()}
-    meta = safetensors_metadata(data)
+    """Inverse of :func:`encode_adapter`, onto ``device``; :class:`MalformedUpload` for anything else."""
+    tensors = decode_tensors(data, device)
+    fan_in_fan_out = metadata_of(data).get("fan_in_fan_out", "false")
     names = sorted({k[:-2] for k in tensors})
-    return lora.LoraAdapter({n: [lora.LoraTerm(tensors[f"{n}.A"], tensors[f"{n}.B"], 1.0)] for n in names},
-                            fan_in_fan_out=json.loads(meta.get("fan_in_fan_out", "false")))
+    if fan_in_fan_out not in ("true", "false") or any(f"{n}.A" not in tensors or f"{n}.B" not in tensors for n in names):
+        raise MalformedUpload("not an adapter: every module needs its .A and .B, fan_in_fan_out true or false")
+    try:
+        return lora.LoraAdapter({n: [lora.LoraTerm(tensors[f"{n}.A"], tensors[f"{n}.B"], 1.0)] for n in names},
+                                fan_in_fan_out=fan_in_fan_out == "true")
+    except lora.LoraError as err:
+        raise MalformedUpload(f"not an adapter: {err}") from None
