@@ -169,6 +169,45 @@ NB_MODULE(_core, m) {
       "In place: the segments += the SRHT estimate from coords, scaled (scale = alpha * n / m in fp32).");
 
   m.def(
+      "dense_compress",
+      [](std::vector<nb::handle> x_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+         int64_t slot, int64_t slots, nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords) {
+        const auto xs = buffers(x_objs, "the update", input);
+        const auto segments = segments_of(xs, starts, block_n, "the update");
+        nb::gil_scoped_release release;
+        ferret::dense_compress(segments.data(), int(segments.size()), seed, log2_size, slot, slots,
+                               int64_t(coords.shape(0)), coords.data());
+      },
+      nb::arg("xs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"), nb::arg("slot"),
+      nb::arg("slots"), nb::arg("coords").noconvert(),
+      "coords[k] = dense Hadamard coordinate k (slot of slots) of the block the segments make up.");
+
+  m.def(
+      "dense_reconstruct",
+      [](std::vector<nb::handle> out_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
+         int64_t slot, int64_t slots, nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords,
+         float scale) {
+        const auto outs = buffers(out_objs, "the output", output);
+        const auto segments = segments_of(outs, starts, block_n, "the output");
+        nb::gil_scoped_release release;
+        ferret::dense_reconstruct(segments.data(), int(segments.size()), seed, log2_size, slot, slots,
+                                  coords.data(), int64_t(coords.shape(0)), scale);
+      },
+      nb::arg("outs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"), nb::arg("slot"),
+      nb::arg("slots"), nb::arg("coords").noconvert(), nb::arg("scale"),
+      "In place: the segments += the dense Hadamard estimate from coords, scaled (scale = alpha / m in fp32).");
+
+  m.def(
+      "dense_rows",
+      [](uint64_t seed, int log2_size, int64_t slot, int64_t slots,
+         nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu, nb::c_contig> rows) {
+        nb::gil_scoped_release release;
+        ferret::dense_rows(seed, log2_size, slot, slots, int64_t(rows.shape(0)), rows.data());
+      },
+      nb::arg("seed"), nb::arg("log2_size"), nb::arg("slot"), nb::arg("slots"), nb::arg("rows").noconvert(),
+      "rows[k] = row k of the slot of the dense Hadamard basis of size 2^log2_size.");
+
+  m.def(
       "sum_squares",
       [](nb::handle x_obj) {
         Input x = input(x_obj, "the update");

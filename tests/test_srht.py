@@ -194,7 +194,7 @@ def test_merged_packets_rebuild_the_weighted_mean():
 @pytest.mark.parametrize("name,message", [
     ("srht:1000", "power of two from 2 to 32768"), ("srht:1", "power of two"), ("srht:65536", "power of two"),
     ("srht:x", "power of two"), ("srht:-8", "power of two"), ("gaussian:64", "unknown basis"),
-    ("hadamard", "unknown basis"),
+    ("srht:", "power of two"), ("hadamard:5", "power of two from 2 to 4194304"),
 ])
 def test_bad_basis_names_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
@@ -216,7 +216,7 @@ def test_bad_srht_input_is_refused():
         ferret.compress({"a": torch.zeros(0), "b": torch.ones(4)}, seed=0, budget=2, basis="srht")
     # a packet asking for more rows than the receiver's block has
     forged = ferret.Packet(1, "srht", 0, ferret.Layout.of(torch.zeros(4)).fingerprint, [5], np.ones(5))
-    with pytest.raises(PacketError, match="at most that many srht rows"):
+    with pytest.raises(PacketError, match="at most 4 rows under srht"):
         ferret.reconstruct(forged, like=torch.zeros(4))
     raw = bytearray(ferret.compress(torch.randn(20), seed=0, budget=3).to_bytes())
     raw[7] = 3  # a basis argument on a Rademacher packet

@@ -110,26 +110,28 @@ void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, 
   reconstruct(theta, dtype, n, start, seed, basis, &one, 1, eps);
 }
 
-// The spec's order: the pairwise tree over the fp64 squares; a group of 128 at a time, then the
-// group sums through the tree.
+// The spec's order: the pairwise tree over the fp64 squares. Squares are never -0, so a tree
+// padded with zeros is the tree with absent nodes: each kChunk-aligned chunk is one subtree.
 double sum_squares(const void* x, DType dtype, int64_t n) {
   if (n <= 0) return 0.0;
-  constexpr int64_t kGroup = 128;
   const int64_t count = (n + kChunk - 1) / kChunk;
   std::vector<double> partials(count);
   detail::parallel_for(count, threads_for(n, 1), [&](int64_t c) {
-    detail::PairwiseTree tree(1);
-    double level[kGroup];
-    for (int64_t g0 = c * kChunk; g0 < std::min(n, (c + 1) * kChunk); g0 += kGroup) {
-      for (int64_t i = 0; i < kGroup; i++) {
-        const double v = g0 + i < n ? detail::load_element(x, dtype, g0 + i) : 0.0;
-        level[i] = v * v;
-      }
-      for (int64_t width = kGroup / 2; width >= 1; width /= 2)
-        for (int64_t i = 0; i < width; i++) level[i] = level[2 * i] + level[2 * i + 1];
-      tree.add(g0 / kGroup, level);
+    const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
+    const float* f32 = static_cast<const float*>(x) + lo;
+    std::vector<float> converted;
+    if (dtype != DType::f32) {
+      converted.resize(size_t(len));
+      for (int64_t i = 0; i < len; i++) converted[size_t(i)] = detail::load_element(x, dtype, lo + i);
+      f32 = converted.data();
     }
-    tree.root(&partials[c]);
+#ifdef FERRET_HAVE_AVX2_BUILD
+    if (detail::use_avx2()) {
+      partials[c] = detail::sum_squares_chunk_avx2(f32, len);
+      return;
+    }
+#endif
+    partials[c] = detail::sum_squares_chunk_portable(f32, len);
   });
   detail::PairwiseTree tree(1);
   for (int64_t c = 0; c < count; c++) tree.add(c, &partials[c]);

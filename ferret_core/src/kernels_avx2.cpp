@@ -254,4 +254,112 @@ void fwht_avx2(float* x, int64_t n) {
       }
 }
 
+void sign_words_avx2(uint64_t seed, int64_t g0, int64_t n_groups, uint32_t* words) {
+  const RoundKeys key(seed);
+  int64_t g = 0;
+  for (; g + 8 <= n_groups; g += 8) {
+    __m256i c[4];
+    philox8_groups(_mm256_add_epi32(splat(uint32_t(g0 + g)), lanes()), 0, key, c);
+    alignas(32) uint32_t w[4][8];
+    for (int q = 0; q < 4; q++) _mm256_store_si256(reinterpret_cast<__m256i*>(w[q]), c[q]);
+    for (int l = 0; l < 8; l++)
+      for (int q = 0; q < 4; q++) words[4 * (g + l) + q] = w[q][l];
+  }
+  for (; g < n_groups; g++) basis_words(seed, 0, uint32_t(g0 + g), words + 4 * g);
+}
+
+namespace {
+
+constexpr int64_t kSignTile = 128;  // sign groups per pass of the dense loops (16384 elements)
+
+// The sign-bit masks of elements i .. i + 7 (i a multiple of 8) from the words of group g0 onwards.
+inline __m256 sign_mask(const uint32_t* words, int64_t g0, int64_t i) {
+  const uint32_t w = words[4 * ((i >> 7) - g0) + ((i >> 5) & 3)] >> (i & 31);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), lanes()), 31));
+}
+
+inline float signed_one(const uint32_t* words, int64_t g0, int64_t i, float x) {
+  const uint32_t w = words[4 * ((i >> 7) - g0) + ((i >> 5) & 3)];
+  return float_of(bits_of(x) ^ (((w >> (i & 31)) & 1u) << 31));
+}
+
+}  // namespace
+
+void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
+  alignas(32) static thread_local uint32_t words[8][4 * kSignTile];
+  alignas(32) static thread_local float zeros[128 * kSignTile];
+  for (int64_t t = 0; t < len; t += 128 * kSignTile) {
+    const int64_t n = min64(len - t, 128 * kSignTile);
+    const float* base[8];
+    int64_t g0[8];
+    for (int c = 0; c < 8; c++) {
+      base[c] = src[c] ? src[c] + t : zeros;  // an absent chunk reads zeros (its signs only flip 0)
+      g0[c] = (offsets[c] + t) >> 7;
+      if (src[c]) sign_words_avx2(seed, g0[c], n / 128, words[c]);
+    }
+    for (int64_t j = 0; j < n; j += 8) {
+      __m256 s[8];
+      for (int c = 0; c < 8; c++) {
+        const uint32_t w = words[c][4 * (j >> 7) + ((j >> 5) & 3)] >> (j & 31);
+        const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), lanes()), 31));
+        s[c] = _mm256_xor_ps(_mm256_loadu_ps(base[c] + j), mask);
+      }
+      const __m256 left = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+      const __m256 right = _mm256_add_ps(_mm256_add_ps(s[4], s[5]), _mm256_add_ps(s[6], s[7]));
+      _mm256_storeu_ps(dst + t + j, _mm256_add_ps(left, right));
+    }
+  }
+}
+
+void signed_apply_avx2(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+  alignas(32) uint32_t words[4 * (kSignTile + 1)];
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t t = 0; t < len; t += 128 * kSignTile) {
+    const int64_t n = min64(len - t, 128 * kSignTile), g0 = (o + t) >> 7;
+    sign_words_avx2(seed, g0, ((o + t + n - 1) >> 7) - g0 + 1, words);
+    int64_t j = t;
+    for (; j < t + n && ((o + j) & 7); j++) out[j] = out[j] + signed_one(words, g0, o + j, z[j]) * scale;
+    for (; j + 8 <= t + n; j += 8) {
+      const __m256 v = _mm256_xor_ps(_mm256_loadu_ps(z + j), sign_mask(words, g0, o + j));
+      _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_loadu_ps(out + j), _mm256_mul_ps(v, s)));
+    }
+    for (; j < t + n; j++) out[j] = out[j] + signed_one(words, g0, o + j, z[j]) * scale;
+  }
+}
+
+// Within a group of 128 elements each level of the tree halves the vectors: hadd gives
+// (a0+a1, b0+b1, a2+a3, b2+b3) and the permute puts the sums back in index order. The chunk's
+// group sums then go through the rest of the tree.
+double sum_squares_chunk_avx2(const float* x, int64_t n) {
+  constexpr int64_t kGroups = kChunk / 128;
+  alignas(32) double sums[kGroups];
+  alignas(32) float tail[128];
+  for (int64_t g = 0; g < kGroups; g++) {
+    const int64_t lo = g * 128;
+    if (lo >= n) {
+      sums[g] = 0.0;
+      continue;
+    }
+    const float* p = x + lo;
+    if (n - lo < 128) {
+      for (int64_t i = 0; i < 128; i++) tail[i] = lo + i < n ? p[i] : 0.0f;
+      p = tail;
+    }
+    __m256d level[32];
+    for (int v = 0; v < 32; v++) {
+      const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(p + 4 * v));
+      level[v] = _mm256_mul_pd(d, d);
+    }
+    for (int width = 16; width >= 1; width /= 2)
+      for (int i = 0; i < width; i++)
+        level[i] = _mm256_permute4x64_pd(_mm256_hadd_pd(level[2 * i], level[2 * i + 1]), 0xD8);
+    alignas(32) double last[4];
+    _mm256_store_pd(last, level[0]);
+    sums[g] = (last[0] + last[1]) + (last[2] + last[3]);
+  }
+  for (int64_t width = kGroups / 2; width >= 1; width /= 2)
+    for (int64_t i = 0; i < width; i++) sums[i] = sums[2 * i] + sums[2 * i + 1];
+  return sums[0];
+}
+
 }  // namespace ferret::detail

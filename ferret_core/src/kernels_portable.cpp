@@ -153,4 +153,53 @@ void fwht_portable(float* x, int64_t n) {
       }
 }
 
+void sign_words_portable(uint64_t seed, int64_t g0, int64_t n_groups, uint32_t* words) {
+  for (int64_t g = 0; g < n_groups; g++) basis_words(seed, 0, uint32_t(g0 + g), words + 4 * g);
+}
+
+namespace {
+
+constexpr int64_t kSignTile = 128;  // sign groups per pass of the dense loops (16384 elements)
+
+// x with its sign bit flipped where bit i & 31 of the group's word q = (i >> 5) & 3 is set.
+inline float signed_at(const uint32_t* words, int64_t g0, int64_t i, float x) {
+  const uint32_t w = words[4 * ((i >> 7) - g0) + ((i >> 5) & 3)];
+  return float_of(bits_of(x) ^ (((w >> (i & 31)) & 1u) << 31));
+}
+
+}  // namespace
+
+void signed_fold8_portable(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
+  std::vector<uint32_t> words(size_t(8 * 4 * kSignTile));
+  for (int64_t t = 0; t < len; t += 128 * kSignTile) {
+    const int64_t n = std::min(len - t, 128 * kSignTile);
+    for (int c = 0; c < 8; c++)
+      if (src[c]) sign_words_portable(seed, (offsets[c] + t) >> 7, n / 128, words.data() + 4 * kSignTile * c);
+    for (int64_t j = t; j < t + n; j++) {
+      float s[8];
+      for (int c = 0; c < 8; c++)
+        s[c] = src[c] ? signed_at(words.data() + 4 * kSignTile * c, (offsets[c] + t) >> 7, offsets[c] + j, src[c][j])
+                      : 0.0f;
+      dst[j] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+  }
+}
+
+void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+  uint32_t words[4 * (kSignTile + 1)];
+  for (int64_t t = 0; t < len; t += 128 * kSignTile) {
+    const int64_t n = std::min(len - t, 128 * kSignTile), g0 = (o + t) >> 7;
+    sign_words_portable(seed, g0, ((o + t + n - 1) >> 7) - g0 + 1, words);
+    for (int64_t j = t; j < t + n; j++) out[j] = out[j] + signed_at(words, g0, o + j, z[j]) * scale;
+  }
+}
+
+double sum_squares_chunk_portable(const float* x, int64_t n) {
+  std::vector<double> level(size_t(kChunk), 0.0);
+  for (int64_t i = 0; i < n; i++) level[size_t(i)] = double(x[i]) * double(x[i]);
+  for (int64_t width = kChunk / 2; width >= 1; width /= 2)
+    for (int64_t i = 0; i < width; i++) level[size_t(i)] = level[size_t(2 * i)] + level[size_t(2 * i + 1)];
+  return level[0];
+}
+
 }  // namespace ferret::detail

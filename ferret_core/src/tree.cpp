@@ -4,11 +4,20 @@
 
 namespace ferret::detail {
 
-PairwiseTree::PairwiseTree(int width)
-    : width_(width), slots_(size_t(kLevels) * width), carry_(width), index_(), present_() {}
-PairwiseTree::~PairwiseTree() = default;
+template <class T>
+PairwiseTreeOf<T>::PairwiseTreeOf(int64_t width)
+    : width_(width), slots_(kLevels), carry_(size_t(width)), index_(), present_() {}
+template <class T>
+PairwiseTreeOf<T>::~PairwiseTreeOf() = default;
 
-void PairwiseTree::add(int64_t index, const double* values) {
+template <class T>
+T* PairwiseTreeOf<T>::slot(int level) {
+  if (slots_[level].empty()) slots_[level].resize(size_t(width_));
+  return slots_[level].data();
+}
+
+template <class T>
+void PairwiseTreeOf<T>::add(int64_t index, const T* values) {
   std::copy(values, values + width_, carry_.begin());
   carry_up(0, index);
 }
@@ -16,7 +25,8 @@ void PairwiseTree::add(int64_t index, const double* values) {
 // The finished node in carry_ at (level, index) is merged with its left sibling, or goes up alone
 // when that sibling is absent, or waits when it is a left node itself. A waiting node whose right
 // sibling can no longer come (a later index arrived) goes up alone first.
-void PairwiseTree::carry_up(int level, int64_t index) {
+template <class T>
+void PairwiseTreeOf<T>::carry_up(int level, int64_t index) {
   for (;; level++, index >>= 1) {
     if (present_[level] && index_[level] != (index ^ 1)) {
       // Park this node in the slot while the stale one goes up through carry_, then take it back.
@@ -26,8 +36,9 @@ void PairwiseTree::carry_up(int level, int64_t index) {
       std::swap_ranges(carry_.begin(), carry_.end(), slot(level));
     }
     if (present_[level]) {
-      const double* left = slot(level);
-      for (int k = 0; k < width_; k++) carry_[k] = left[k] + carry_[k];
+      const T* left = slot(level);
+      T* carry = carry_.data();
+      for (int64_t k = 0; k < width_; k++) carry[k] = left[k] + carry[k];
       present_[level] = false;
     } else if ((index & 1) == 0) {
       std::copy(carry_.begin(), carry_.end(), slot(level));
@@ -38,8 +49,9 @@ void PairwiseTree::carry_up(int level, int64_t index) {
   }
 }
 
-void PairwiseTree::root(double* out) {
-  std::fill(out, out + width_, 0.0);
+template <class T>
+void PairwiseTreeOf<T>::root(T* out) {
+  std::fill(out, out + width_, T(0));
   for (int level = 0; level < kLevels; level++) {
     if (!present_[level]) continue;
     present_[level] = false;
@@ -53,5 +65,8 @@ void PairwiseTree::root(double* out) {
   }
   std::fill(present_, present_ + kLevels, false);
 }
+
+template class PairwiseTreeOf<double>;
+template class PairwiseTreeOf<float>;
 
 }  // namespace ferret::detail

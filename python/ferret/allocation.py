@@ -109,8 +109,8 @@ def allocate(budget: int, n_blocks: int, policy: str = "norm", norms=None, caps=
         )
     if caps is not None and budget > int(np.sum(caps)):
         raise ValueError(
-            f"a budget of {budget} coordinates exceeds the {int(np.sum(caps))} rows this basis has "
-            f"(one per element): lower the budget"
+            f"a budget of {budget} coordinates exceeds the {int(np.sum(caps))} rows the basis has for "
+            f"these blocks: lower the budget"
         )
     if policy == "uniform":
         weights = np.ones(n_blocks)

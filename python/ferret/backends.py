@@ -59,13 +59,16 @@ def num_threads() -> int:
 @dataclass(frozen=True)
 class Block:
     """One block of a packet: its ``segments`` (``(buffer, offset in the block)`` pairs, in layout
-    order), its element count ``n``, its seed, its basis ``kind`` and Hadamard size (SRHT)."""
+    order), its element count ``n``, its seed, its basis ``kind``, its Hadamard size (SRHT: the
+    chunk size; dense Hadamard: the block's own size) and its row ``slot`` of ``slots``."""
 
     segments: list
     n: int
     seed: int
     kind: str
     hadamard: int = 0
+    slot: int = 0
+    slots: int = 1
 
 
 class CoreBackend:
@@ -90,12 +93,16 @@ class CoreBackend:
         return np.array([self._core.sum_squares(x) for x in flats], dtype=np.float64)
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
-        """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (SRHT)."""
+        """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (Hadamard kinds)."""
         self._use_threads()
         out = []
         for block, m in zip(blocks, counts):
             m = int(m)
-            if block.kind == "srht":
+            if block.kind == "hadamard":
+                coords = np.zeros(m, dtype=np.float32)
+                self._core.dense_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard),
+                                          block.slot, block.slots, coords)
+            elif block.kind == "srht":
                 coords = np.zeros(m, dtype=np.float32)
                 self._core.srht_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), coords)
             else:
@@ -110,6 +117,10 @@ class CoreBackend:
         self._use_threads()
         for block, c, scale in zip(blocks, coords, scales):
             c = np.ascontiguousarray(c, dtype=np.float32)
+            if block.kind == "hadamard":
+                self._core.dense_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard),
+                                             block.slot, block.slots, c, float(scale))
+                continue
             if block.kind == "srht":
                 self._core.srht_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), c,
                                             float(scale))
@@ -207,11 +218,14 @@ class TritonBackend:
 
 def estimate_bound(block: Block, coords) -> float:
     """A bound on every |element| of a block's estimate from ``coords``, before the scale, with
-    fp32 rounding included, or ``inf`` where the fp32 sum itself could overflow: Rademacher
-    ``Σ|γ_k|``, Gaussian ``6 Σ|γ_k|``; SRHT, per chunk holding a row, ``Σ|γ_k|`` over its rows
-    bounds ``fwht`` and that over the chunk's size the estimate. Both backends compute the same
-    estimate, so one bound serves them."""
+    fp32 rounding included, or ``inf`` where the fp32 sum itself could overflow: Rademacher and
+    dense Hadamard ``Σ|γ_k|``, Gaussian ``6 Σ|γ_k|``; SRHT, per chunk holding a row, ``Σ|γ_k|``
+    over its rows bounds ``fwht`` and that over the chunk's size the estimate. Both backends
+    compute the same estimate, so one bound serves them."""
     a = np.abs(np.asarray(coords, dtype=np.float64))
+    if block.kind == "hadamard":
+        acc = float(a.sum()) * _rounding_growth(block.hadamard.bit_length() + 1)
+        return acc if acc <= FP32_MAX else math.inf
     if block.kind != "srht":
         acc = float(a.sum()) * (GAUSSIAN_MAX if block.kind == "gaussian" else 1.0) * _rounding_growth(a.size + 1)
         return acc if acc <= FP32_MAX else math.inf

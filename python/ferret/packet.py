@@ -1,7 +1,7 @@
 """The packet a client sends: K fp32 coordinates plus what the receiver needs to rebuild the
 update from its own copy of the shared seeds, and a versioned binary encoding.
 
-Encoding (little-endian), version 1::
+Encoding (little-endian), version 1 (Rademacher, Gaussian and SRHT packets)::
 
     magic      4 bytes  b"FRPK"
     version    u16      1
@@ -14,10 +14,16 @@ Encoding (little-endian), version 1::
     counts     n_blocks x u32   coordinates per block
     coords     sum(counts) x f32
     crc32      u32      zlib.crc32 of every byte before it
+
+Version 2 (Hadamard packets) is version 1 with basis 3 (``hadamard``, ``basis_arg`` the log2 of
+its Hadamard size) and two more header words after ``n_blocks``: ``slots u32`` and ``slot u32``,
+the packet's row slot (see :mod:`ferret.spec`). Packets of the older bases are still written as
+version 1, byte for byte as before; both versions decode.
 """
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
 from dataclasses import dataclass
@@ -27,8 +33,9 @@ import numpy as np
 from .basis import KINDS, basis_name, parse_basis
 
 MAGIC = b"FRPK"
-VERSION = 1
+VERSIONS = (1, 2)
 _HEADER = struct.Struct("<4sHBBQQ16sI")
+_SLOTS = struct.Struct("<II")  # version 2: slots, slot
 
 
 class PacketError(ValueError):
@@ -40,6 +47,8 @@ class Packet:
     """Coordinates of one update: ``counts[b]`` fp32 numbers per block, block after block.
 
     Build packets with :func:`ferret.compress`; read them with :func:`ferret.reconstruct`.
+    ``slot`` of ``slots`` names the rows a Hadamard packet holds (clients taking disjoint rows);
+    every other packet has slot 0 of 1.
     """
 
     round_seed: int
@@ -48,6 +57,8 @@ class Packet:
     fingerprint: bytes
     counts: np.ndarray  # uint32, one per block
     coords: np.ndarray  # float32, sum(counts)
+    slot: int = 0
+    slots: int = 1
 
     def __post_init__(self):
         counts = np.ascontiguousarray(self.counts, dtype=np.uint32)
@@ -59,6 +70,18 @@ class Packet:
             object.__setattr__(self, "basis", basis_name(*parse_basis(self.basis)))
         except (TypeError, ValueError) as err:
             raise PacketError(str(err)) from None
+        kind, size = parse_basis(self.basis)
+        if kind == "hadamard" and not size:
+            raise PacketError("a hadamard packet names its Hadamard size ('hadamard:<size>')")
+        try:
+            object.__setattr__(self, "slot", operator.index(self.slot))
+            object.__setattr__(self, "slots", operator.index(self.slots))
+        except TypeError:
+            raise PacketError(f"row slots are ints, got {self.slot!r} of {self.slots!r}") from None
+        if not (1 <= self.slots <= 2**32 - 1 and 0 <= self.slot < self.slots):
+            raise PacketError(f"row slot {self.slot} of {self.slots} is not one of 0 .. slots - 1")
+        if self.slots > 1 and kind != "hadamard":
+            raise PacketError(f"only hadamard packets take row slots, not {kind}")
         if not 0 <= self.round_seed < 2**63:
             raise PacketError(f"round seed {self.round_seed} is outside [0, 2**63)")
         if len(self.fingerprint) != 16:
@@ -82,8 +105,11 @@ class Packet:
     def to_bytes(self) -> bytes:
         """The packet in its versioned binary encoding (see the module docstring)."""
         kind, size = parse_basis(self.basis)
-        head = _HEADER.pack(MAGIC, VERSION, KINDS.index(kind), size.bit_length() - 1 if size else 0, self.round_seed,
+        version = 2 if kind == "hadamard" else 1
+        head = _HEADER.pack(MAGIC, version, KINDS.index(kind), size.bit_length() - 1 if size else 0, self.round_seed,
                             self.group_size, self.fingerprint, self.n_blocks)
+        if version == 2:
+            head += _SLOTS.pack(self.slots, self.slot)
         body = head + self.counts.astype("<u4").tobytes() + self.coords.astype("<f4").tobytes()
         return body + struct.pack("<I", zlib.crc32(body))
 
@@ -97,25 +123,31 @@ class Packet:
         magic, version, basis, basis_arg, seed, group_size, fingerprint, n_blocks = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise PacketError("not a ferret packet (bad magic)")
-        if version != VERSION:
-            raise PacketError(f"packet version {version} is not supported (this ferret reads version {VERSION})")
+        if version not in VERSIONS:
+            raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1 and 2); "
+                              f"upgrade ferret to read it")
+        head_size = _head_size(version)
+        if len(data) < head_size + 4:
+            raise PacketError(f"{len(data)} bytes is too short for a version {version} packet")
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         if zlib.crc32(data[:-4]) != crc:
             raise PacketError("packet checksum mismatch: the bytes were truncated or corrupted")
-        if basis >= len(KINDS):
-            raise PacketError(f"unknown basis code {basis}")
-        if basis_arg and KINDS[basis] != "srht" or basis_arg > 30:
-            raise PacketError(f"basis argument {basis_arg} does not fit basis {KINDS[basis]}")
-        counts_end = _HEADER.size + 4 * n_blocks
+        if basis >= len(KINDS) or (KINDS[basis] == "hadamard") != (version == 2):
+            raise PacketError(f"basis code {basis} is not known to packet version {version}")
+        kind = KINDS[basis]
+        if basis_arg and kind in ("rademacher", "gaussian") or basis_arg > 30 or kind == "hadamard" and not basis_arg:
+            raise PacketError(f"basis argument {basis_arg} does not fit basis {kind}")
+        slots, slot = _SLOTS.unpack_from(data, _HEADER.size) if version == 2 else (1, 0)
+        counts_end = head_size + 4 * n_blocks
         if counts_end > len(data) - 4:
             raise PacketError("packet truncated inside the block counts")
-        counts = np.frombuffer(data, dtype="<u4", count=n_blocks, offset=_HEADER.size)
+        counts = np.frombuffer(data, dtype="<u4", count=n_blocks, offset=head_size)
         n_coords = int(counts.sum(dtype=np.int64))
         if counts_end + 4 * n_coords != len(data) - 4:
             raise PacketError(f"packet length does not match its counts ({n_coords} coordinates)")
         coords = np.frombuffer(data, dtype="<f4", count=n_coords, offset=counts_end)
-        name = KINDS[basis] if KINDS[basis] != "srht" else f"srht:{1 << basis_arg}"
-        return cls(seed, name, group_size, fingerprint, counts, coords)
+        name = kind if kind in ("rademacher", "gaussian") else f"{kind}:{1 << basis_arg}"
+        return cls(seed, name, group_size, fingerprint, counts, coords, slot, slots)
 
     @classmethod
     def split(cls, data: bytes) -> list["Packet"]:
@@ -125,11 +157,14 @@ class Packet:
         while at < len(data):
             if len(data) - at < _HEADER.size:
                 raise PacketError(f"{len(data) - at} trailing bytes are too short for a packet")
-            n_blocks = _HEADER.unpack_from(data, at)[-1]
-            counts_end = at + _HEADER.size + 4 * n_blocks
+            version, n_blocks = _HEADER.unpack_from(data, at)[1], _HEADER.unpack_from(data, at)[-1]
+            if version not in VERSIONS:
+                raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1 and 2)")
+            counts_end = at + _head_size(version) + 4 * n_blocks
             if counts_end > len(data):
                 raise PacketError("packet truncated inside the block counts")
-            n_coords = int(np.frombuffer(data, dtype="<u4", count=n_blocks, offset=at + _HEADER.size).sum(dtype=np.int64))
+            n_coords = int(np.frombuffer(data, dtype="<u4", count=n_blocks,
+                                         offset=counts_end - 4 * n_blocks).sum(dtype=np.int64))
             end = counts_end + 4 * n_coords + 4
             packets.append(cls.from_bytes(data[at:end]))
             at = end
@@ -139,10 +174,15 @@ class Packet:
         return isinstance(other, Packet) and self.to_bytes() == other.to_bytes()
 
     def __repr__(self) -> str:
+        rows = f", slot {self.slot} of {self.slots}" if self.slots > 1 else ""
         return (
-            f"Packet({self.basis}, seed={self.round_seed}, {self.n_blocks} blocks, "
+            f"Packet({self.basis}{rows}, seed={self.round_seed}, {self.n_blocks} blocks, "
             f"{self.coords.size} coordinates, {len(self.to_bytes())} bytes)"
         )
+
+
+def _head_size(version: int) -> int:
+    return _HEADER.size + (_SLOTS.size if version == 2 else 0)
 
 
 def _bytes_of(data) -> bytes:

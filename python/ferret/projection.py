@@ -8,9 +8,11 @@ the same round seed and a model of the same shapes rebuilds an unbiased estimate
     ferret.reconstruct(ferret.Packet.from_bytes(wire), into=model.named_parameters(), scale=lr)
 
 Block ``b`` is projected on ``n_b`` bases drawn from ``block_seed(round_seed, b)``; its
-estimate is ``(1/n_b) * sum_k gamma_k v_k``. With ``basis="srht"`` the coordinates are ``n_b``
-rows of the block's randomized Hadamard transform instead, at a cost that does not grow with
-``n_b`` (see :mod:`ferret.spec`). Nothing is written until every input is checked, and a
+estimate is ``(1/n_b) * sum_k gamma_k v_k``. With ``basis="hadamard"`` the bases are rows of a
+randomized Hadamard transform repeated over the block, at the cost of one read of the update
+whatever ``n_b`` (see :mod:`ferret.spec`); ``"srht"`` transforms only the chunks holding a row.
+Hadamard clients may take disjoint rows (``slot`` of ``slots``), so that their merged packet
+carries every client's directions and one reconstruction serves the round. Nothing is written until every input is checked, and a
 reconstruction that would turn a finite value of its targets into Inf or NaN writes nothing.
 
 **Which receiver fits a packet.** Every packet carries its layout's fingerprint: a hash of the
@@ -29,17 +31,17 @@ import torch
 
 from .allocation import allocate, check_budget, client_weights
 from .backends import Block, backend_for, estimate_bound
-from .basis import basis_name, parse_basis
+from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
-from .spec import block_seed, normalize_seed
+from .spec import block_seed, dense_block_size, dense_slot_rows, normalize_seed
 from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_flat, writable_flat
 
 SCRATCH_ELEMENTS = 1 << 22  # elements per scratch piece of a checked reconstruction (16 MiB in fp32)
 
 
 def compress(update, seed: int, budget: int, *, basis: str = "rademacher", allocation: str = "norm",
-             grouping="tensor", backend: str | None = None) -> Packet:
+             grouping="tensor", slot: int = 0, slots: int = 1, backend: str | None = None) -> Packet:
     """Project ``update`` onto ``budget`` seeded bases in all.
 
     Takes a tensor, a NumPy array, a state dict or an iterable of ``(name, tensor)`` pairs
@@ -47,15 +49,19 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     ``[0, 2**63)``), and the total number of coordinates ``budget``, shared among blocks by
     ``allocation`` (``"norm"`` or ``"uniform"``); ``grouping`` forms the blocks (``"tensor"``,
     ``"paper"`` or a block size, see :mod:`ferret.layout`); ``basis`` is ``"rademacher"``,
-    ``"gaussian"``, ``"srht"`` or ``"srht:<Hadamard size>"`` (see :mod:`ferret.basis`).
+    ``"gaussian"``, ``"hadamard"``, ``"srht"``, or a Hadamard kind with its size
+    (``"hadamard:65536"``, see :mod:`ferret.basis`). A ``"hadamard"`` client ``slot`` of
+    ``slots`` (ints, ``0 <= slot < slots``) projects onto rows no other slot uses.
 
     Returns a :class:`Packet`; the receiver needs tensors of the same names and shapes in the
     same order (see the module docstring). Raises ``ValueError`` for NaN/Inf in the update and
     for a budget outside :func:`ferret.allocation.check_budget`'s rule (a positive int, at least
     one per block, at most 16 per element of the update and ``2**31 - 1`` in all; ``TypeError``
-    if it is not an int), and ``ValueError`` / ``TypeError`` for bad tensors (see :func:`reconstruct`).
+    if it is not an int), more coordinates in a block than a Hadamard basis has rows for its slot,
+    and bad slots, and ``ValueError`` / ``TypeError`` for bad tensors (see :func:`reconstruct`).
     """
     kind, hadamard = parse_basis(basis)
+    slot, slots = check_slots(kind, slot, slots)
     seed = normalize_seed(seed)
     items = named_tensors(update)
     for name, x in items:
@@ -63,39 +69,84 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     be = backend_for(device_of(items, "update"), backend)
     layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [_numel(x) for _, x in items]))
     check_budget(budget, layout.n_blocks, layout.numel)
+    if kind == "hadamard" and not hadamard:
+        hadamard = dense_size(budget, slots)
     flats = [readable_flat(x) for _, x in items]
     blocks = layout.block_entries
 
     norms = None
+    if allocation == "norm" and layout.n_blocks == 1:
+        allocation = "uniform"  # one block takes the whole budget: no need to read the update for its norm
     if allocation == "norm":
         squares = be.sum_squares(flats)
         norms = [math.sqrt(sum(float(squares[i]) for i in entries)) for entries in blocks]
         for b, norm in enumerate(norms):
             if not math.isfinite(norm):
                 raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
-    if kind == "srht" and 0 in layout.block_sizes:
+    if kind in ("srht", "hadamard") and 0 in layout.block_sizes:
         empty = blocks[layout.block_sizes.index(0)]
-        raise ValueError(f"the srht basis cannot project an empty block ({_names(layout, empty)})")
-    counts = block_counts(layout, budget, basis, allocation, norms)
+        raise ValueError(f"the {kind} basis cannot project an empty block ({_names(layout, empty)})")
+    name = basis_name(kind, hadamard)
+    counts = block_counts(layout, budget, name, allocation, norms, slot, slots)
 
-    jobs = [Block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                  block_seed(seed, b), kind, hadamard) for b, entries in enumerate(blocks)]
+    jobs = [_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
+                   block_seed(seed, b), kind, hadamard, slot, slots) for b, entries in enumerate(blocks)]
     coords = be.compress(jobs, counts)
     for b, gamma in enumerate(coords):
         if not np.all(np.isfinite(gamma.astype(np.float32))):
             raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, blocks[b])}")
-    return Packet(seed, basis_name(kind, hadamard), layout.group_size, layout.fingerprint, counts,
-                  np.concatenate(coords) if coords else np.zeros(0))
+    return Packet(seed, name, layout.group_size, layout.fingerprint, counts,
+                  np.concatenate(coords) if coords else np.zeros(0), slot, slots)
 
 
 def block_counts(layout: Layout, budget: int, basis: str = "rademacher", allocation: str = "norm",
-                 norms=None) -> np.ndarray:
-    """Coordinates per block of ``layout`` (int64): ``allocate``'s, capped at the block sizes for
-    ``srht`` (a block has one row per element). ``norms`` are needed by the ``"norm"`` allocation.
-    Raises as :func:`ferret.allocation.check_budget` does for a budget that does not fit the layout."""
+                 norms=None, slot: int = 0, slots: int = 1) -> np.ndarray:
+    """Coordinates per block of ``layout`` (int64): ``allocate``'s, capped at the rows a block has:
+    one per element for ``srht``, and for ``hadamard`` (its size named) the rows of ``slot`` of
+    ``slots`` at the block's Hadamard size, and no more than one per element. ``norms`` are needed
+    by the ``"norm"`` allocation. Raises as :func:`ferret.allocation.check_budget` does for a
+    budget that does not fit the layout, and ``ValueError`` for one above the caps' sum."""
     check_budget(budget, layout.n_blocks, layout.numel)
-    caps = layout.block_sizes if parse_basis(basis)[0] == "srht" else None
+    caps = block_rows(layout, basis, slot, slots)
+    if caps is not None:  # and no more coordinates than elements
+        caps = np.minimum(caps, layout.block_sizes)
     return allocate(budget, layout.n_blocks, allocation, norms, caps=caps)
+
+
+def block_rows(layout: Layout, basis: str, slot: int = 0, slots: int = 1):
+    """How many rows (coordinates at most) each block of ``layout`` has under ``basis`` for
+    ``slot`` of ``slots`` (an int64 array), or ``None`` for bases without a limit (Rademacher,
+    Gaussian). Raises ``ValueError`` for a ``"hadamard"`` basis whose size is not named."""
+    kind, size = parse_basis(basis)
+    if kind == "srht":
+        return np.asarray(layout.block_sizes, dtype=np.int64)
+    if kind != "hadamard":
+        return None
+    if not size:
+        raise ValueError("block_rows needs the Hadamard size: name it ('hadamard:<size>')")
+    return np.array([dense_slot_rows(dense_block_size(size, n, slots), slot, slots) for n in layout.block_sizes],
+                    dtype=np.int64)
+
+
+def check_slots(kind: str, slot, slots) -> tuple[int, int]:
+    """``(slot, slots)`` as ints, checked: ints with ``0 <= slot < slots``, and ``slots == 1``
+    unless the basis is ``"hadamard"``. Raises ``TypeError`` / ``ValueError`` otherwise."""
+    for value, what in ((slot, "slot"), (slots, "slots")):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    slot, slots = int(slot), int(slots)
+    if not 0 <= slot < slots or slots > 2**32 - 1:
+        raise ValueError(f"slot must be one of 0 .. slots - 1 (slots at most 2**32 - 1); got slot {slot} of {slots}")
+    if slots > 1 and kind != "hadamard":
+        raise ValueError(f"disjoint row slots need the 'hadamard' basis, not {kind!r}")
+    return slot, slots
+
+
+def _block(segments, n: int, seed: int, kind: str, size: int, slot: int, slots: int) -> Block:
+    """The backend's job for one block; a Hadamard block carries its own Hadamard size."""
+    if kind == "hadamard":
+        return Block(segments, n, seed, kind, dense_block_size(size, n, slots), slot, slots)
+    return Block(segments, n, seed, kind, size)
 
 
 def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, backend: str | None = None,
@@ -142,17 +193,19 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
                 device = device_of(named_tensors(like, "like"), "like") if not isinstance(like, Layout) else "cpu"
             targets = [(e.name, torch.zeros(e.shape, dtype=torch.float32, device=device)) for e in layout.entries]
     kind, hadamard = parse_basis(packet.basis)
-    if kind == "srht" and np.any(packet.counts > np.asarray(layout.block_sizes)):
-        b = int(np.argmax(packet.counts > np.asarray(layout.block_sizes)))
-        raise PacketError(f"block {b} has {layout.block_sizes[b]} elements, so at most that many srht rows, "
-                          f"but the packet holds {int(packet.counts[b])} coordinates for it")
+    caps = block_rows(layout, packet.basis, packet.slot, packet.slots)
+    if caps is not None and np.any(packet.counts > caps):
+        b = int(np.argmax(packet.counts > caps))
+        raise PacketError(f"block {b} ({layout.block_sizes[b]} elements) has at most {int(caps[b])} rows under "
+                          f"{packet.basis} (slot {packet.slot} of {packet.slots}), but the packet holds "
+                          f"{int(packet.counts[b])} coordinates for it")
     be = backend_for(device_of(targets, "parameters"), backend)
     flats = [writable_flat(n, x) for n, x in targets]
     jobs, coords, scales = [], [], []
     for b, entries in enumerate(layout.block_entries):
         block_coords = packet.block_coords(b)
-        jobs.append(Block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                          block_seed(packet.round_seed, b), kind, hadamard))
+        jobs.append(_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
+                           block_seed(packet.round_seed, b), kind, hadamard, packet.slot, packet.slots))
         coords.append(block_coords)
         n_over_m = layout.block_sizes[b] if kind == "srht" else 1  # srht: alpha * n / m; the others alpha / m
         with np.errstate(over="ignore"):  # a scale that overflows fp32 is refused by the check below
@@ -175,7 +228,9 @@ def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
     ``packets`` share a round seed, basis and layout (their clients projected onto the same
     bases); their per-block counts may differ (``norm`` allocation). Block b of client i rebuilds
     (1/n_bi) Σ_k γ_ik v_k, so the merged coordinate k is n_b · Σ_i p_i γ_ik / n_bi over the clients
-    with k < n_bi, with n_b = max_i n_bi: one reconstruction serves the whole round. ``weights``
+    with k < n_bi, with n_b = max_i n_bi: one reconstruction serves the whole round. Hadamard
+    packets of different row slots (of the same number of slots) merge into one packet of slot 0
+    of 1 holding every client's rows: client i's coordinate k goes to row ``slot_i + slots * k``. ``weights``
     (default: equal) follow :func:`ferret.allocation.client_weights`: finite, non-negative real
     numbers with a positive sum, normalised to sum to 1 without overflow unless ``normalize`` is
     false. Raises :class:`PacketError` for packets that do not share seed, basis and layout,
@@ -185,22 +240,37 @@ def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
     packets = _packets(packets)
     first = packets[0]
     for i, p in enumerate(packets):
-        if (p.round_seed, p.basis, p.group_size, p.fingerprint, p.n_blocks) != (
-                first.round_seed, first.basis, first.group_size, first.fingerprint, first.n_blocks):
-            raise PacketError(f"packet {i} was made with another round seed, basis or layout than packet 0")
+        if (p.round_seed, p.basis, p.group_size, p.fingerprint, p.n_blocks, p.slots) != (
+                first.round_seed, first.basis, first.group_size, first.fingerprint, first.n_blocks, first.slots):
+            raise PacketError(f"packet {i} was made with another round seed, basis, layout or number of row slots "
+                              f"than packet 0")
+        _check_slot_rows(i, p)
     w = client_weights(weights, len(packets), normalize=normalize)
-    counts = np.max([p.counts for p in packets], axis=0).astype(np.uint32)
-    merged = np.zeros(int(counts.sum(dtype=np.int64)), dtype=np.float64)
-    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)[:-1]])
+    one_slot = all(p.slot == first.slot for p in packets)
+    stride = 1 if one_slot else first.slots
+    offsets = [0 if one_slot else p.slot for p in packets]
+    counts = np.max([o + stride * (p.counts.astype(np.int64) - 1) + 1 for p, o in zip(packets, offsets)], axis=0)
+    merged = np.zeros(int(counts.sum()), dtype=np.float64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
-        for p, p_i in zip(packets, w):
+        for p, p_i, o in zip(packets, w, offsets):
             for b in range(p.n_blocks):
                 own = p.block_coords(b).astype(np.float64)
-                merged[starts[b] : starts[b] + own.size] += p_i * int(counts[b]) / own.size * own
+                at = starts[b] + o
+                merged[at : at + stride * own.size : stride] += p_i * int(counts[b]) / own.size * own
         coords = merged.astype(np.float32)
     if not np.all(np.isfinite(coords)):
         raise ValueError(f"the weighted coordinates overflow float32 (weights {w.tolist()}): use smaller weights")
-    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords)
+    slot, slots = (first.slot, first.slots) if one_slot else (0, 1)
+    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, slot, slots)
+
+
+def _check_slot_rows(i: int, p: Packet) -> None:
+    """A Hadamard packet's counts fit its slot's rows at the basis's size (no block's is larger)."""
+    kind, size = parse_basis(p.basis)
+    if kind == "hadamard" and np.any(p.counts > dense_slot_rows(size, p.slot, p.slots)):
+        raise PacketError(f"packet {i} holds more coordinates in a block than slot {p.slot} of {p.slots} has rows "
+                          f"under {p.basis} ({dense_slot_rows(size, p.slot, p.slots)})")
 
 
 def merge_by_seed(packets, weights=None, *, normalize: bool = True) -> list[Packet]:
@@ -241,8 +311,9 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
     round trip is exact in fp32 whenever ``theta ± eps`` is). ``basis`` is ``"rademacher"`` or
     ``"gaussian"``. Takes the same containers as :func:`compress`; returns ``params``.
     """
-    if parse_basis(basis)[0] == "srht":
-        raise ValueError("perturb draws a direction from 'rademacher' or 'gaussian'; 'srht' is a projection basis")
+    kind = parse_basis(basis)[0]
+    if kind in ("srht", "hadamard"):
+        raise ValueError(f"perturb draws a direction from 'rademacher' or 'gaussian'; {kind!r} is a projection basis")
     seed = normalize_seed(seed)
     eps = float(eps)
     if not math.isfinite(eps):
@@ -316,7 +387,8 @@ def _refuse_overflow(be, layout: Layout, jobs, coords, scales, scale: float) -> 
                 piece = target[a : a + SCRATCH_ELEMENTS]
                 scratch = piece.clone()
                 with np.errstate(over="ignore", invalid="ignore"):  # Triton's interpreter computes in NumPy
-                    be.reconstruct([Block([(scratch, start + a)], job.n, job.seed, job.kind, job.hadamard)],
+                    be.reconstruct([Block([(scratch, start + a)], job.n, job.seed, job.kind, job.hadamard, job.slot,
+                                          job.slots)],
                                    [coords[b]], [scales[b]])
                 if bool((torch.isfinite(piece) & ~torch.isfinite(scratch)).any()):
                     raise PacketError(

@@ -40,6 +40,35 @@ Everything a client and a server must agree on bit for bit lives here:
     Chunks that hold no row are not touched. With ``u_r`` the orthonormal rows, this is
     ``(n / m) * sum_k <x, u_rk> u_rk``: unbiased, with error ``(n / m - 1) * |x|**2`` against
     Rademacher's ``(n - 1) / m * |x|**2``.
+* **Hadamard basis** (dense), named with a Hadamard size ``S = 2**p``, for ``F`` clients taking
+  disjoint rows (``F = 1``: every client takes the same rows), over a block of ``n`` elements:
+
+  - *Block size.* The block's Hadamard size is ``B = min(S, max(pow2(n), pow2(F)))``, ``pow2``
+    rounding up to a power of two (:func:`dense_block_size`): a block smaller than ``S`` is not
+    transformed at a larger size than it needs.
+  - *Basis* ``k``: ``v_k[i] = d_i * H[r_k, i mod B]``, with ``d_i`` the SRHT's signs (Rademacher
+    basis 0 of the block seed) and ``H`` the Sylvester Hadamard matrix,
+    ``H[r, j] = (-1)**popcount(r & j)``: row ``r_k`` repeated over every chunk of ``B`` elements,
+    each chunk with its own signs. Every ``v_k`` is ±1 on every element, so every weight moves.
+  - *Rows.* Slot ``c < F`` takes rows ``r_k = P[c + F * k]`` of the seeded permutation ``P`` of
+    ``[0, B)`` that the SRHT draws for ``[0, n)`` (:func:`srht_rows` with ``B`` for ``n``), so
+    slots hold disjoint rows, slot ``c`` has ``ceil((B - c) / F)`` of them, and a slot's first
+    rows do not depend on how many it takes. Merging the slots of one round gives the rows
+    ``P[0], P[1], ..`` of slot 0 of 1 (:func:`dense_rows`).
+  - *Coordinates.* The fold ``y[j] = sum over chunks c of d_(cB+j) * x_(cB+j)`` (fp32, the
+    pairwise tree over the chunk index; past the block's end and outside the segment, elements
+    count as 0, so the last chunk is padded only virtually; the block's segments' folds are added
+    in layout order to zeros), then ``gamma_k = fwht(y)[r_k]``: one read of the block, then one
+    transform of size ``B``.
+  - *Reconstruction.* ``z = fwht(coords scattered at their rows into B zeros)``, then
+    ``out[i] = out[i] + (d_i * z[i mod B]) * c`` with two roundings and ``c = float32(alpha / m)``:
+    ``out + alpha * (1/m) sum_k gamma_k v_k`` (``H`` is symmetric), one read and one write of ``out``.
+  - *Error.* The signs make every ``v_k v_k^T`` average to ``I``, so the estimate is unbiased as
+    Rademacher's is, whatever the rows. When ``B`` divides ``n`` the rows are orthogonal on every
+    chunk and ``E|err|**2 = (n/m - 1) |x|**2`` (Rademacher: ``(n - 1)/m |x|**2``). A last chunk
+    of ``L < B`` elements adds ``(m - 1) B / (m (B - 1)) * (W_L - (L/B) |x|**2)``, ``W_L`` being
+    the energy of ``x`` at in-chunk positions below ``L`` in all chunks; with every row
+    (``m = B``) the estimate is exact.
 * **Coordinates** ``gamma_k = <x, v_k>``, summed in one fixed order so that every backend
   sends the same bits (Rademacher; the Gaussian basis is device-specific anyway and is summed in
   fp64). For a segment of a block (a tensor at block indices ``[start, start + n)``), with
@@ -211,17 +240,20 @@ def group_sums(y: np.ndarray) -> np.ndarray:
     return (acc[0] + acc[1]) + (acc[2] + acc[3])
 
 
-def pairwise_tree(values: np.ndarray, first: int) -> float:
-    """The root of the pairwise tree over nodes ``values`` (fp64) at absolute indices ``first..``:
-    node ``2j`` plus node ``2j + 1`` level by level, absent nodes counting as 0."""
-    v = np.asarray(values, dtype=np.float64)
-    while v.size > 1:
+def pairwise_tree(values: np.ndarray, first: int, dtype=np.float64):
+    """The root of the pairwise tree over nodes ``values[0], values[1], ..`` (scalars or arrays,
+    added in ``dtype``) at absolute indices ``first..``: node ``2j`` plus node ``2j + 1`` level by
+    level, absent nodes counting as 0. A float for scalar nodes, else an array of a node's shape."""
+    v = np.asarray(values, dtype=dtype)
+    zero = np.zeros((1,) + v.shape[1:], dtype=dtype)
+    while v.shape[0] > 1:
         if first % 2:
-            v, first = np.concatenate([[0.0], v]), first - 1
-        if v.size % 2:
-            v = np.append(v, 0.0)
+            v, first = np.concatenate([zero, v]), first - 1
+        if v.shape[0] % 2:
+            v = np.concatenate([v, zero])
         v, first = v[0::2] + v[1::2], first // 2
-    return float(v[0]) if v.size else 0.0
+    root = v[0] if v.shape[0] else zero[0]
+    return float(root) if root.ndim == 0 else root
 
 
 def sum_squares(x: np.ndarray) -> float:
@@ -328,3 +360,65 @@ def srht_reconstruct(coords, seed: int, n: int, scale, size: int, out: np.ndarra
         factor = np.float32(scale) * np.float32(1.0 / sz)
         out[o : o + sz] = out[o : o + sz] + (signs[o : o + sz] * fwht(z)) * factor
     return out
+
+
+MAX_DENSE_SIZE = 1 << 22
+
+
+def pow2(v: int) -> int:
+    """The smallest power of two at or above ``v`` (1 for ``v <= 1``)."""
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def dense_block_size(size: int, n: int, slots: int = 1) -> int:
+    """The Hadamard size of a block of ``n`` elements under a Hadamard basis of size ``size``."""
+    return min(size, max(pow2(n), pow2(slots)))
+
+
+def dense_slot_rows(block_size: int, slot: int = 0, slots: int = 1) -> int:
+    """How many rows slot ``slot`` of ``slots`` holds in a block of Hadamard size ``block_size``."""
+    return max(0, (block_size - slot + slots - 1) // slots)
+
+
+def dense_rows(seed: int, block_size: int, m: int, slot: int = 0, slots: int = 1) -> np.ndarray:
+    """The ``m`` rows (int64) of slot ``slot`` of ``slots`` in a block of Hadamard size ``block_size``."""
+    if not 0 <= slot < slots or not 0 <= m <= dense_slot_rows(block_size, slot, slots):
+        raise ValueError(f"slot {slot} of {slots} holds {dense_slot_rows(block_size, slot, slots)} of "
+                         f"{block_size} rows; {m} were asked for")
+    if m == 0:
+        return np.zeros(0, dtype=np.int64)
+    return srht_rows(seed, block_size, slot + slots * (m - 1) + 1)[slot::slots]
+
+
+def dense_fold(x: np.ndarray, seed: int, size: int, start: int = 0) -> np.ndarray:
+    """The fold of a segment at block indices ``start..`` (float32 array of ``size``): the pairwise
+    tree over chunks of its signed elements, the rest of each chunk counting as 0."""
+    x = np.asarray(x, dtype=np.float32).ravel()
+    if x.size == 0:
+        return np.zeros(size, np.float32)
+    first, last = start // size, (start + x.size - 1) // size
+    tile = np.zeros((last - first + 1) * size, np.float32)
+    tile[start - first * size : start - first * size + x.size] = x * rademacher(seed, 0, x.size, start)
+    return pairwise_tree(tile.reshape(-1, size), first, np.float32)
+
+
+def dense_compress(segments, seed: int, m: int, size: int, slot: int = 0, slots: int = 1) -> np.ndarray:
+    """The ``m`` Hadamard coordinates (float32) of a block given as ``(x, start)`` segments, for
+    the block's Hadamard size ``size`` (:func:`dense_block_size`) and slot ``slot`` of ``slots``."""
+    y = np.zeros(size, np.float32)
+    for x, start in segments:
+        y = y + dense_fold(x, seed, size, start)
+    return fwht(y)[dense_rows(seed, size, m, slot, slots)]
+
+
+def dense_reconstruct(coords, seed: int, n: int, scale, size: int, slot: int = 0, slots: int = 1,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """``out`` plus the Hadamard estimate from ``coords``, exactly as the spec orders it; float32 of
+    length ``n``. ``scale`` is the fp32 ``alpha / m``; ``out`` defaults to zeros."""
+    coords = np.asarray(coords, dtype=np.float32)
+    z = np.zeros(size, np.float32)
+    z[dense_rows(seed, size, coords.size, slot, slots)] = coords
+    z = fwht(z)
+    out = np.zeros(n, np.float32) if out is None else np.array(out, dtype=np.float32).ravel()
+    signed = rademacher(seed, 0, n) * np.resize(z, n)
+    return out + signed * np.float32(scale)

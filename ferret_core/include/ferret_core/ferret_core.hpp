@@ -14,6 +14,10 @@
 //                                   coordinate k = row r_k of fwht(d * x) over r_k's chunk, with
 //                                   d = Rademacher basis 0 and r = a seeded Fisher-Yates
 //                                   permutation of [0, n) (counter (t, t>>32, kSrhtRowDomain, 0))
+//   Dense Hadamard (size B = 2^p):   v_k[i] = d_i * H[r_k, i mod B]; coordinates = rows of
+//                                   fwht(fold), fold[j] = sum over chunks c of d * x at cB + j
+//                                   (fp32 pairwise tree over c); slot c of F takes rows P[c + F k]
+//                                   of the permutation of [0, B)
 //
 // Results never depend on the number of threads: work is cut into fixed chunks of the block's
 // index space, and every reduction adds fp64 partials in the spec's fixed pairwise-tree order.
@@ -67,6 +71,20 @@ void srht_compress(const Segment* segments, int n_segments, int64_t block_n, uin
 // a row, on the segments in place (see spec.py). scale is alpha * block_n / m in fp32.
 void srht_reconstruct(const Segment* segments, int n_segments, int64_t block_n, uint64_t seed, int log2_size,
                       const float* coords, int64_t m, float scale);
+
+// rows[k] = P[slot + slots * k] for k < m, P the seeded permutation of [0, 2^log2_size) (srht_rows).
+void dense_rows(uint64_t seed, int log2_size, int64_t slot, int64_t slots, int64_t m, int64_t* rows);
+
+// coords[k] = row r_k (dense_rows) of fwht(fold) for the dense Hadamard basis of size 2^log2_size,
+// the fold over segments of one block (any part of it; the rest counts as 0). Throws
+// std::invalid_argument for a size outside 2^0 .. 2^22, a bad slot, or more rows than the slot holds.
+void dense_compress(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
+                    int64_t slots, int64_t m, float* coords);
+
+// In place: out[i] = out[i] + (d_i * z[i mod B]) * scale on every segment, z = fwht(coords
+// scattered at their rows); scale is alpha / m in fp32. Throws as dense_compress does.
+void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
+                       int64_t slots, const float* coords, int64_t m, float scale);
 
 // Sum of squares of x in fp64, deterministic (chunked like compress).
 double sum_squares(const void* x, DType dtype, int64_t n);

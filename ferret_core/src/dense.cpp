@@ -1,0 +1,233 @@
+// The dense randomized Hadamard basis of one block (spec: python/ferret/spec.py): every basis is
+// a Hadamard row repeated over the block's chunks of B elements, each chunk with its own signs.
+// Compress folds the signed chunks into B sums (the pairwise tree over the chunk index, fp32),
+// transforms once and picks the slot's rows; reconstruct transforms the scattered coordinates
+// once and adds the signed result to every chunk. Threads take aligned pieces of the tree
+// (compress) or aligned windows of the block (reconstruct), so no result depends on their count.
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "convert.hpp"
+#include "ferret_core/ferret_core.hpp"
+#include "kernels.hpp"
+#include "philox.hpp"
+#include "thread_pool.hpp"
+#include "tree.hpp"
+
+namespace ferret {
+namespace {
+
+constexpr int64_t kTask = int64_t(1) << 16;  // elements per reconstruct task; compress tasks read more
+
+void check(int log2_size, int64_t slot, int64_t slots, int64_t m) {
+  if (log2_size < 0 || log2_size > 22)
+    throw std::invalid_argument("the Hadamard size must be 2^0 .. 2^22, got 2^" + std::to_string(log2_size));
+  const int64_t size = int64_t(1) << log2_size;
+  if (slots < 1 || slot < 0 || slot >= slots)
+    throw std::invalid_argument("slot " + std::to_string(slot) + " is not one of 0 .. " + std::to_string(slots - 1));
+  const int64_t rows = std::max<int64_t>(0, (size - slot + slots - 1) / slots);
+  if (m < 0 || m > rows)
+    throw std::invalid_argument("slot " + std::to_string(slot) + " of " + std::to_string(slots) + " holds " +
+                                std::to_string(rows) + " rows of a Hadamard size of " + std::to_string(size) + "; " +
+                                std::to_string(m) + " were asked for");
+}
+
+// x[j] *= d_{o + j} for j < len: o is aligned to len (a power of two) or len is a multiple of 32.
+void flip_signs(float* x, int64_t o, int64_t len, uint64_t seed) {
+  uint32_t words[4];
+  int64_t group = -1;
+  for (int64_t j0 = 0; j0 < len; j0 += 32) {
+    const int64_t i0 = o + j0;
+    if ((i0 >> 7) != group) {
+      group = i0 >> 7;
+      detail::basis_words(seed, 0, uint32_t(group), words);
+    }
+    const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
+    const int n = int(std::min<int64_t>(32, len - j0));
+#ifdef FERRET_HAVE_AVX2_BUILD
+    if (detail::use_avx2()) {
+      detail::flip_by_bits_avx2(x + j0, n, w);
+      continue;
+    }
+#endif
+    detail::flip_by_bits_portable(x + j0, n, w);
+  }
+}
+
+void signed_fold8(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
+#ifdef FERRET_HAVE_AVX2_BUILD
+  if (detail::use_avx2()) return detail::signed_fold8_avx2(dst, src, offsets, len, seed);
+#endif
+  detail::signed_fold8_portable(dst, src, offsets, len, seed);
+}
+
+void signed_apply(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+#ifdef FERRET_HAVE_AVX2_BUILD
+  if (detail::use_avx2()) return detail::signed_apply_avx2(out, z, o, len, seed, scale);
+#endif
+  detail::signed_apply_portable(out, z, o, len, seed, scale);
+}
+
+// Block indices [lo, hi) of a segment += (d * z) * scale, z[j] for index lo + j.
+void add_signed(const Segment& seg, int64_t lo, int64_t hi, const float* z, uint64_t seed, float scale) {
+  if (seg.dtype == DType::f32) {
+    signed_apply(static_cast<float*>(seg.data) + (lo - seg.start), z, lo, hi - lo, seed, scale);
+    return;
+  }
+  float buf[1024];
+  for (int64_t a = lo; a < hi; a += 1024) {
+    const int64_t n = std::min<int64_t>(1024, hi - a);
+    for (int64_t j = 0; j < n; j++) buf[j] = 0.0f;
+    signed_apply(buf, z + (a - lo), a, n, seed, 1.0f);  // d * z exactly: 0 + (d z) * 1
+    detail::apply_update(seg.data, seg.dtype, a - seg.start, buf, n, scale);
+  }
+}
+
+void fwht(float* x, int64_t n) {
+#ifdef FERRET_HAVE_AVX2_BUILD
+  if (detail::use_avx2()) return detail::fwht_avx2(x, n);
+#endif
+  detail::fwht_portable(x, n);
+}
+
+// buf[j] = element o + j of the block where the segment holds it, else 0, for j < len.
+void read_window(float* buf, const Segment& seg, int64_t o, int64_t len) {
+  const int64_t lo = std::max(o, seg.start), hi = std::max(lo, std::min(o + len, seg.start + seg.n));
+  std::fill(buf, buf + (lo - o), 0.0f);
+  std::fill(buf + (hi - o), buf + len, 0.0f);
+  if (lo == hi) return;
+  if (seg.dtype == DType::f32) {
+    std::memcpy(buf + (lo - o), static_cast<const float*>(seg.data) + (lo - seg.start), size_t(hi - lo) * 4);
+    return;
+  }
+  for (int64_t i = lo; i < hi; i++) buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
+}
+
+// Chunk c of the block in place, when the segment holds all of it in fp32; else null.
+const float* chunk_of(const Segment& seg, int64_t c, int64_t size) {
+  const int64_t o = c * size;
+  if (seg.dtype == DType::f32 && o >= seg.start && o + size <= seg.start + seg.n)
+    return static_cast<const float*>(seg.data) + (o - seg.start);
+  return nullptr;
+}
+
+// The tree over chunks first..last of one segment, from level 3 up: eight signed chunks are
+// added in one pass (chunks of 128 elements or more), then go into the tree at index c / 8.
+void fold_eights(detail::PairwiseTreeOf<float>& tree, const Segment& seg, uint64_t seed, int64_t size,
+                 int64_t first, int64_t last, std::vector<float>& bufs) {
+  for (int64_t eight = first >> 3; eight <= last >> 3; eight++) {
+    const float* src[8];
+    int64_t offsets[8];
+    bool any = false;
+    for (int k = 0; k < 8; k++) {
+      const int64_t c = 8 * eight + k;
+      offsets[k] = c * size;
+      src[k] = nullptr;
+      if (c < first || c > last) continue;
+      src[k] = chunk_of(seg, c, size);
+      if (!src[k]) {  // the chunk must be read into fp32 first
+        if (bufs.empty()) bufs.resize(size_t(8 * size));
+        read_window(bufs.data() + k * size, seg, c * size, size);
+        src[k] = bufs.data() + k * size;
+      }
+      any = true;
+    }
+    if (!any) continue;
+    signed_fold8(tree.leaf(), src, offsets, size, seed);
+    tree.add_leaf(eight);
+  }
+}
+
+// y = y + the fold of one segment: chunks c0..c1 in aligned pieces of 2^level chunks, each
+// piece's tree on the pool, then the tree over the pieces here.
+void fold_segment(const Segment& seg, uint64_t seed, int64_t size, float* y) {
+  if (seg.n == 0) return;
+  const int64_t c0 = seg.start / size, c1 = (seg.start + seg.n - 1) / size;
+  const int threads = seg.n < 2 * kTask ? 1 : num_threads();
+  const bool eights = size >= 128;
+  int level = eights ? 3 : 0;
+  while ((c1 >> level) - (c0 >> level) + 1 > 4 * threads) level++;
+  const int64_t p0 = c0 >> level, n_pieces = (c1 >> level) - p0 + 1;
+  std::vector<std::vector<float>> pieces(static_cast<size_t>(n_pieces));
+  detail::parallel_for(n_pieces, threads, [&](int64_t p) {
+    detail::PairwiseTreeOf<float> tree(size);
+    const int64_t first = std::max(c0, (p0 + p) << level), last = std::min(c1, ((p0 + p + 1) << level) - 1);
+    if (eights) {
+      std::vector<float> bufs;
+      fold_eights(tree, seg, seed, size, first, last, bufs);
+    } else {
+      for (int64_t c = first; c <= last; c++) {
+        read_window(tree.leaf(), seg, c * size, size);
+        flip_signs(tree.leaf(), c * size, size, seed);
+        tree.add_leaf(c);
+      }
+    }
+    pieces[size_t(p)].resize(size_t(size));
+    tree.root(pieces[size_t(p)].data());
+  });
+  detail::PairwiseTreeOf<float> tree(size);
+  for (int64_t p = 0; p < n_pieces; p++) {
+    tree.add(p0 + p, pieces[size_t(p)].data());
+    std::vector<float>().swap(pieces[size_t(p)]);
+  }
+  std::vector<float> fold(static_cast<size_t>(size));
+  tree.root(fold.data());
+  for (int64_t j = 0; j < size; j++) y[j] = y[j] + fold[size_t(j)];
+}
+
+std::vector<int64_t> rows_of(uint64_t seed, int64_t size, int64_t slot, int64_t slots, int64_t m) {
+  std::vector<int64_t> rows(static_cast<size_t>(m));
+  if (m == 0) return rows;
+  std::vector<int64_t> all(static_cast<size_t>(slot + slots * (m - 1) + 1));
+  srht_rows(seed, size, int64_t(all.size()), all.data());
+  for (int64_t k = 0; k < m; k++) rows[size_t(k)] = all[size_t(slot + slots * k)];
+  return rows;
+}
+
+}  // namespace
+
+void dense_rows(uint64_t seed, int log2_size, int64_t slot, int64_t slots, int64_t m, int64_t* rows) {
+  check(log2_size, slot, slots, m);
+  const auto r = rows_of(seed, int64_t(1) << log2_size, slot, slots, m);
+  std::copy(r.begin(), r.end(), rows);
+}
+
+void dense_compress(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
+                    int64_t slots, int64_t m, float* coords) {
+  check(log2_size, slot, slots, m);
+  const int64_t size = int64_t(1) << log2_size;
+  std::vector<float> y(static_cast<size_t>(size), 0.0f);
+  for (int s = 0; s < n_segments; s++) fold_segment(segments[s], seed, size, y.data());
+  fwht(y.data(), size);
+  const auto rows = rows_of(seed, size, slot, slots, m);
+  for (int64_t k = 0; k < m; k++) coords[k] = y[size_t(rows[size_t(k)])];
+}
+
+void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
+                       int64_t slots, const float* coords, int64_t m, float scale) {
+  check(log2_size, slot, slots, m);
+  const int64_t size = int64_t(1) << log2_size;
+  std::vector<float> z(static_cast<size_t>(size), 0.0f);
+  const auto rows = rows_of(seed, size, slot, slots, m);
+  for (int64_t k = 0; k < m; k++) z[size_t(rows[size_t(k)])] = coords[k];
+  fwht(z.data(), size);
+  for (int s = 0; s < n_segments; s++) {
+    const Segment& seg = segments[s];
+    if (seg.n == 0) continue;
+    const int64_t t0 = seg.start / kTask, n_tasks = (seg.start + seg.n - 1) / kTask - t0 + 1;
+    const int threads = seg.n < 2 * kTask ? 1 : num_threads();
+    detail::parallel_for(n_tasks, threads, [&](int64_t t) {
+      const int64_t lo = std::max((t0 + t) * kTask, seg.start), hi = std::min((t0 + t + 1) * kTask, seg.start + seg.n);
+      for (int64_t a = lo; a < hi;) {  // pieces that do not cross a chunk: z repeats every chunk
+        const int64_t b = std::min(hi, (a / size + 1) * size);
+        add_signed(seg, a, b, z.data() + (a & (size - 1)), seed, scale);
+        a = b;
+      }
+    });
+  }
+}
+
+}  // namespace ferret
