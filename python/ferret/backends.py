@@ -141,12 +141,12 @@ class TritonBackend:
 
     def __init__(self):
         try:
-            from .kernels import projection, srht
+            from .kernels import hadamard, projection, srht
         except ImportError as err:  # triton is the optional [gpu] extra
             raise RuntimeError("CUDA tensors need Triton: pip install 'ferret-fl[gpu]'") from err
         from . import _core
 
-        self._k, self._srht, self._core = projection, srht, _core
+        self._k, self._srht, self._dense, self._core = projection, srht, hadamard, _core
 
     def sum_squares(self, flats) -> np.ndarray:
         if not flats:
@@ -157,10 +157,15 @@ class TritonBackend:
         if not blocks:
             return []
         device = blocks[0].segments[0][0].device
-        tables = self._srht_tables(blocks, counts, device)
+        tables = self._tables(blocks, counts, device)
+        dense, jobs = _dense_jobs(blocks, tables)
+        dense_coords = dict(zip(dense, self._dense.compress(jobs)))  # batched: one transform per Hadamard size
         out = []
-        for block, m, table in zip(blocks, counts, tables):
+        for b, (block, m, table) in enumerate(zip(blocks, counts, tables)):
             m = int(m)
+            if block.kind == "hadamard":
+                out.append(dense_coords[b])
+                continue
             if block.kind == "srht":
                 offsets, sizes, slots, _ = table
                 out.append(self._srht.compress(block.segments, block.seed, offsets, sizes, slots, block.hadamard))
@@ -173,7 +178,7 @@ class TritonBackend:
         # The packet's one synchronisation; + 0.0 is the core's start from 0 (it turns -0 into +0).
         host = torch.cat([c.double() for c in out]).cpu().numpy() + 0.0
         pieces = np.split(host, np.cumsum([int(m) for m in counts])[:-1])
-        return [p.astype(np.float32) if b.kind == "srht" else p for b, p in zip(blocks, pieces)]
+        return [p.astype(np.float32) if b.kind in _FP32_KINDS else p for b, p in zip(blocks, pieces)]
 
     def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
         if not blocks:
@@ -181,8 +186,13 @@ class TritonBackend:
         device = blocks[0].segments[0][0].device
         sizes = [c.size for c in coords]
         sent = torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in coords])).to(device)
-        tables = self._srht_tables(blocks, sizes, device)
-        for block, c, scale, table in zip(blocks, torch.split(sent, sizes), scales, tables):
+        tables = self._tables(blocks, sizes, device)
+        received = torch.split(sent, sizes)
+        dense, jobs = _dense_jobs(blocks, tables)
+        self._dense.reconstruct_(jobs, [received[b] for b in dense], [scales[b] for b in dense])
+        for block, c, scale, table in zip(blocks, received, scales, tables):
+            if block.kind == "hadamard":
+                continue
             if block.kind == "srht":
                 offsets, chunk_sizes, slots, factors = table
                 factors = factors * float(scale)  # exact: an fp32 scale times a power of two
@@ -195,11 +205,19 @@ class TritonBackend:
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
         self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
 
-    def _srht_tables(self, blocks: list[Block], counts, device) -> list:
-        """For each SRHT block, (offsets, sizes, slots, 1/size factors) of the chunks holding one of
-        its rows, on ``device`` in one transfer; None for the other blocks."""
-        host = [_srht_table(self._core, b.n, b.seed, b.hadamard, int(m)) if b.kind == "srht" else None
-                for b, m in zip(blocks, counts)]
+    def _tables(self, blocks: list[Block], counts, device) -> list:
+        """The host-made tables of each block, on ``device`` in one transfer (made before the
+        packet's kernels are queued, which the transfer would wait for): for SRHT (offsets, sizes,
+        slots, 1/size factors) of the chunks holding one of its rows, for dense Hadamard (rows,) of
+        its slot, None for the others."""
+        host = []
+        for b, m in zip(blocks, counts):
+            if b.kind == "srht":
+                host.append(_srht_table(self._core, b.n, b.seed, b.hadamard, int(m)))
+            elif b.kind == "hadamard":
+                host.append(_dense_table(self._core, b, int(m)))
+            else:
+                host.append(None)
         arrays = [a for t in host if t is not None for a in t]
         if not arrays:
             return host
@@ -209,11 +227,30 @@ class TritonBackend:
         for t in host:
             if t is None:
                 tables.append(None)
-                continue
-            offsets, sizes, slots, factors = sent[at : at + 4]
-            tables.append((offsets, sizes, slots, factors.view(torch.float64).float()))
-            at += 4
+            elif len(t) == 1:
+                tables.append(sent[at : at + 1])
+            else:
+                offsets, sizes, slots, factors = sent[at : at + 4]
+                tables.append((offsets, sizes, slots, factors.view(torch.float64).float()))
+            at += 0 if t is None else len(t)
         return tables
+
+
+_FP32_KINDS = ("srht", "hadamard")  # kinds whose coordinates are fp32 (the others: fp64)
+
+
+def _dense_jobs(blocks: list[Block], tables: list):
+    """The indices of a packet's dense Hadamard blocks and their jobs for ``kernels.hadamard``:
+    (segments, seed, Hadamard size, rows on the device)."""
+    dense = [b for b, block in enumerate(blocks) if block.kind == "hadamard"]
+    return dense, [(blocks[b].segments, blocks[b].seed, blocks[b].hadamard, tables[b][0]) for b in dense]
+
+
+def _dense_table(core, block: Block, m: int):
+    """The rows (int64) of a dense Hadamard block's slot, its first m, as a one-array table."""
+    rows = np.zeros(m, dtype=np.int64)
+    core.dense_rows(block.seed, _log2(block.hadamard), block.slot, block.slots, rows)
+    return (rows,)
 
 
 def estimate_bound(block: Block, coords) -> float:

@@ -1,0 +1,197 @@
+"""Dense Hadamard kernels: the randomized Hadamard basis repeated over a block's chunks.
+
+A block of Hadamard size ``B`` is cut into chunks of ``B`` elements from index 0 (the last one
+padded only virtually). Its coordinates are rows of ``fwht(y)``, ``y`` the fold of the block's
+signed chunks; its reconstruction adds ``(d_i * z[i mod B]) * scale`` to every element, ``z`` the
+transform of the coordinates scattered at their rows. ``d_i`` is Rademacher basis 0 of the block
+seed. Bit for bit the spec (:func:`ferret.spec.dense_compress`, :func:`~ferret.spec.dense_reconstruct`):
+
+* ``_fold_kernel``: program ``(p, l)`` loads chunks ``[(first + p) * CH, (first + p + 1) * CH)``
+  (absolute chunk indices) at lanes ``[l * BL, (l + 1) * BL)``: a tile of ``TILE = CH x BL``
+  elements with ``BL = min(B, 128)`` (32 x 128 from ``B = 128`` up, 512 x 8 at ``B = 8``), read
+  as ``TILE / 128`` rows of one Philox group each (128 lanes of one chunk, or, below 128, 128
+  consecutive elements of the then contiguous tile): the tile's 32 x 4 Philox words are one
+  call per thread, gathered to the elements. Elements outside the segment count 0. The chunk
+  axis is then reduced by ``log2(CH)`` levels of ``node 2j + node 2j + 1``: the spec's pairwise
+  tree over absolute chunk indices, cut into aligned subtrees of ``CH`` chunks. The same kernel,
+  unsigned, adds the partial nodes (rows of ``B``) up, ``CH`` at a time, until one is left. A
+  tree deeper than the spec's only adds ``+0`` nodes, which can change nothing but the sign of a
+  zero fold, and ``y = 0 + fold`` makes every zero ``+0`` anyway.
+* the transform: the spec's butterflies on the device with torch ops (exact fp32 additions),
+  stage ``h = 1, 2, 4, ..`` in order, every block of the same Hadamard size at once;
+* ``_apply_kernel``: ``TILE`` consecutive block indices per program (32 groups of 128), aligned to
+  ``TILE``: ``out = out + (d * z[i mod B]) * scale``, two roundings (launched with
+  ``enable_fp_fusion=False``), rounded to ``out``'s dtype as the other kernels round.
+
+Buffers are 1-d and contiguous; element ``j`` of a segment sits at block index ``start + j``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .projection import SIGN, _check, _round_to
+
+TILE = 4096  # elements per program of both kernels
+GROUP = 128  # block indices per Philox call (one row of a tile)
+# 4 warps: a tile's 32 x 4 Philox words are one per thread, and gathered to the elements within a
+# warp (Triton 3.6 compiles that gather for no other shape); 32 elements a thread, in the fold one
+# lane of all 32 chunks (B >= 128), so the tree over them is the thread's own.
+NUM_WARPS = 4
+
+
+@triton.jit
+def _flips(seed, groups):
+    """Sign masks (R, 128) of Rademacher basis 0 for R Philox groups (groups: (R,) int64 group
+    indices): element c of row r gets bit c % 32 of word c // 32 of group groups[r] in its sign
+    bit. One Philox call per (group, word) pair, spread over the threads, then gathered to the
+    elements: a thread does not recompute the words of every row it holds."""
+    q = tl.arange(0, 4)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, tl.broadcast_to(groups[:, None], (groups.shape[0], 4)))
+    w = tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3))).to(tl.int32, bitcast=True)
+    col = tl.arange(0, 128)[None, :]
+    w = tl.gather(w, tl.broadcast_to(col // 32, (groups.shape[0], 128)), 1)
+    return (w << (31 - col % 32)) & SIGN
+
+
+@triton.jit
+def _window(base, start, n, span):
+    """The segment's part of block indices [base, base + span) as int32 offsets [lo, hi) from base."""
+    lo = tl.minimum(tl.maximum(start - base, 0), span).to(tl.int32)
+    hi = tl.minimum(tl.maximum(start + n - base, 0), span).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
+def _fold_kernel(x_ptr, part_ptr, n, start, first, seed, size, SIGNED: tl.constexpr, TILE: tl.constexpr,
+                 BL: tl.constexpr, LEVELS: tl.constexpr):
+    """part[p, l*BL : (l+1)*BL] = the pairwise tree over the CH = TILE / BL chunks of program p's
+    aligned group (chunk indices (first + p) * CH ..), lanes l*BL .., of the segment x at block
+    indices start .. start + n (signed by Rademacher basis 0 of seed if SIGNED)."""
+    p = tl.program_id(0).to(tl.int64)
+    lane0 = tl.program_id(1).to(tl.int64) * BL
+    base = (first + p) * (TILE // BL) * size + lane0  # block index of tile element (0, 0)
+    # tile element (c, l) at flat place q = c * BL + l, read as row q // 128, column q % 128
+    r = tl.arange(0, TILE // 128)
+    q = r[:, None] * 128 + tl.arange(0, 128)[None, :]
+    local = (q // BL) * size + q % BL  # int32: below CH * size <= 2**27
+    lo, hi = _window(base, start, n, (TILE // BL) * size)
+    inside = (local >= lo) & (local < hi)
+    x = tl.load(x_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
+    if SIGNED:  # row r is the Philox group of its first element (rows start at multiples of 128)
+        groups = (base + (r * 128 // BL) * size + (r * 128) % BL) >> 7
+        bits = x.to(tl.int32, bitcast=True) ^ _flips(seed, groups)
+        x = tl.where(inside, bits.to(tl.float32, bitcast=True), 0.0)
+    x = tl.reshape(x, (TILE // BL, BL))
+    for level in tl.static_range(LEVELS):  # log2(TILE / BL) levels: node 2j + node 2j + 1
+        x = tl.sum(tl.reshape(x, (x.shape[0] // 2, 2, BL)), axis=1)  # a sum of two: a + b, in any order
+    tl.store(part_ptr + p * size + lane0 + tl.arange(0, BL), tl.reshape(x, (BL,)))
+
+
+@triton.jit
+def _apply_kernel(out_ptr, z_ptr, n, start, first, seed, scale, size, TILE: tl.constexpr):
+    """out[j] = out[j] + (d_i * z[i mod size]) * scale for the segment's block indices i = start + j
+    in tile first + program (TILE block indices, aligned), rounded to out's dtype."""
+    base = (tl.program_id(0).to(tl.int64) + first) * TILE
+    r = tl.arange(0, TILE // 128)
+    local = r[:, None] * 128 + tl.arange(0, 128)[None, :]
+    lo, hi = _window(base, start, n, TILE)
+    inside = (local >= lo) & (local < hi)
+    z = tl.load(z_ptr + (((base & (size - 1)).to(tl.int32) + local) & (size - 1)))
+    z = (z.to(tl.int32, bitcast=True) ^ _flips(seed, (base >> 7) + r)).to(tl.float32, bitcast=True)
+    out = tl.load(out_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (base - start) + local, _round_to(out + z * scale, out_ptr.dtype.element_ty), mask=inside)
+
+
+def _lanes(size: int) -> int:
+    return min(size, GROUP)
+
+
+def fold(x: torch.Tensor, start: int, seed: int, size: int) -> torch.Tensor:
+    """The fold of one segment (fp32, ``size`` values on x's device; no host synchronisation):
+    the pairwise tree over its chunks of ``size`` signed elements, the rest counting 0."""
+    _check(x, "x")
+    lanes = _lanes(size)
+    level = (TILE // lanes).bit_length() - 1  # tree levels per pass
+    c0, c1 = start // size, (start + x.numel() - 1) // size
+    src, src_start, src_n, signed = x, start, x.numel(), True
+    while True:
+        g0, g1 = c0 >> level, c1 >> level
+        part = torch.empty((g1 - g0 + 1, size), dtype=torch.float32, device=x.device)
+        _fold_kernel[(g1 - g0 + 1, size // lanes)](src, part, src_n, src_start, g0, seed, size, SIGNED=signed,
+                                                   TILE=TILE, BL=lanes, LEVELS=level, num_warps=NUM_WARPS)
+        if g0 == g1:
+            return part.reshape(size)
+        src, src_start, src_n, signed = part.reshape(-1), g0 * size, part.numel(), False
+        c0, c1 = g0, g1
+
+
+def fwht(y: torch.Tensor) -> torch.Tensor:
+    """The spec's transform of each row of ``y`` (rows x size, fp32): butterflies ``(a + b, a - b)``,
+    stage ``h = 1, 2, 4, ..`` in order; a new tensor."""
+    if y.dtype != torch.float32 or y.dim() != 2:
+        raise TypeError("the transform takes a 2-d float32 tensor")
+    rows, size = y.shape
+    h = 1
+    while h < size:
+        pairs = y.reshape(rows, size // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        out = torch.empty_like(pairs)
+        torch.add(a, b, out=out[:, :, 0])
+        torch.sub(a, b, out=out[:, :, 1])
+        y, h = out.reshape(rows, size), 2 * h
+    return y
+
+
+def _by_size(jobs, indices):
+    """{Hadamard size: [job indices]}, sizes in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for j in indices:
+        groups.setdefault(jobs[j][2], []).append(j)
+    return groups
+
+
+def compress(jobs) -> list:
+    """Coordinates of blocks: ``jobs`` are ``(segments, seed, size, rows)``, ``segments`` the
+    block's ``(buffer, start)`` pairs in layout order, ``size`` its Hadamard size (a power of two),
+    ``rows`` (int64, on the buffers' device) the rows to read. Returns one fp32 tensor of
+    ``rows.numel()`` coordinates per job, on the device, with no host synchronisation."""
+    for segments, *_ in jobs:
+        for x, _ in segments:
+            _check(x, "x")
+    out = [torch.zeros(0, dtype=torch.float32, device=rows.device) for *_, rows in jobs]
+    for size, members in _by_size(jobs, [j for j, job in enumerate(jobs) if job[3].numel()]).items():
+        y = torch.zeros((len(members), size), dtype=torch.float32, device=jobs[members[0]][3].device)
+        for at, j in enumerate(members):
+            segments, seed = jobs[j][0], jobs[j][1]
+            for x, start in segments:  # y = y + fold, in layout order, from zeros
+                if x.numel():
+                    y[at] += fold(x, start, seed, size)
+        y = fwht(y)
+        for at, j in enumerate(members):
+            out[j] = y[at][jobs[j][3]]
+    return out
+
+
+def reconstruct_(jobs, coords, scales) -> None:
+    """In place, for each block (``jobs`` as for :func:`compress`): its segments get
+    ``(d * fwht(z)[i mod size]) * scale`` added, ``z`` holding ``coords`` (fp32, on the device)
+    at ``rows`` and zeros elsewhere; ``scales`` are fp32 values (Python floats)."""
+    for segments, *_ in jobs:
+        for out, _ in segments:
+            _check(out, "out")
+    for size, members in _by_size(jobs, range(len(jobs))).items():
+        device = jobs[members[0]][3].device
+        z = torch.zeros((len(members), size), dtype=torch.float32, device=device)
+        for at, j in enumerate(members):
+            z[at][jobs[j][3]] = coords[j]
+        z = fwht(z)
+        for at, j in enumerate(members):
+            segments, seed = jobs[j][0], jobs[j][1]
+            for out, start in segments:
+                if not out.numel():
+                    continue
+                first = start // TILE
+                count = (start + out.numel() - 1) // TILE - first + 1
+                _apply_kernel[(count,)](out, z[at], out.numel(), start, first, seed, float(scales[j]), size,
+                                        TILE=TILE, num_warps=NUM_WARPS, enable_fp_fusion=False)
