@@ -47,6 +47,7 @@ ALGORITHMS = {
     "ferret_paper": lambda: fl.build("ferret-paper", budget=3800, local=LOCAL),
     "ferret_srht": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="srht"),
     "ferret_momentum": lambda: fl.Ferret(budget=3800, local=LOCAL, bases="client", momentum=0.5),
+    "ferret_hadamard": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="hadamard", bases="disjoint"),
     "fedavg": lambda: fl.FedAvg(local=LOCAL),
     "fedzo": lambda: fl.FedZO(local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
     "fedkseed": lambda: fl.FedKSeed(k=32, local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
@@ -64,8 +65,8 @@ def test_every_algorithm_lowers_eval_loss(name, data):
                                                                        [r.eval_loss for r in result.rounds])
 
 
-@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "ferret_momentum", "fedavg", "fedkseed",
-                                  "flora"])
+@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "ferret_momentum", "ferret_hadamard",
+                                  "fedavg", "fedkseed", "flora"])
 def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
     """What a distributed engine's clients do: apply each round's broadcast to their own replica."""
     from ferret.fl.algorithms import RoundContext
@@ -265,26 +266,29 @@ def test_merge_packets_reconstructs_the_weighted_mean():
         ferret.merge_packets([packets[0], ferret.compress(updates[0], seed=78, budget=60)])
 
 
-@pytest.mark.parametrize("bases", ["shared", "client"])
+@pytest.mark.parametrize("bases", ["shared", "client", "disjoint"])
 def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
     from ferret.fl.algorithms import RoundContext
 
     rng = np.random.default_rng(1)
     net = torch.nn.Linear(30, 20)
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
-    algorithm = fl.Ferret(budget=40, bases=bases, momentum=0.5)
+    basis = "hadamard" if bases == "disjoint" else "rademacher"
+    algorithm = fl.Ferret(budget=40, bases=bases, basis=basis, momentum=0.5)
     weights = [0.6, 0.4]
     expected_velocity = None
     for t in range(2):
         ctx = RoundContext(round=t, round_seed=100 + t, clients=[0, 1])
         updates = [{n: torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32))
                     for n, p in net.named_parameters()} for _ in weights]
-        packets = [ferret.compress(u, algorithm.seed_of(ctx.round_seed, c), 40) for c, u in enumerate(updates)]
-        assert (packets[0].round_seed == packets[1].round_seed) == (bases == "shared")
+        slots = 2 if bases == "disjoint" else 1
+        packets = [ferret.compress(u, algorithm.seed_of(ctx.round_seed, c), 40, basis=basis, slot=c % slots,
+                                   slots=slots) for c, u in enumerate(updates)]
+        assert (packets[0].round_seed == packets[1].round_seed) == (bases != "client")
         algorithm.aggregate(net, [p.to_bytes() for p in packets], weights, ctx)
         mean = {n: sum(w * ferret.reconstruct(p, like=updates[0])[n] for w, p in zip(weights, packets)) for n in start}
         broadcast = ferret.Packet.split(algorithm.broadcast)
-        assert len(broadcast) == (1 if bases == "shared" else 2)
+        assert len(broadcast) == (2 if bases == "client" else 1)
         for n in start:
             rebuilt = sum(ferret.reconstruct(p, like=updates[0])[n] for p in broadcast)
             torch.testing.assert_close(rebuilt, mean[n], rtol=1e-5, atol=1e-5)
@@ -293,7 +297,7 @@ def test_ferret_server_applies_the_weighted_mean_of_reconstructions(bases):
         start = {n: start[n] + expected_velocity[n] for n in start}
         for n, p in net.named_parameters():
             torch.testing.assert_close(p.detach(), start[n], rtol=1e-5, atol=1e-5)
-    restored = fl.Ferret(budget=40, bases=bases, momentum=0.5)
+    restored = fl.Ferret(budget=40, bases=bases, basis=basis, momentum=0.5)
     restored.load_state_dict(algorithm.state_dict())
     assert restored.velocity.keys() == algorithm.velocity.keys()
 
@@ -311,12 +315,28 @@ def test_ferret_warns_once_when_srht_moves_a_small_share_of_the_model(data):
 
 
 def test_ferret_rejects_unknown_options():
-    with pytest.raises(ValueError, match="bases must be one of 'shared', 'client', got 'own'"):
+    with pytest.raises(ValueError, match="bases must be one of 'shared', 'client', 'disjoint', got 'own'"):
         fl.Ferret(bases="own")
     with pytest.raises(ValueError, match="momentum must be in"):
         fl.Ferret(momentum=1.0)
-    with pytest.raises(ValueError, match="bad SRHT Hadamard size"):
+    with pytest.raises(ValueError, match="bad Hadamard size in 'srht:100'"):
         fl.Ferret(basis="srht:100")
+    with pytest.raises(ValueError, match="bases='disjoint' needs basis='hadamard'"):
+        fl.Ferret(basis="rademacher", bases="disjoint")
+
+
+def test_disjoint_bases_take_the_clients_places_and_the_server_checks_them(data):
+    shards, _ = data
+    algorithm = fl.Ferret(budget=300, local=LOCAL, basis="hadamard", bases="disjoint")
+    net = model()
+    ctx = protocol.client_context(1, 0, 2, [0, 2, 5])
+    packet = ferret.Packet.from_bytes(algorithm.client_update(model(), shards[0], ctx))
+    assert (packet.slot, packet.slots, packet.basis) == (1, 3, "hadamard:1024")
+    assert protocol.check_upload(algorithm, net, packet.to_bytes(), ctx) is None
+    other = protocol.client_context(1, 0, 5, [0, 2, 5])
+    assert protocol.check_upload(algorithm, net, packet.to_bytes(), other) == "rows of slot 1 of 3, not 2 of 3"
+    with pytest.raises(ValueError, match="client 2 is not among round 0's clients \\[0, 5\\]"):
+        algorithm.client_update(model(), shards[0], protocol.client_context(1, 0, 2, [0, 5]))
 
 
 def test_packets_split_from_a_concatenation():
@@ -470,4 +490,4 @@ def test_both_engines_take_sampling_and_seeding_from_the_round_protocol(data, mo
     context = Context(run_id=1, node_id=10, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     info = {"round": 0, "round-seed": ferret.block_seed(9, 0), "partition": 0, "since": 0}
     local_update(info, {}, context, config, dict(FLOWER_KEYS))
-    assert calls["client_context"][-1] == (9, 0, 0)
+    assert calls["client_context"][-1] == (9, 0, 0, [0, 1, 2])  # the client draws the round's sample (fraction 1)

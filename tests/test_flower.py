@@ -41,6 +41,7 @@ ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "
 SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, steps=3, lr=0.02, rouge_samples=0)
 OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
 MOMENTUM = {"budget": 500, "bases": "client", "momentum": 0.5}  # server state the clients replay too
+DISJOINT = {"budget": 500, "basis": "hadamard", "bases": "disjoint"}  # slots from the round's sample, drawn by each client
 
 
 def small_config(algorithm: str, **changes) -> Config:
@@ -202,6 +203,7 @@ def simulate(config: Config, out: Path, **extra) -> subprocess.CompletedProcess:
 ZEROTH = {"lr": 1e-5}
 CASES = {"ferret": ("ferret", {}),
          "ferret-momentum": ("ferret", {"options": MOMENTUM, "fraction": 0.67, "rounds": 3}),
+         "ferret-disjoint": ("ferret", {"options": DISJOINT, "fraction": 0.67, "rounds": 3}),
          "ferret-paper": ("ferret-paper", {"options": {"budget": 500}}),
          "fedavg": ("fedavg", {}), "fedzo": ("fedzo", ZEROTH), "fedkseed": ("fedkseed", {**ZEROTH, "options": {"k": 16}}),
          "flora": ("flora", {}), "fedit": ("fedit", {"options": {"ranks": 4}}),

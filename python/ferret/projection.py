@@ -12,8 +12,9 @@ estimate is ``(1/n_b) * sum_k gamma_k v_k``. With ``basis="hadamard"`` the bases
 randomized Hadamard transform repeated over the block, at the cost of one read of the update
 whatever ``n_b`` (see :mod:`ferret.spec`); ``"srht"`` transforms only the chunks holding a row.
 Hadamard clients may take disjoint rows (``slot`` of ``slots``), so that their merged packet
-carries every client's directions and one reconstruction serves the round. Nothing is written until every input is checked, and a
-reconstruction that would turn a finite value of its targets into Inf or NaN writes nothing.
+carries every client's directions and one reconstruction serves the round. Nothing is written
+until every input is checked, and a reconstruction that would turn a finite value of its targets
+into Inf or NaN writes nothing.
 
 **Which receiver fits a packet.** Every packet carries its layout's fingerprint: a hash of the
 update's tensor names and shapes, in order, and of the grouping's block size. A receiver must

@@ -39,12 +39,15 @@ def round_context(seed: int, round_index: int, n_clients: int, fraction: float) 
                         clients=sample(seed, round_index, n_clients, fraction))
 
 
-def client_context(seed: int, round_index: int, client: int) -> ClientContext:
-    """What client ``client`` is told in round ``round_index``: ids, the round's seed, its generators."""
+def client_context(seed: int, round_index: int, client: int, clients=()) -> ClientContext:
+    """What client ``client`` is told in round ``round_index``: ids, the round's seed, its
+    generators, and the round's sampled ``clients`` (:func:`sample`; empty where the caller has
+    no use for them)."""
     round_seed = block_seed(seed, round_index)
     generator = torch.Generator().manual_seed(block_seed(round_seed, client))
     return ClientContext(round=round_index, client=client, round_seed=round_seed,
-                         rng=np.random.default_rng([seed, round_index, client]), generator=generator)
+                         rng=np.random.default_rng([seed, round_index, client]), generator=generator,
+                         clients=tuple(clients))
 
 
 @dataclass

@@ -66,7 +66,7 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
         for c in (tqdm(ctx.clients, desc=f"round {t + 1} clients", unit="client", leave=False) if progress
                   else ctx.clients):
             worker.load_state_dict(model.state_dict())
-            client = protocol.client_context(seed, t, c)
+            client = protocol.client_context(seed, t, c, ctx.clients)
             ran = protocol.run_client(algorithm, worker, shards[c], client)
             error = ran.error or protocol.check_upload(algorithm, model, ran.upload, client)
             if error:

@@ -49,7 +49,8 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
         context.state[_STATE] = ArrayRecord(OrderedDict(algorithm.state_dict()))
     context.state[_SYNC] = ConfigRecord({"synced": t})
 
-    client = protocol.client_context(config.seed, t, c)
+    round_clients = protocol.sample(config.seed, t, config.clients, config.fraction)
+    client = protocol.client_context(config.seed, t, c, round_clients)
     if client.round_seed != round_seed:
         raise RuntimeError(f"round {t}'s seed from the server differs from this run's: another run's message?")
     ran = protocol.run_client(algorithm, model, data, client)

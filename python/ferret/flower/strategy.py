@@ -95,7 +95,7 @@ class AlgorithmStrategy(Strategy):
                 log(WARNING, "round %d: client %s sent a malformed reply, dropped: %s", ctx.round, c, err)
                 continue
             error = (protocol.check_upload(self.algorithm, self.model, upload,
-                                           protocol.client_context(self.seed, ctx.round, c))
+                                           protocol.client_context(self.seed, ctx.round, c, ctx.clients))
                      if isinstance(c, int) else f"node {c} is no client of this run")
             if error:
                 log(WARNING, "round %d: client %s sent an upload the server refuses, dropped: %s", ctx.round, c, error)

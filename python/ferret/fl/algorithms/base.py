@@ -58,15 +58,17 @@ class NoOptions(Settings):
 
 @dataclass
 class ClientContext:
-    """What the engine tells a client about the round: ids, the round's shared seed, and the
+    """What the engine tells a client about the round: ids, the round's shared seed, the
     client's own generators: ``rng`` (NumPy: batches, seeds) and ``generator`` (torch, CPU: e.g. a
-    fresh adapter's initial weights). Made by :mod:`ferret.fl.protocol` alone."""
+    fresh adapter's initial weights), and the round's sampled ``clients`` (sorted; e.g. for
+    disjoint row slots). Made by :mod:`ferret.fl.protocol` alone."""
 
     round: int
     client: int
     round_seed: int
     rng: np.random.Generator
     generator: torch.Generator
+    clients: tuple[int, ...] = ()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ... import check_budget, compress, merge_by_seed, reconstruct, spec
-from ...basis import basis_name, parse_basis
+from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
 from ...packet import Packet, PacketError
 from ...projection import block_counts
@@ -26,12 +26,15 @@ class FerretOptions(Settings):
 
     ``budget``: coordinates per client per round (at most the model's trainable parameters).
     ``server_lr``: the server's step on the reconstructed update. ``basis``: ``"rademacher"``,
-    ``"gaussian"`` or ``"srht[:size]"`` (see :mod:`ferret.basis`). ``allocation``: ``"norm"`` or
-    ``"uniform"`` (coordinates per block). ``grouping``: ``"tensor"``, ``"paper"`` or a block size.
-    ``bases``: ``"shared"`` (the paper's: every client projects onto the round's bases, so the
-    server merges all coordinates and reconstructs once) or ``"client"`` (each client projects onto
-    bases of its own seed, so the server reconstructs once per client, and the estimate averages
-    independent projections: its variance falls with the number of clients at the same upload).
+    ``"gaussian"``, ``"hadamard[:size]"`` or ``"srht[:size]"`` (see :mod:`ferret.basis`).
+    ``allocation``: ``"norm"`` or ``"uniform"`` (coordinates per block). ``grouping``:
+    ``"tensor"``, ``"paper"`` or a block size. ``bases``: ``"shared"`` (the paper's: every client
+    projects onto the round's bases, so the server merges all coordinates and reconstructs once),
+    ``"client"`` (each client projects onto bases of its own seed, so the server reconstructs once
+    per client, and the estimate averages independent projections: its variance falls with the
+    number of clients at the same upload) or ``"disjoint"`` (``hadamard`` only: the clients share
+    the round's signs but each takes its own rows, slot = its place among the round's clients, so
+    their directions are orthogonal and the server still reconstructs once).
     ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃, θ ← θ + server_lr·v).
     ``clip``: the server clips each tensor's update to this norm (the official code clips blocks at 10).
     """
@@ -51,7 +54,10 @@ class FerretOptions(Settings):
         parse_basis(self.basis)
         one_of("allocation", self.allocation, ("norm", "uniform"))
         resolve_group_size(self.grouping, [1])
-        one_of("bases", self.bases, ("shared", "client"))
+        one_of("bases", self.bases, ("shared", "client", "disjoint"))
+        if self.bases == "disjoint" and parse_basis(self.basis)[0] != "hadamard":
+            raise ValueError(f"bases='disjoint' needs basis='hadamard' (disjoint rows of one transform), "
+                             f"not {self.basis!r}")
         if not (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.clip is not None:
@@ -77,19 +83,37 @@ class Ferret(Algorithm):
         if self.options.budget > layout.numel:
             raise ValueError(f"budget {self.options.budget} is above the model's {layout.numel} trainable "
                              f"parameters (FedAvg would send less)")
-        block_counts(layout, self.options.budget, self.options.basis, "uniform")
+        block_counts(layout, self.options.budget, self.basis_of(1), "uniform")
 
     def seed_of(self, round_seed: int, client: int) -> int:
         """The seed client ``client`` projects with in the round of ``round_seed``."""
-        return round_seed if self.options.bases == "shared" else spec.block_seed(round_seed, 1 + client)
+        return spec.block_seed(round_seed, 1 + client) if self.options.bases == "client" else round_seed
+
+    def slot_of(self, ctx) -> tuple[int, int]:
+        """``(slot, slots)``: the rows client ``ctx.client`` projects onto (its place among the
+        round's clients with disjoint bases, else 0 of 1)."""
+        if self.options.bases != "disjoint":
+            return 0, 1
+        if ctx.client not in ctx.clients:
+            raise ValueError(f"client {ctx.client} is not among round {ctx.round}'s clients {list(ctx.clients)}")
+        return ctx.clients.index(ctx.client), len(ctx.clients)
+
+    def basis_of(self, slots: int) -> str:
+        """The basis name packets carry for ``slots`` row slots (a ``"hadamard"`` basis gets its size)."""
+        kind, size = parse_basis(self.options.basis)
+        if kind == "hadamard" and not size:
+            size = dense_size(self.options.budget, slots)
+        return basis_name(kind, size)
 
     def client_update(self, model, data, ctx):
         o = self.options
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
         update = difference(model, start)
+        slot, slots = self.slot_of(ctx)
         packet = compress(update, self.seed_of(ctx.round_seed, ctx.client), o.budget, basis=o.basis,
-                          allocation=o.allocation, grouping=o.grouping, backend=self.runtime.backend)
+                          allocation=o.allocation, grouping=o.grouping, slot=slot, slots=slots,
+                          backend=self.runtime.backend)
         self._warn_if_sparse(packet, update)
         return packet.to_bytes()
 
@@ -105,8 +129,11 @@ class Ferret(Algorithm):
             raise MalformedUpload(f"the packet uses seed {packet.round_seed}, not the round's")
         if int(packet.counts.sum()) > self.options.budget:
             raise MalformedUpload(f"{int(packet.counts.sum())} coordinates, above the budget of {self.options.budget}")
-        if packet.basis != basis_name(*parse_basis(self.options.basis)):
-            raise MalformedUpload(f"basis {packet.basis!r}, not {self.options.basis!r}")
+        slot, slots = self.slot_of(ctx)
+        if packet.basis != self.basis_of(slots):
+            raise MalformedUpload(f"basis {packet.basis!r}, not {self.basis_of(slots)!r}")
+        if (packet.slot, packet.slots) != (slot, slots):
+            raise MalformedUpload(f"rows of slot {packet.slot} of {packet.slots}, not {slot} of {slots}")
         if not np.all(np.isfinite(packet.coords)):
             raise MalformedUpload("the coordinates hold NaN or Inf")
 
@@ -161,8 +188,8 @@ class Ferret(Algorithm):
 
     def aggregate_mean(self, model, mean, ctx):
         layout = self._layout(model)
-        counts = block_counts(layout, self.options.budget, self.options.basis, "uniform")
-        basis = basis_name(*parse_basis(self.options.basis))
+        basis = self.basis_of(1)
+        counts = block_counts(layout, self.options.budget, basis, "uniform")
         self.broadcast = Packet(ctx.round_seed, basis, layout.group_size, layout.fingerprint, counts,
                                 np.asarray(mean, dtype=np.float32)).to_bytes()
         self.apply(model, self.broadcast, ctx)
