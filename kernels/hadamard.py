@@ -1,27 +1,40 @@
 """Dense Hadamard kernels: the randomized Hadamard basis repeated over a block's chunks.
 
 A block of Hadamard size ``B`` is cut into chunks of ``B`` elements from index 0 (the last one
-padded only virtually). Its coordinates are rows of ``fwht(y)``, ``y`` the fold of the block's
-signed chunks; its reconstruction adds ``(d_i * z[i mod B]) * scale`` to every element, ``z`` the
+padded only virtually); chunk ``c`` has the lane mask ``s_c`` (word 0 of
+``Philox(key=seed, ctr=(c lo32, c hi32, DENSE_LANE_DOMAIN, 0))`` masked to ``B - 1``, from
+``tl.philox`` on the device). Its coordinates are rows of ``fwht(y)``, ``y`` the fold of the
+block's signed chunks, lane ``l`` of chunk ``c`` being its element ``l ^ s_c``; its reconstruction
+adds ``(d_i * z[(i mod B) ^ s_c]) * scale`` to every element ``i`` of chunk ``c``, ``z`` the
 transform of the coordinates scattered at their rows. ``d_i`` is Rademacher basis 0 of the block
-seed. Bit for bit the spec (:func:`ferret.spec.dense_compress`, :func:`~ferret.spec.dense_reconstruct`):
+seed, attached to the element's own block index. Bit for bit the spec
+(:func:`ferret.spec.dense_compress`, :func:`~ferret.spec.dense_reconstruct`):
 
-* ``_fold_kernel``: program ``(p, l)`` loads chunks ``[(first + p) * CH, (first + p + 1) * CH)``
+* ``_fold_kernel``: program ``(p, l)`` folds chunks ``[(first + p) * CH, (first + p + 1) * CH)``
   (absolute chunk indices) at lanes ``[l * BL, (l + 1) * BL)``: a tile of ``TILE = CH x BL``
   elements with ``BL = min(B, 128)`` (32 x 128 from ``B = 128`` up, 512 x 8 at ``B = 8``), read
-  as ``TILE / 128`` rows of one Philox group each (128 lanes of one chunk, or, below 128, 128
-  consecutive elements of the then contiguous tile): the tile's 32 x 4 Philox words are one
-  call per thread, gathered to the elements. Elements outside the segment count 0. The chunk
-  axis is then reduced by ``log2(CH)`` levels of ``node 2j + node 2j + 1``: the spec's pairwise
-  tree over absolute chunk indices, cut into aligned subtrees of ``CH`` chunks. The same kernel,
-  unsigned, adds the partial nodes (rows of ``B``) up, ``CH`` at a time, until one is left. A
-  tree deeper than the spec's only adds ``+0`` nodes, which can change nothing but the sign of a
-  zero fold, and ``y = 0 + fold`` makes every zero ``+0`` anyway.
+  as ``TILE / 128`` rows of 128 elements of one Philox group each. From ``B = 128`` up a row is
+  one chunk ``c``: its 128 lanes are the aligned group ``(l * 128 ^ s_c) >> 7`` of the chunk, lane
+  ``l * 128 + j`` its element ``j ^ (s_c & 127)``, so a row still reads one aligned group of 128
+  elements (permuted), and its signs are one Philox call, the words permuted by ``s_c & 127``
+  (word ``q ^ (s_c >> 5 & 3)``, bits ``b ^ (s_c & 31)``) before they are gathered to the elements.
+  Below 128 a row holds ``128 / B`` whole chunks of the then contiguous tile, each permuted within
+  itself, and the signs are gathered to each element's place ``e`` in the row (bit ``e % 32`` of
+  word ``e // 32``). The tile's masks are one Philox call per chunk (at least one per row), spread
+  over the threads, and reach the elements by a reduction (a row one chunk) or a gather. Elements
+  outside the segment count 0. The chunk axis is then reduced by ``log2(CH)`` levels of
+  ``node 2j + node 2j + 1``: the spec's pairwise tree over absolute chunk indices, cut into
+  aligned subtrees of ``CH`` chunks. The same kernel, unsigned and unmasked, adds the partial
+  nodes (rows of ``B``, already in lane order) up, ``CH`` at a time, until one is left. A tree
+  deeper than the spec's only adds ``+0`` nodes, which can change nothing but the sign of a zero
+  fold, and ``y = 0 + fold`` makes every zero ``+0`` anyway.
 * the transform: the spec's butterflies on the device with torch ops (exact fp32 additions),
   stage ``h = 1, 2, 4, ..`` in order, every block of the same Hadamard size at once;
 * ``_apply_kernel``: ``TILE`` consecutive block indices per program (32 groups of 128), aligned to
-  ``TILE``: ``out = out + (d * z[i mod B]) * scale``, two roundings (launched with
-  ``enable_fp_fusion=False``), rounded to ``out``'s dtype as the other kernels round.
+  ``TILE``: ``out = out + (d * z[(i mod B) ^ s_c]) * scale``, two roundings (launched with
+  ``enable_fp_fusion=False``), rounded to ``out``'s dtype as the other kernels round. The signs
+  are the elements' own (one Philox call per row), the masks those of the rows' chunks, as in the
+  fold; ``z`` (``B`` values) is read permuted.
 
 Buffers are 1-d and contiguous; element ``j`` of a segment sits at block index ``start + j``.
 """
@@ -30,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..spec import DENSE_LANE_DOMAIN
 from .projection import SIGN, _check, _round_to
 
 TILE = 4096  # elements per program of both kernels
@@ -38,20 +52,58 @@ GROUP = 128  # block indices per Philox call (one row of a tile)
 # warp (Triton 3.6 compiles that gather for no other shape); 32 elements a thread, in the fold one
 # lane of all 32 chunks (B >= 128), so the tree over them is the thread's own.
 NUM_WARPS = 4
+LANE_DOMAIN = tl.constexpr(DENSE_LANE_DOMAIN)
 
 
 @triton.jit
-def _flips(seed, groups):
-    """Sign masks (R, 128) of Rademacher basis 0 for R Philox groups (groups: (R,) int64 group
-    indices): element c of row r gets bit c % 32 of word c // 32 of group groups[r] in its sign
-    bit. One Philox call per (group, word) pair, spread over the threads, then gathered to the
-    elements: a thread does not recompute the words of every row it holds."""
+def _flips(seed, groups, perm, p, PERMUTE: tl.constexpr):
+    """Sign masks (R, 128) of Rademacher basis 0 for R Philox groups (groups: (R, 1) or (R, 4)
+    int64 group indices). Element (r, j) gets in its sign bit the sign of element e of group
+    groups[r], bit e % 32 of word e // 32, where e = p[r, j] (p: (R, 128) int32 below 128), or
+    if PERMUTE e = p[r, j] ^ perm[r] (perm: (R, 4) int32 below 128, its columns equal). One
+    Philox call per (group, word) pair, spread over the threads, then gathered to the elements: a
+    thread does not recompute the words of every row it holds. A permutation is applied to the
+    words before the gather: word q ^ (perm >> 5) to place q, its bit b ^ (perm & 31) to bit b by
+    five swaps of bit blocks, so the gather and the shifts stay those of e = p."""
     q = tl.arange(0, 4)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, tl.broadcast_to(groups[:, None], (groups.shape[0], 4)))
+    r0, r1, r2, r3 = tl.randint4x(seed, tl.broadcast_to(groups, (groups.shape[0], 4)))
+    if PERMUTE:
+        q = q ^ ((perm >> 5) & 3)
     w = tl.where(q == 0, r0, tl.where(q == 1, r1, tl.where(q == 2, r2, r3))).to(tl.int32, bitcast=True)
+    if PERMUTE:  # the masks keep >>'s copies of the sign bit out
+        w = tl.where((perm & 1) != 0, ((w >> 1) & 0x55555555) | ((w & 0x55555555) << 1), w)
+        w = tl.where((perm & 2) != 0, ((w >> 2) & 0x33333333) | ((w & 0x33333333) << 2), w)
+        w = tl.where((perm & 4) != 0, ((w >> 4) & 0x0F0F0F0F) | ((w & 0x0F0F0F0F) << 4), w)
+        w = tl.where((perm & 8) != 0, ((w >> 8) & 0x00FF00FF) | ((w & 0x00FF00FF) << 8), w)
+        w = tl.where((perm & 16) != 0, ((w >> 16) & 0x0000FFFF) | ((w & 0x0000FFFF) << 16), w)
+    w = tl.gather(w, p // 32, 1)
+    return (w << (31 - p % 32)) & SIGN
+
+
+@triton.jit
+def _mask_table(seed, chunks, size, BL: tl.constexpr):
+    """The lane masks s_c of the chunks of R rows of 128 elements (chunks: (R,) int64, the chunk of
+    each row's first element; a row holds K = 128 / BL chunks, or lies in one for BL = 128), as
+    (R, KW) int32, KW = max(K, 4): entry (r, k) is s_c of chunk c = chunks[r] + k * K // KW,
+    word 0 of Philox(key = seed, counter = (c lo32, c hi32, DENSE_LANE_DOMAIN, 0)) & (size - 1).
+    One call per entry, spread over the threads (KW >= 4: one a thread when a row is one chunk,
+    its KW entries equal)."""
+    K: tl.constexpr = 128 // BL
+    KW: tl.constexpr = K if K > 4 else 4
+    c = chunks[:, None] + (tl.arange(0, KW)[None, :] * K) // KW
+    lo = c.to(tl.uint32)
+    w0, _, _, _ = tl.philox(seed, lo, (c >> 32).to(tl.uint32), tl.full(c.shape, LANE_DOMAIN, tl.uint32), lo * 0)
+    return w0.to(tl.int32, bitcast=True) & (size - 1)
+
+
+@triton.jit
+def _spread(table, BL: tl.constexpr):
+    """A :func:`_mask_table` (R, KW) gathered to its rows' elements (R, 128): column j gets the mask
+    of the row's chunk j // BL."""
+    K: tl.constexpr = 128 // BL
+    KW: tl.constexpr = K if K > 4 else 4
     col = tl.arange(0, 128)[None, :]
-    w = tl.gather(w, tl.broadcast_to(col // 32, (groups.shape[0], 128)), 1)
-    return (w << (31 - col % 32)) & SIGN
+    return tl.gather(table, tl.broadcast_to((col // BL) * KW // K, (table.shape[0], 128)), 1)
 
 
 @triton.jit
@@ -67,20 +119,36 @@ def _fold_kernel(x_ptr, part_ptr, n, start, first, seed, size, SIGNED: tl.conste
                  BL: tl.constexpr, LEVELS: tl.constexpr):
     """part[p, l*BL : (l+1)*BL] = the pairwise tree over the CH = TILE / BL chunks of program p's
     aligned group (chunk indices (first + p) * CH ..), lanes l*BL .., of the segment x at block
-    indices start .. start + n (signed by Rademacher basis 0 of seed if SIGNED)."""
+    indices start .. start + n: if SIGNED, lane l of chunk c is its element l ^ s_c, signed by
+    Rademacher basis 0 of seed; else lane l is element l (partial nodes)."""
     p = tl.program_id(0).to(tl.int64)
-    lane0 = tl.program_id(1).to(tl.int64) * BL
-    base = (first + p) * (TILE // BL) * size + lane0  # block index of tile element (0, 0)
+    chunk0 = (first + p) * (TILE // BL)  # the tile's first chunk
+    lane0 = tl.program_id(1) * BL
+    base = chunk0 * size  # block index of the tile's first chunk
     # tile element (c, l) at flat place q = c * BL + l, read as row q // 128, column q % 128
     r = tl.arange(0, TILE // 128)
     q = r[:, None] * 128 + tl.arange(0, 128)[None, :]
-    local = (q // BL) * size + q % BL  # int32: below CH * size <= 2**27
+    lane = lane0 + q % BL
+    if SIGNED:
+        if BL == 128:  # row r is chunk chunk0 + r; the reduction of its equal entries keeps the
+            masks = _mask_table(seed, chunk0 + r, size, BL)  # Philox calls one a thread
+            lane = lane ^ tl.max(masks, axis=1)[:, None]
+        elif BL > 1:  # the masks of the tile's chunks chunk0 + q // BL
+            lane = lane ^ _spread(_mask_table(seed, chunk0 + r * 128 // BL, size, BL), BL)
+    local = (q // BL) * size + lane  # int32: below CH * size <= 2**27
     lo, hi = _window(base, start, n, (TILE // BL) * size)
     inside = (local >= lo) & (local < hi)
     x = tl.load(x_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
-    if SIGNED:  # row r is the Philox group of its first element (rows start at multiples of 128)
-        groups = (base + (r * 128 // BL) * size + (r * 128) % BL) >> 7
-        bits = x.to(tl.int32, bitcast=True) ^ _flips(seed, groups)
+    if SIGNED:  # element (r, j) is element local % 128 of Philox group (base + local) >> 7
+        col = tl.broadcast_to(tl.arange(0, 128)[None, :], (TILE // 128, 128))
+        if BL == 128:  # row r is chunk r: its lane j is element j ^ (s_c & 127) of group (lane0 ^ s_c) >> 7
+            groups = (base + r[:, None] * size + ((lane0 ^ masks) & -128)) >> 7
+            flips = _flips(seed, groups, masks & 127, col, PERMUTE=True)
+        elif BL == 1:  # no masks: element j of group (base >> 7) + r
+            flips = _flips(seed, ((base >> 7) + r)[:, None], 0, col, PERMUTE=False)
+        else:  # row r holds whole chunks (their lanes stay in them): group (base >> 7) + r
+            flips = _flips(seed, ((base >> 7) + r)[:, None], 0, local % 128, PERMUTE=False)
+        bits = x.to(tl.int32, bitcast=True) ^ flips
         x = tl.where(inside, bits.to(tl.float32, bitcast=True), 0.0)
     x = tl.reshape(x, (TILE // BL, BL))
     for level in tl.static_range(LEVELS):  # log2(TILE / BL) levels: node 2j + node 2j + 1
@@ -89,16 +157,24 @@ def _fold_kernel(x_ptr, part_ptr, n, start, first, seed, size, SIGNED: tl.conste
 
 
 @triton.jit
-def _apply_kernel(out_ptr, z_ptr, n, start, first, seed, scale, size, TILE: tl.constexpr):
-    """out[j] = out[j] + (d_i * z[i mod size]) * scale for the segment's block indices i = start + j
-    in tile first + program (TILE block indices, aligned), rounded to out's dtype."""
+def _apply_kernel(out_ptr, z_ptr, n, start, first, seed, scale, size, TILE: tl.constexpr, BL: tl.constexpr):
+    """out[j] = out[j] + (d_i * z[(i mod size) ^ s_c]) * scale for the segment's block indices
+    i = start + j (chunk c = i // size) in tile first + program (TILE block indices, aligned),
+    rounded to out's dtype. BL = min(size, 128)."""
     base = (tl.program_id(0).to(tl.int64) + first) * TILE
     r = tl.arange(0, TILE // 128)
-    local = r[:, None] * 128 + tl.arange(0, 128)[None, :]
+    col = tl.broadcast_to(tl.arange(0, 128)[None, :], (TILE // 128, 128))
+    local = r[:, None] * 128 + col
     lo, hi = _window(base, start, n, TILE)
     inside = (local >= lo) & (local < hi)
-    z = tl.load(z_ptr + (((base & (size - 1)).to(tl.int32) + local) & (size - 1)))
-    z = (z.to(tl.int32, bitcast=True) ^ _flips(seed, (base >> 7) + r)).to(tl.float32, bitcast=True)
+    lane = ((base & (size - 1)).to(tl.int32) + local) & (size - 1)
+    if BL == 128:  # row r lies in chunk (base + 128 r) // size (see the fold)
+        lane = lane ^ tl.max(_mask_table(seed, (base + r * 128) // size, size, BL), axis=1)[:, None]
+    elif BL > 1:  # row r starts chunk (base + 128 r) // size
+        lane = lane ^ _spread(_mask_table(seed, (base + r * 128) // size, size, BL), BL)
+    z = tl.load(z_ptr + lane)
+    z = z.to(tl.int32, bitcast=True) ^ _flips(seed, ((base >> 7) + r)[:, None], 0, col, PERMUTE=False)
+    z = z.to(tl.float32, bitcast=True)
     out = tl.load(out_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + (base - start) + local, _round_to(out + z * scale, out_ptr.dtype.element_ty), mask=inside)
 
@@ -109,7 +185,8 @@ def _lanes(size: int) -> int:
 
 def fold(x: torch.Tensor, start: int, seed: int, size: int) -> torch.Tensor:
     """The fold of one segment (fp32, ``size`` values on x's device; no host synchronisation):
-    the pairwise tree over its chunks of ``size`` signed elements, the rest counting 0."""
+    the pairwise tree over its chunks of ``size`` signed elements, each chunk ``c`` in its lane
+    order (lane ``l`` holds element ``l ^ s_c``), the rest counting 0."""
     _check(x, "x")
     lanes = _lanes(size)
     level = (TILE // lanes).bit_length() - 1  # tree levels per pass
@@ -175,8 +252,9 @@ def compress(jobs) -> list:
 
 def reconstruct_(jobs, coords, scales) -> None:
     """In place, for each block (``jobs`` as for :func:`compress`): its segments get
-    ``(d * fwht(z)[i mod size]) * scale`` added, ``z`` holding ``coords`` (fp32, on the device)
-    at ``rows`` and zeros elsewhere; ``scales`` are fp32 values (Python floats)."""
+    ``(d_i * fwht(z)[(i mod size) ^ s_c]) * scale`` added at block index ``i`` (chunk
+    ``c = i // size``), ``z`` holding ``coords`` (fp32, on the device) at ``rows`` and zeros
+    elsewhere; ``scales`` are fp32 values (Python floats)."""
     for segments, *_ in jobs:
         for out, _ in segments:
             _check(out, "out")
@@ -194,4 +272,4 @@ def reconstruct_(jobs, coords, scales) -> None:
                 first = start // TILE
                 count = (start + out.numel() - 1) // TILE - first + 1
                 _apply_kernel[(count,)](out, z[at], out.numel(), start, first, seed, float(scales[j]), size,
-                                        TILE=TILE, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                        TILE=TILE, BL=_lanes(size), num_warps=NUM_WARPS, enable_fp_fusion=False)

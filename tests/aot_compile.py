@@ -107,27 +107,31 @@ kernel = triton.compile(ASTSource(L._stacked_linear_kernel, signature, constexpr
 regs, spills = resources(kernel)
 print(f"sm_90 lora stacked linear fp32: cubin {len(kernel.asm['cubin'])} B, {regs} registers, {spills} B spilled")
 
-# Dense Hadamard: the fold (signed reads, and the unsigned passes over partial nodes) at lane widths
-# 128 (B >= 128: 32 chunks a tile), 8, 2 and 1 (B below 128: TILE / B chunks), and the apply.
+# Dense Hadamard: the fold (signed reads with the chunks' lane masks, and the unsigned passes over
+# partial nodes) at lane widths 128 (B >= 128: 32 chunks a tile, one mask a row), 64, 8 and 2
+# (B below 128: TILE / B chunks, 128 / B masks a row) and 1 (no masks), and the apply at the same
+# widths.
 from ferret.kernels import hadamard as D  # noqa: E402
 
 fold = {"part_ptr": "*fp32", "n": "i64", "start": "i64", "first": "i64", "seed": "i64", "size": "i32",
         **{k: "constexpr" for k in ("SIGNED", "TILE", "BL", "LEVELS")}}
 for dtype, signed, lanes in (("fp32", True, 128), ("bf16", True, 128), ("fp16", True, 128), ("fp32", False, 128),
-                             ("fp32", True, 8), ("fp32", False, 2), ("bf16", True, 1)):
+                             ("fp32", True, 64), ("fp32", True, 8), ("fp32", True, 2), ("fp32", False, 2),
+                             ("bf16", True, 1)):
     constexprs = {"SIGNED": signed, "TILE": D.TILE, "BL": lanes, "LEVELS": (D.TILE // lanes).bit_length() - 1}
     kernel = triton.compile(ASTSource(D._fold_kernel, {"x_ptr": f"*{dtype}", **fold}, constexprs), target=TARGET,
                             options={"num_warps": D.NUM_WARPS})
     regs, spills = resources(kernel)
     print(f"sm_90 hadamard fold {dtype} {'signed' if signed else 'partials'}, tile {D.TILE // lanes}x{lanes}: "
           f"cubin {len(kernel.asm['cubin'])} B, {regs} registers, {spills} B spilled")
-for dtype in ("fp32", "bf16", "fp16"):
+for dtype, lanes in (("fp32", 128), ("bf16", 128), ("fp16", 128), ("fp32", 64), ("fp32", 8), ("fp32", 2),
+                     ("bf16", 1)):
     signature = {"out_ptr": f"*{dtype}", "z_ptr": "*fp32", "n": "i64", "start": "i64", "first": "i64", "seed": "i64",
-                 "scale": "fp32", "size": "i32", "TILE": "constexpr"}
-    kernel = triton.compile(ASTSource(D._apply_kernel, signature, {"TILE": D.TILE}), target=TARGET,
+                 "scale": "fp32", "size": "i32", "TILE": "constexpr", "BL": "constexpr"}
+    kernel = triton.compile(ASTSource(D._apply_kernel, signature, {"TILE": D.TILE, "BL": lanes}), target=TARGET,
                             options={"enable_fp_fusion": False, "num_warps": D.NUM_WARPS})
     fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
     regs, spills = resources(kernel)
-    print(f"sm_90 hadamard apply {dtype}, tile {D.TILE}: cubin {len(kernel.asm['cubin'])} B, {regs} registers, "
-          f"{spills} B spilled, fused-fma {fused}")
+    print(f"sm_90 hadamard apply {dtype}, tile {D.TILE}, lanes {lanes}: cubin {len(kernel.asm['cubin'])} B, "
+          f"{regs} registers, {spills} B spilled, fused-fma {fused}")
     assert fused == 0, "the apply kernel must round twice"

@@ -1,13 +1,16 @@
 """The dense Hadamard basis on the Triton backend: coordinates and reconstructions bit-identical to
 the spec and the CPU core (full and ragged chunks, segments straddling chunks, row slots, every
-dtype, folds of one and of several tree passes), run in Triton's interpreter on CPU tensors (or
-for real where a GPU is present), through the backend and the public API."""
+dtype, folds of one and of several tree passes, each chunk in its own lane order), run in Triton's
+interpreter on CPU tensors (or for real where a GPU is present), through the backend and the
+public API."""
 
 import numpy as np
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="the [gpu] extra (triton) is not installed")
+
+import triton.language as tl  # noqa: E402
 
 import ferret  # noqa: E402
 from ferret import _core, spec  # noqa: E402
@@ -19,7 +22,9 @@ SEED = 0x0DDB_A11_5EED_1234
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (block size n, block Hadamard size B, slot, slots, rows m, segment cuts): full chunks, a ragged
 # tail, a block smaller than B, segments straddling chunks, slot 1 of 3, one element; B in
-# {1, 2, 8, 64, 1024}; 5000 chunks of 2 and 79 of 64 take two tree passes.
+# {1, 2, 8, 64, 128, 256, 1024, 8192}; 5000 chunks of 2, 79 of 64 and 41 of 128 take two tree
+# passes; from B = 256 up a chunk's mask moves whole groups of 128 lanes, and at B = 8192 a chunk
+# is 64 such groups (masks up to 8191) and two tiles of the apply.
 CASES = [
     (1024, 64, 0, 1, 20, [0]),
     (1000, 64, 0, 1, 64, [0, 333, 334]),
@@ -30,6 +35,11 @@ CASES = [
     (10_000, 2, 1, 2, 1, [0, 4095, 4097]),
     (5000, 64, 2, 3, 21, [0, 130, 4100]),
     (1, 1, 0, 1, 1, [0]),
+    (300, 1, 0, 1, 1, [0, 100]),
+    (1000, 128, 0, 1, 128, [0, 200, 201]),
+    (41 * 128 + 5, 128, 1, 2, 30, [0, 2000]),
+    (3000, 256, 1, 2, 50, [0, 255, 1500]),
+    (3 * 8192 + 777, 8192, 0, 1, 300, [0, 4000, 8200, 20_000]),
 ]
 IDS = [f"n{c[0]}-B{c[1]}-slot{c[2]}of{c[3]}-m{c[4]}" for c in CASES]
 
@@ -86,10 +96,13 @@ def test_reconstruct_bit_identical_to_spec_and_core(dtype, n, size, slot, slots,
 
 
 @pytest.mark.parametrize("size,start,n,passes", [(64, 70 * 64 + 5, 270_000, 3), (2, 3, 10_000, 2), (8, 100, 4000, 2),
-                                                 (64, 5, 4000, 1), (1024, 0, 1, 1)])
+                                                 (64, 5, 4000, 1), (1024, 0, 1, 1), (128, 100, 70 * 128, 2),
+                                                 (256, 31 * 256 + 7, 3 * 256, 2), (8192, 31 * 8192 + 100, 2 * 8192, 2),
+                                                 (1, 7, 5000, 2)])
 def test_fold_of_one_and_several_tree_passes_is_the_spec_fold(size, start, n, passes):
-    """4220 chunks of 64 (64 chunks a pass) starting mid-group take three passes. The spec's tree
-    may differ from the kernels' in nothing but the sign of a zero fold (lost in y = 0 + fold)."""
+    """4220 chunks of 64 (64 chunks a pass) starting mid-group take three passes, chunks 31 to 33
+    of 128 lanes and more two (32 chunks a pass). The spec's tree may differ from the kernels' in
+    nothing but the sign of a zero fold (lost in y = 0 + fold)."""
     per_pass = H.TILE // min(size, H.GROUP)
     c0, c1, taken = start // size, (start + n - 1) // size, 1
     while c0 // per_pass != c1 // per_pass:
@@ -101,6 +114,56 @@ def test_fold_of_one_and_several_tree_passes_is_the_spec_fold(size, start, n, pa
     rows = spec.dense_rows(SEED, size, size)
     [coords] = H.compress([([(torch.from_numpy(x).to(DEVICE), start)], SEED, size, torch.from_numpy(rows).to(DEVICE))])
     np.testing.assert_array_equal(bits(coords.cpu()), bits(spec.dense_compress([(x, start)], SEED, size, size)))
+
+
+@triton.jit
+def _masks_of_tile(out_ptr, seed, chunk0, size, BL: tl.constexpr):
+    """The masks the kernels give the elements of a tile of 32 rows of 128 whose row r starts chunk
+    chunk0 + r * 128 // BL (or lies in it), as the fold and the apply take them."""
+    r = tl.arange(0, 32)
+    at = r[:, None] * 128 + tl.arange(0, 128)[None, :]
+    if BL == 128:
+        masks = tl.max(H._mask_table(seed, chunk0 + r, size, BL), axis=1)[:, None] + tl.zeros_like(at)
+    else:
+        masks = H._spread(H._mask_table(seed, chunk0 + r * 128 // BL, size, BL), BL)
+    tl.store(out_ptr + at, masks)
+
+
+@pytest.mark.parametrize("seed", [SEED, 1, 2**63 - 1])
+@pytest.mark.parametrize("size", [2, 8, 64, 128, 1024, 1 << 22])
+def test_lane_masks_are_the_spec_masks(seed, size):
+    """tl.philox keyed by the seed's two words, counter (c lo32, c hi32, DENSE_LANE_DOMAIN, 0):
+    the spec's masks, for chunk indices past 2**32 too."""
+    assert H.LANE_DOMAIN == spec.DENSE_LANE_DOMAIN
+    lanes = min(size, H.GROUP)
+    for chunk0 in (0, 7 * (H.TILE // lanes), (1 << 33) + 5 * (H.TILE // lanes)):
+        got = torch.zeros(H.TILE, dtype=torch.int32, device=DEVICE)
+        _masks_of_tile[(1,)](got, seed, chunk0, size, BL=lanes)
+        want = spec.dense_lanes(seed, chunk0 + np.arange(H.TILE) // lanes, size)
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
+@pytest.mark.parametrize("size,start,n", [(2, 2**33 + 3, 3000), (64, 2**40 + 1, 5000), (8192, 2**45 + 77, 9000)])
+def test_segments_far_into_a_block(size, start, n):
+    """Chunk indices past 2**32 (the masks' counter high word) in the fold and the apply."""
+    rng = np.random.default_rng(size)
+    x = rng.standard_normal(n).astype(np.float32)
+    got = H.fold(torch.from_numpy(x).to(DEVICE), start, SEED, size).cpu().numpy()
+    np.testing.assert_array_equal(bits(got), bits(spec.dense_fold(x, SEED, size, start)))
+    m = min(size, 40)
+    rows = spec.dense_rows(SEED, size, m)
+    coords = (rng.standard_normal(m) * 3).astype(np.float32)
+    scale = np.float32(0.3 / m)
+    z = np.zeros(size, np.float32)
+    z[rows] = coords
+    z = spec.fwht(z)
+    i = np.arange(start, start + n, dtype=np.int64)  # dense_reconstruct's formula at block indices i
+    lanes = (i & (size - 1)) ^ spec.dense_lanes(SEED, i // size, size)
+    want = x + (spec.rademacher(SEED, 0, n, start) * z[lanes]) * scale
+    out = torch.from_numpy(x.copy()).to(DEVICE)
+    H.reconstruct_([([(out, start)], SEED, size, torch.from_numpy(rows).to(DEVICE))],
+                   [torch.from_numpy(coords).to(DEVICE)], [float(scale)])
+    np.testing.assert_array_equal(bits(out.cpu()), bits(want))
 
 
 def test_zeros_and_cancellations_give_the_spec_bits():

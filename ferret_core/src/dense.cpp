@@ -1,5 +1,6 @@
 // The dense randomized Hadamard basis of one block (spec: python/ferret/spec.py): every basis is
-// a Hadamard row repeated over the block's chunks of B elements, each chunk with its own signs.
+// a Hadamard row repeated over the block's chunks of B elements, each chunk with its own signs and
+// its own lane order (element j of chunk c sits at lane j ^ s_c).
 // Compress folds the signed chunks into B sums (the pairwise tree over the chunk index, fp32),
 // transforms once and picks the slot's rows; reconstruct transforms the scattered coordinates
 // once and adds the signed result to every chunk. Threads take aligned pieces of the tree
@@ -57,31 +58,41 @@ void flip_signs(float* x, int64_t o, int64_t len, uint64_t seed) {
   }
 }
 
-void signed_fold8(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
-#ifdef FERRET_HAVE_AVX2_BUILD
-  if (detail::use_avx2()) return detail::signed_fold8_avx2(dst, src, offsets, len, seed);
-#endif
-  detail::signed_fold8_portable(dst, src, offsets, len, seed);
+// The lane mask s_c of chunk c: word 0 of Philox(key=seed, ctr=(c, c >> 32, kDenseLaneDomain, 0)).
+int64_t lane_mask(uint64_t seed, int64_t c, int64_t size) {
+  uint32_t w[4] = {uint32_t(c), uint32_t(uint64_t(c) >> 32), kDenseLaneDomain, 0};
+  detail::philox(w, uint32_t(seed), uint32_t(seed >> 32));
+  return int64_t(w[0]) & (size - 1);
 }
 
-void signed_apply(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+void signed_fold8(float* dst, const float* const* src, const int64_t* offsets, const int64_t* lanes, int64_t len,
+                  uint64_t seed, const float* const* next) {
 #ifdef FERRET_HAVE_AVX2_BUILD
-  if (detail::use_avx2()) return detail::signed_apply_avx2(out, z, o, len, seed, scale);
+  if (detail::use_avx2()) return detail::signed_fold8_avx2(dst, src, offsets, lanes, len, seed, next);
 #endif
-  detail::signed_apply_portable(out, z, o, len, seed, scale);
+  detail::signed_fold8_portable(dst, src, offsets, lanes, len, seed, next);
 }
 
-// Block indices [lo, hi) of a segment += (d * z) * scale, z[j] for index lo + j.
-void add_signed(const Segment& seg, int64_t lo, int64_t hi, const float* z, uint64_t seed, float scale) {
+void signed_apply(float* out, const float* z, int64_t o, int64_t len, int64_t size, int64_t lane, uint64_t seed,
+                  float scale) {
+#ifdef FERRET_HAVE_AVX2_BUILD
+  if (detail::use_avx2()) return detail::signed_apply_avx2(out, z, o, len, size, lane, seed, scale);
+#endif
+  detail::signed_apply_portable(out, z, o, len, size, lane, seed, scale);
+}
+
+// Block indices [lo, hi) of a segment, inside one chunk of lane mask `lane`, += (d * z[lane of i]) * scale.
+void add_signed(const Segment& seg, int64_t lo, int64_t hi, const float* z, int64_t size, int64_t lane,
+                uint64_t seed, float scale) {
   if (seg.dtype == DType::f32) {
-    signed_apply(static_cast<float*>(seg.data) + (lo - seg.start), z, lo, hi - lo, seed, scale);
+    signed_apply(static_cast<float*>(seg.data) + (lo - seg.start), z, lo, hi - lo, size, lane, seed, scale);
     return;
   }
   float buf[1024];
   for (int64_t a = lo; a < hi; a += 1024) {
     const int64_t n = std::min<int64_t>(1024, hi - a);
     for (int64_t j = 0; j < n; j++) buf[j] = 0.0f;
-    signed_apply(buf, z + (a - lo), a, n, seed, 1.0f);  // d * z exactly: 0 + (d z) * 1
+    signed_apply(buf, z, a, n, size, lane, seed, 1.0f);  // d * z exactly: 0 + (d z) * 1
     detail::apply_update(seg.data, seg.dtype, a - seg.start, buf, n, scale);
   }
 }
@@ -118,16 +129,31 @@ const float* chunk_of(const Segment& seg, int64_t c, int64_t size) {
 // added in one pass (chunks of 128 elements or more), then go into the tree at index c / 8.
 void fold_eights(detail::PairwiseTreeOf<float>& tree, const Segment& seg, uint64_t seed, int64_t size,
                  int64_t first, int64_t last, std::vector<float>& bufs) {
-  for (int64_t eight = first >> 3; eight <= last >> 3; eight++) {
-    const float* src[8];
-    int64_t offsets[8];
-    bool any = false;
+  const int64_t tile = std::min<int64_t>(size, 16384);  // the AVX2 loop's tile: where it reads first
+  const auto in_place = [&](int64_t eight, const float** src, int64_t* offsets, int64_t* lanes) {
     for (int k = 0; k < 8; k++) {
       const int64_t c = 8 * eight + k;
       offsets[k] = c * size;
-      src[k] = nullptr;
+      lanes[k] = lane_mask(seed, c, size);
+      src[k] = c < first || c > last ? nullptr : chunk_of(seg, c, size);
+    }
+  };
+  const float* src[8];
+  int64_t offsets[8], lanes[8];
+  in_place(first >> 3, src, offsets, lanes);
+  for (int64_t eight = first >> 3; eight <= last >> 3; eight++) {
+    const float* next[8] = {};
+    const float* next_src[8];
+    int64_t next_offsets[8], next_lanes[8];
+    if (eight < last >> 3) {
+      in_place(eight + 1, next_src, next_offsets, next_lanes);
+      for (int k = 0; k < 8; k++)
+        if (next_src[k]) next[k] = next_src[k] + (next_lanes[k] & ~(tile - 1));
+    }
+    bool any = false;
+    for (int k = 0; k < 8; k++) {
+      const int64_t c = 8 * eight + k;
       if (c < first || c > last) continue;
-      src[k] = chunk_of(seg, c, size);
       if (!src[k]) {  // the chunk must be read into fp32 first
         if (bufs.empty()) bufs.resize(size_t(8 * size));
         read_window(bufs.data() + k * size, seg, c * size, size);
@@ -135,9 +161,15 @@ void fold_eights(detail::PairwiseTreeOf<float>& tree, const Segment& seg, uint64
       }
       any = true;
     }
-    if (!any) continue;
-    signed_fold8(tree.leaf(), src, offsets, size, seed);
-    tree.add_leaf(eight);
+    if (any) {
+      signed_fold8(tree.leaf(), src, offsets, lanes, size, seed, next);
+      tree.add_leaf(eight);
+    }
+    if (eight < last >> 3) {
+      std::copy(next_src, next_src + 8, src);
+      std::copy(next_offsets, next_offsets + 8, offsets);
+      std::copy(next_lanes, next_lanes + 8, lanes);
+    }
   }
 }
 
@@ -159,9 +191,13 @@ void fold_segment(const Segment& seg, uint64_t seed, int64_t size, float* y) {
       std::vector<float> bufs;
       fold_eights(tree, seg, seed, size, first, last, bufs);
     } else {
+      float chunk[128];
       for (int64_t c = first; c <= last; c++) {
-        read_window(tree.leaf(), seg, c * size, size);
-        flip_signs(tree.leaf(), c * size, size, seed);
+        read_window(chunk, seg, c * size, size);
+        flip_signs(chunk, c * size, size, seed);
+        const int64_t lane = lane_mask(seed, c, size);
+        float* leaf = tree.leaf();
+        for (int64_t l = 0; l < size; l++) leaf[l] = chunk[l ^ lane];
         tree.add_leaf(c);
       }
     }
@@ -221,9 +257,9 @@ void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, i
     const int threads = seg.n < 2 * kTask ? 1 : num_threads();
     detail::parallel_for(n_tasks, threads, [&](int64_t t) {
       const int64_t lo = std::max((t0 + t) * kTask, seg.start), hi = std::min((t0 + t + 1) * kTask, seg.start + seg.n);
-      for (int64_t a = lo; a < hi;) {  // pieces that do not cross a chunk: z repeats every chunk
+      for (int64_t a = lo; a < hi;) {  // pieces that do not cross a chunk: z repeats every chunk, in its lane order
         const int64_t b = std::min(hi, (a / size + 1) * size);
-        add_signed(seg, a, b, z.data() + (a & (size - 1)), seed, scale);
+        add_signed(seg, a, b, z.data(), size, lane_mask(seed, a / size, size), seed, scale);
         a = b;
       }
     });

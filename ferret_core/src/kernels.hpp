@@ -49,14 +49,21 @@ void flip_by_bits_avx2(float* x, int len, uint32_t w);
 // words[4 g + q] = Philox word q of sign group g0 + g, for g < n_groups.
 void sign_words_portable(uint64_t seed, int64_t g0, int64_t n_groups, uint32_t* words);
 void sign_words_avx2(uint64_t seed, int64_t g0, int64_t n_groups, uint32_t* words);
-// dst[j] = the pairwise tree over c < 8 of d_(offsets[c] + j) * src[c][j], for j < len, with
-// src[c] null counting as 0 (fp32: ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))); offsets
-// and len are multiples of 128.
-void signed_fold8_portable(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed);
-void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed);
-// out[j] = out[j] + (d_(o + j) * z[j]) * scale for j < len, in fp32 with two roundings.
-void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale);
-void signed_apply_avx2(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale);
+// dst[l] = the pairwise tree over c < 8 of d_i * src[c][p] at p = l ^ masks[c], i = offsets[c] + p,
+// for l < len, with src[c] null counting as 0 (fp32: ((s0 + s1) + (s2 + s3)) + ((s4 + s5) +
+// (s6 + s7))): eight chunks of len elements, each read in its own lane order. offsets and len
+// are multiples of 128, len a power of two, masks[c] < len. next[c] (or null): the first 16384
+// elements (at most len) the caller reads next, prefetched meanwhile (the AVX2 loop).
+void signed_fold8_portable(float* dst, const float* const* src, const int64_t* offsets, const int64_t* masks,
+                           int64_t len, uint64_t seed, const float* const* next);
+void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offsets, const int64_t* masks,
+                       int64_t len, uint64_t seed, const float* const* next);
+// out[j] = out[j] + (d_i * z[(i & (size - 1)) ^ lane]) * scale at i = o + j, for j < len, in fp32
+// with two roundings: a piece of one chunk of size elements (a power of two), lane < size.
+void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, int64_t size, int64_t lane,
+                           uint64_t seed, float scale);
+void signed_apply_avx2(float* out, const float* z, int64_t o, int64_t len, int64_t size, int64_t lane,
+                       uint64_t seed, float scale);
 
 // The pairwise tree over the fp64 squares of x[0, n), n <= kChunk, as if zero-padded to kChunk
 // elements (squares are never -0, so padding with zeros is the tree with absent nodes).

@@ -285,24 +285,38 @@ inline float signed_one(const uint32_t* words, int64_t g0, int64_t i, float x) {
 
 }  // namespace
 
-void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
+void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offsets, const int64_t* masks,
+                       int64_t len, uint64_t seed, const float* const* next) {
   alignas(32) static thread_local uint32_t words[8][4 * kSignTile];
   alignas(32) static thread_local float zeros[128 * kSignTile];
   for (int64_t t = 0; t < len; t += 128 * kSignTile) {
     const int64_t n = min64(len - t, 128 * kSignTile);
     const float* base[8];
-    int64_t g0[8];
+    int64_t low[8];
+    __m256i order[8];  // lane e of a vector reads element e ^ (mask & 7) of its source vector
     for (int c = 0; c < 8; c++) {
-      base[c] = src[c] ? src[c] + t : zeros;  // an absent chunk reads zeros (its signs only flip 0)
-      g0[c] = (offsets[c] + t) >> 7;
-      if (src[c]) sign_words_avx2(seed, g0[c], n / 128, words[c]);
+      const int64_t from = t ^ (masks[c] & ~(n - 1));  // the mask's high bits move whole tiles
+      low[c] = masks[c] & (n - 1) & ~int64_t(7);
+      order[c] = _mm256_xor_si256(lanes(), splat(uint32_t(masks[c] & 7)));
+      base[c] = src[c] ? src[c] + from : zeros;  // an absent chunk reads zeros (its signs only flip 0)
+      if (src[c]) sign_words_avx2(seed, (offsets[c] + from) >> 7, n / 128, words[c]);
     }
+    // The loop reads each chunk in its lane order, which hardware prefetchers do not follow:
+    // while it runs, the lines it reads next (the next tile, or the caller's next chunks) are
+    // asked for in address order, four lines every eight lanes.
+    const float* ahead[8];
+    for (int c = 0; c < 8; c++)
+      ahead[c] = t + n < len ? (src[c] ? src[c] + ((t + n) ^ (masks[c] & ~(n - 1))) : nullptr) : next[c];
     for (int64_t j = 0; j < n; j += 8) {
+      const int64_t line = 16 * (j >> 4), half = 4 * ((j >> 3) & 1);
+      for (int c = half; c < half + 4; c++)
+        if (ahead[c]) _mm_prefetch(reinterpret_cast<const char*>(ahead[c] + line), _MM_HINT_T0);
       __m256 s[8];
       for (int c = 0; c < 8; c++) {
-        const uint32_t w = words[c][4 * (j >> 7) + ((j >> 5) & 3)] >> (j & 31);
+        const int64_t p = j ^ low[c];
+        const uint32_t w = words[c][4 * (p >> 7) + ((p >> 5) & 3)] >> (p & 31);
         const __m256 mask = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), lanes()), 31));
-        s[c] = _mm256_xor_ps(_mm256_loadu_ps(base[c] + j), mask);
+        s[c] = _mm256_permutevar8x32_ps(_mm256_xor_ps(_mm256_loadu_ps(base[c] + p), mask), order[c]);
       }
       const __m256 left = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
       const __m256 right = _mm256_add_ps(_mm256_add_ps(s[4], s[5]), _mm256_add_ps(s[6], s[7]));
@@ -311,19 +325,29 @@ void signed_fold8_avx2(float* dst, const float* const* src, const int64_t* offse
   }
 }
 
-void signed_apply_avx2(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+void signed_apply_avx2(float* out, const float* z, int64_t o, int64_t len, int64_t size, int64_t lane,
+                       uint64_t seed, float scale) {
   alignas(32) uint32_t words[4 * (kSignTile + 1)];
   const __m256 s = _mm256_set1_ps(scale);
+  const __m256i order = _mm256_xor_si256(lanes(), splat(uint32_t(lane & 7)));
+  const auto one = [&](int64_t g0, int64_t j) {
+    out[j] = out[j] + signed_one(words, g0, o + j, z[((o + j) & (size - 1)) ^ lane]) * scale;
+  };
   for (int64_t t = 0; t < len; t += 128 * kSignTile) {
     const int64_t n = min64(len - t, 128 * kSignTile), g0 = (o + t) >> 7;
     sign_words_avx2(seed, g0, ((o + t + n - 1) >> 7) - g0 + 1, words);
     int64_t j = t;
-    for (; j < t + n && ((o + j) & 7); j++) out[j] = out[j] + signed_one(words, g0, o + j, z[j]) * scale;
+    if (size < 8) {  // lanes cross no vector: one element at a time
+      for (; j < t + n; j++) one(g0, j);
+      continue;
+    }
+    for (; j < t + n && ((o + j) & 7); j++) one(g0, j);
     for (; j + 8 <= t + n; j += 8) {
-      const __m256 v = _mm256_xor_ps(_mm256_loadu_ps(z + j), sign_mask(words, g0, o + j));
+      const __m256 zs = _mm256_loadu_ps(z + (((o + j) & (size - 1)) ^ (lane & ~int64_t(7))));
+      const __m256 v = _mm256_xor_ps(_mm256_permutevar8x32_ps(zs, order), sign_mask(words, g0, o + j));
       _mm256_storeu_ps(out + j, _mm256_add_ps(_mm256_loadu_ps(out + j), _mm256_mul_ps(v, s)));
     }
-    for (; j < t + n; j++) out[j] = out[j] + signed_one(words, g0, o + j, z[j]) * scale;
+    for (; j < t + n; j++) one(g0, j);
   }
 }
 

@@ -169,28 +169,37 @@ inline float signed_at(const uint32_t* words, int64_t g0, int64_t i, float x) {
 
 }  // namespace
 
-void signed_fold8_portable(float* dst, const float* const* src, const int64_t* offsets, int64_t len, uint64_t seed) {
+void signed_fold8_portable(float* dst, const float* const* src, const int64_t* offsets, const int64_t* masks,
+                           int64_t len, uint64_t seed, const float* const*) {
   std::vector<uint32_t> words(size_t(8 * 4 * kSignTile));
   for (int64_t t = 0; t < len; t += 128 * kSignTile) {
     const int64_t n = std::min(len - t, 128 * kSignTile);
-    for (int c = 0; c < 8; c++)
-      if (src[c]) sign_words_portable(seed, (offsets[c] + t) >> 7, n / 128, words.data() + 4 * kSignTile * c);
-    for (int64_t j = t; j < t + n; j++) {
+    int64_t from[8];  // where each chunk's source tile starts: the mask's high bits move whole tiles
+    for (int c = 0; c < 8; c++) {
+      from[c] = t ^ (masks[c] & ~(n - 1));
+      if (src[c]) sign_words_portable(seed, (offsets[c] + from[c]) >> 7, n / 128, words.data() + 4 * kSignTile * c);
+    }
+    for (int64_t j = 0; j < n; j++) {
       float s[8];
-      for (int c = 0; c < 8; c++)
-        s[c] = src[c] ? signed_at(words.data() + 4 * kSignTile * c, (offsets[c] + t) >> 7, offsets[c] + j, src[c][j])
+      for (int c = 0; c < 8; c++) {
+        const int64_t p = from[c] + (j ^ (masks[c] & (n - 1)));
+        s[c] = src[c] ? signed_at(words.data() + 4 * kSignTile * c, (offsets[c] + from[c]) >> 7, offsets[c] + p,
+                                  src[c][p])
                       : 0.0f;
-      dst[j] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      }
+      dst[t + j] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     }
   }
 }
 
-void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, uint64_t seed, float scale) {
+void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, int64_t size, int64_t lane,
+                           uint64_t seed, float scale) {
   uint32_t words[4 * (kSignTile + 1)];
   for (int64_t t = 0; t < len; t += 128 * kSignTile) {
     const int64_t n = std::min(len - t, 128 * kSignTile), g0 = (o + t) >> 7;
     sign_words_portable(seed, g0, ((o + t + n - 1) >> 7) - g0 + 1, words);
-    for (int64_t j = t; j < t + n; j++) out[j] = out[j] + signed_at(words, g0, o + j, z[j]) * scale;
+    for (int64_t j = t; j < t + n; j++)
+      out[j] = out[j] + signed_at(words, g0, o + j, z[((o + j) & (size - 1)) ^ lane]) * scale;
   }
 }
 

@@ -46,29 +46,36 @@ Everything a client and a server must agree on bit for bit lives here:
   - *Block size.* The block's Hadamard size is ``B = min(S, max(pow2(n), pow2(F)))``, ``pow2``
     rounding up to a power of two (:func:`dense_block_size`): a block smaller than ``S`` is not
     transformed at a larger size than it needs.
-  - *Basis* ``k``: ``v_k[i] = d_i * H[r_k, i mod B]``, with ``d_i`` the SRHT's signs (Rademacher
-    basis 0 of the block seed) and ``H`` the Sylvester Hadamard matrix,
-    ``H[r, j] = (-1)**popcount(r & j)``: row ``r_k`` repeated over every chunk of ``B`` elements,
-    each chunk with its own signs. Every ``v_k`` is ±1 on every element, so every weight moves.
+  - *Basis* ``k``: ``v_k[i] = d_i * H[r_k, (i mod B) xor s_c]`` for element ``i`` of chunk
+    ``c = i div B``, with ``d_i`` the SRHT's signs (Rademacher basis 0 of the block seed), ``H``
+    the Sylvester Hadamard matrix, ``H[r, j] = (-1)**popcount(r & j)``, and ``s_c`` the chunk's
+    lane mask, ``w0 & (B - 1)`` of ``Philox(key=s, ctr=(c lo32, c hi32, DENSE_LANE_DOMAIN, 0))``:
+    row ``r_k`` repeated over every chunk of ``B`` elements, each chunk with its own signs and its
+    own order of lanes. Every ``v_k`` is ±1 on every element, so every weight moves. Without the
+    masks, element ``i`` would always meet lane ``i mod B``, and a tensor whose rows are a
+    multiple of a power of two long (576 = 9 * 64) would put the same columns on the same lanes
+    in every chunk: the estimate's error would concentrate where the update and the curvature
+    do (measured on SmolLM2: 60 % more loss from the same squared error). The masks give every
+    chunk its own lanes.
   - *Rows.* Slot ``c < F`` takes rows ``r_k = P[c + F * k]`` of the seeded permutation ``P`` of
     ``[0, B)`` that the SRHT draws for ``[0, n)`` (:func:`srht_rows` with ``B`` for ``n``), so
     slots hold disjoint rows, slot ``c`` has ``ceil((B - c) / F)`` of them, and a slot's first
     rows do not depend on how many it takes. Merging the slots of one round gives the rows
     ``P[0], P[1], ..`` of slot 0 of 1 (:func:`dense_rows`).
-  - *Coordinates.* The fold ``y[j] = sum over chunks c of d_(cB+j) * x_(cB+j)`` (fp32, the
-    pairwise tree over the chunk index; past the block's end and outside the segment, elements
-    count as 0, so the last chunk is padded only virtually; the block's segments' folds are added
-    in layout order to zeros), then ``gamma_k = fwht(y)[r_k]``: one read of the block, then one
-    transform of size ``B``.
+  - *Coordinates.* The fold ``y[l] = sum over chunks c of d_i * x_i`` at ``i = cB + (l xor s_c)``
+    (fp32, the pairwise tree over the chunk index; past the block's end and outside the segment,
+    elements count as 0, so the last chunk is padded only virtually; the block's segments' folds
+    are added in layout order to zeros), then ``gamma_k = fwht(y)[r_k]``: one read of the block,
+    then one transform of size ``B``.
   - *Reconstruction.* ``z = fwht(coords scattered at their rows into B zeros)``, then
-    ``out[i] = out[i] + (d_i * z[i mod B]) * c`` with two roundings and ``c = float32(alpha / m)``:
-    ``out + alpha * (1/m) sum_k gamma_k v_k`` (``H`` is symmetric), one read and one write of ``out``.
+    ``out[i] = out[i] + (d_i * z[(i mod B) xor s_c]) * c`` with two roundings and
+    ``c = float32(alpha / m)``: ``out + alpha * (1/m) sum_k gamma_k v_k`` (``H`` is symmetric),
+    one read and one write of ``out``.
   - *Error.* The signs make every ``v_k v_k^T`` average to ``I``, so the estimate is unbiased as
     Rademacher's is, whatever the rows. When ``B`` divides ``n`` the rows are orthogonal on every
     chunk and ``E|err|**2 = (n/m - 1) |x|**2`` (Rademacher: ``(n - 1)/m |x|**2``). A last chunk
-    of ``L < B`` elements adds ``(m - 1) B / (m (B - 1)) * (W_L - (L/B) |x|**2)``, ``W_L`` being
-    the energy of ``x`` at in-chunk positions below ``L`` in all chunks; with every row
-    (``m = B``) the estimate is exact.
+    of ``L < B`` elements, ``x_L``, adds ``(m - 1) B / (m (B - 1)) * (1 - L/B) * |x_L|**2`` on
+    average over the masks; with every row (``m = B``) the estimate is exact.
 * **Coordinates** ``gamma_k = <x, v_k>``, summed in one fixed order so that every backend
   sends the same bits (Rademacher; the Gaussian basis is device-specific anyway and is summed in
   fp64). For a segment of a block (a tensor at block indices ``[start, start + n)``), with
@@ -102,6 +109,7 @@ import numpy as np
 SEED_MODULUS = 1 << 63
 BLOCK_SEED_DOMAIN = 0x0B10C5ED
 SRHT_ROW_DOMAIN = 0x5247A4D5
+DENSE_LANE_DOMAIN = 0x4C414E45  # 'LANE'
 
 _M32 = np.uint64(0xFFFFFFFF)
 _PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -390,16 +398,27 @@ def dense_rows(seed: int, block_size: int, m: int, slot: int = 0, slots: int = 1
     return srht_rows(seed, block_size, slot + slots * (m - 1) + 1)[slot::slots]
 
 
+def dense_lanes(seed: int, chunks, size: int) -> np.ndarray:
+    """The lane masks ``s_c`` (int64) of chunks ``chunks`` of a block of Hadamard size ``size``."""
+    c = np.asarray(chunks, dtype=np.int64)
+    s = normalize_seed(seed)
+    w = philox4x32(c & 0xFFFFFFFF, c >> 32, DENSE_LANE_DOMAIN, 0, s & 0xFFFFFFFF, s >> 32)
+    return (w[0] & np.uint32(size - 1)).astype(np.int64)
+
+
 def dense_fold(x: np.ndarray, seed: int, size: int, start: int = 0) -> np.ndarray:
     """The fold of a segment at block indices ``start..`` (float32 array of ``size``): the pairwise
-    tree over chunks of its signed elements, the rest of each chunk counting as 0."""
+    tree over chunks of its signed elements, each chunk in its lane order, the rest of each chunk
+    counting as 0."""
     x = np.asarray(x, dtype=np.float32).ravel()
     if x.size == 0:
         return np.zeros(size, np.float32)
     first, last = start // size, (start + x.size - 1) // size
     tile = np.zeros((last - first + 1) * size, np.float32)
     tile[start - first * size : start - first * size + x.size] = x * rademacher(seed, 0, x.size, start)
-    return pairwise_tree(tile.reshape(-1, size), first, np.float32)
+    tile = tile.reshape(-1, size)
+    lanes = np.arange(size)[None, :] ^ dense_lanes(seed, np.arange(first, last + 1), size)[:, None]
+    return pairwise_tree(np.take_along_axis(tile, lanes, axis=1), first, np.float32)
 
 
 def dense_compress(segments, seed: int, m: int, size: int, slot: int = 0, slots: int = 1) -> np.ndarray:
@@ -420,5 +439,6 @@ def dense_reconstruct(coords, seed: int, n: int, scale, size: int, slot: int = 0
     z[dense_rows(seed, size, coords.size, slot, slots)] = coords
     z = fwht(z)
     out = np.zeros(n, np.float32) if out is None else np.array(out, dtype=np.float32).ravel()
-    signed = rademacher(seed, 0, n) * np.resize(z, n)
-    return out + signed * np.float32(scale)
+    i = np.arange(n, dtype=np.int64)
+    lanes = (i & (size - 1)) ^ dense_lanes(seed, np.arange(-(-n // size)), size)[i // size]
+    return out + (rademacher(seed, 0, n) * z[lanes]) * np.float32(scale)

@@ -57,6 +57,7 @@ struct Segment {
 };
 
 constexpr uint32_t kSrhtRowDomain = 0x5247A4D5u;
+constexpr uint32_t kDenseLaneDomain = 0x4C414E45u;  // counter word 2 of a dense chunk's lane mask
 
 // rows[k] for k < m: the first m rows of the block's seeded permutation of [0, n); needs m <= n.
 void srht_rows(uint64_t seed, int64_t n, int64_t m, int64_t* rows);
