@@ -217,6 +217,27 @@ NB_MODULE(_core, m) {
       },
       nb::arg("x"), "Sum of squares in float64, independent of the thread count.");
 
+  m.def(
+      "sum_squares_many",
+      [](std::vector<nb::handle> x_objs) {
+        const auto xs = buffers(x_objs, "the update", input);
+        std::vector<const void*> data;
+        std::vector<ferret::DType> dtypes;
+        std::vector<int64_t> ns;
+        for (const auto& x : xs) {
+          data.push_back(x.data());
+          dtypes.push_back(dtype_of(x, "the update"));
+          ns.push_back(int64_t(x.size()));
+        }
+        std::vector<double> out(xs.size());
+        {
+          nb::gil_scoped_release release;
+          ferret::sum_squares_many(data.data(), dtypes.data(), ns.data(), int(xs.size()), out.data());
+        }
+        return out;
+      },
+      nb::arg("xs"), "[sum_squares(x) for x in xs], all tensors' chunks on the pool at once.");
+
   m.def("set_num_threads", &ferret::set_num_threads, nb::arg("n"),
         "Threads for the core's loops; n <= 0 restores the default. The ferret package sets it before each "
         "call to ferret.num_threads() (torch's count unless ferret.set_num_threads overrides it).");

@@ -445,3 +445,15 @@ def test_threads_follow_torch_unless_overridden():
     env = {**os.environ, "FERRET_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_steps_too_small_to_reach_inf_leave_the_largest_values_finite(dtype):
+    """Below a quarter of the top binade's spacing no finite value can round to Inf, so the
+    targets are not read for the overflow check; at the dtype's largest values they stay finite."""
+    top = torch.finfo(dtype).max
+    for sign in (1.0, -1.0):
+        target = torch.full((64,), sign * top, dtype=dtype)
+        packet = ferret.compress(torch.randn(64), seed=0, budget=8)
+        ferret.reconstruct(packet, into=target, scale=1e-3)
+        assert torch.isfinite(target).all() and torch.equal(target, torch.full((64,), sign * top, dtype=dtype))

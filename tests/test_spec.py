@@ -60,6 +60,7 @@ def test_block_seeds_are_distinct_in_range_and_seed_dependent():
     assert len(set(seeds)) == 1000 and all(0 <= s < 2**63 for s in seeds)
     assert spec.block_seed(42, 0) != spec.block_seed(43, 0)
     assert spec.block_seed(-1, 3) == spec.block_seed(2**63 - 1, 3)
+    assert spec.block_seeds(42, 1000) == seeds  # the vectorised form the API uses
 
 
 def test_rademacher_basis_is_balanced_and_uncorrelated():

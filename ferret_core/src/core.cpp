@@ -112,32 +112,55 @@ void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, 
 
 // The spec's order: the pairwise tree over the fp64 squares. Squares are never -0, so a tree
 // padded with zeros is the tree with absent nodes: each kChunk-aligned chunk is one subtree.
-double sum_squares(const void* x, DType dtype, int64_t n) {
-  if (n <= 0) return 0.0;
-  const int64_t count = (n + kChunk - 1) / kChunk;
-  std::vector<double> partials(count);
-  detail::parallel_for(count, threads_for(n, 1), [&](int64_t c) {
-    const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
-    const float* f32 = static_cast<const float*>(x) + lo;
-    std::vector<float> converted;
-    if (dtype != DType::f32) {
-      converted.resize(size_t(len));
-      for (int64_t i = 0; i < len; i++) converted[size_t(i)] = detail::load_element(x, dtype, lo + i);
-      f32 = converted.data();
-    }
+namespace {
+
+// The tree over the fp64 squares of chunk c (kChunk elements) of x.
+double chunk_squares(const void* x, DType dtype, int64_t n, int64_t c) {
+  const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
+  const float* f32 = static_cast<const float*>(x) + lo;
+  std::vector<float> converted;
+  if (dtype != DType::f32) {
+    converted.resize(size_t(len));
+    for (int64_t i = 0; i < len; i++) converted[size_t(i)] = detail::load_element(x, dtype, lo + i);
+    f32 = converted.data();
+  }
 #ifdef FERRET_HAVE_AVX2_BUILD
-    if (detail::use_avx2()) {
-      partials[c] = detail::sum_squares_chunk_avx2(f32, len);
-      return;
-    }
+  if (detail::use_avx2()) return detail::sum_squares_chunk_avx2(f32, len);
 #endif
-    partials[c] = detail::sum_squares_chunk_portable(f32, len);
-  });
+  return detail::sum_squares_chunk_portable(f32, len);
+}
+
+double tree_of(const double* partials, int64_t count) {
   detail::PairwiseTree tree(1);
   for (int64_t c = 0; c < count; c++) tree.add(c, &partials[c]);
   double total = 0.0;
   tree.root(&total);
   return total;
+}
+
+}  // namespace
+
+double sum_squares(const void* x, DType dtype, int64_t n) {
+  double total = 0.0;
+  sum_squares_many(&x, &dtype, &n, 1, &total);
+  return total;
+}
+
+void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out) {
+  std::vector<int64_t> first(size_t(count) + 1, 0);  // tensor t's chunks are tasks first[t] ..
+  int64_t elements = 0;
+  for (int t = 0; t < count; t++) {
+    const int64_t n = std::max<int64_t>(ns[t], 0);
+    first[size_t(t) + 1] = first[size_t(t)] + (n + kChunk - 1) / kChunk;
+    elements += n;
+  }
+  std::vector<double> partials(size_t(first[size_t(count)]));
+  detail::parallel_for(first[size_t(count)], threads_for(elements, 1), [&](int64_t task) {
+    const int t = int(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+    partials[size_t(task)] = chunk_squares(xs[t], dtypes[t], ns[t], task - first[size_t(t)]);
+  });
+  for (int t = 0; t < count; t++)
+    out[t] = tree_of(partials.data() + first[size_t(t)], first[size_t(t) + 1] - first[size_t(t)]);
 }
 
 void set_num_threads(int n) { g_threads.store(n > 0 ? n : default_threads()); }

@@ -36,28 +36,6 @@ void check(int log2_size, int64_t slot, int64_t slots, int64_t m) {
                                 std::to_string(m) + " were asked for");
 }
 
-// x[j] *= d_{o + j} for j < len: o is aligned to len (a power of two) or len is a multiple of 32.
-void flip_signs(float* x, int64_t o, int64_t len, uint64_t seed) {
-  uint32_t words[4];
-  int64_t group = -1;
-  for (int64_t j0 = 0; j0 < len; j0 += 32) {
-    const int64_t i0 = o + j0;
-    if ((i0 >> 7) != group) {
-      group = i0 >> 7;
-      detail::basis_words(seed, 0, uint32_t(group), words);
-    }
-    const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
-    const int n = int(std::min<int64_t>(32, len - j0));
-#ifdef FERRET_HAVE_AVX2_BUILD
-    if (detail::use_avx2()) {
-      detail::flip_by_bits_avx2(x + j0, n, w);
-      continue;
-    }
-#endif
-    detail::flip_by_bits_portable(x + j0, n, w);
-  }
-}
-
 // The lane mask s_c of chunk c: word 0 of Philox(key=seed, ctr=(c, c >> 32, kDenseLaneDomain, 0)).
 int64_t lane_mask(uint64_t seed, int64_t c, int64_t size) {
   uint32_t w[4] = {uint32_t(c), uint32_t(uint64_t(c) >> 32), kDenseLaneDomain, 0};
@@ -194,7 +172,7 @@ void fold_segment(const Segment& seg, uint64_t seed, int64_t size, float* y) {
       float chunk[128];
       for (int64_t c = first; c <= last; c++) {
         read_window(chunk, seg, c * size, size);
-        flip_signs(chunk, c * size, size, seed);
+        detail::flip_signs(chunk, c * size, size, seed);
         const int64_t lane = lane_mask(seed, c, size);
         float* leaf = tree.leaf();
         for (int64_t l = 0; l < size; l++) leaf[l] = chunk[l ^ lane];

@@ -45,6 +45,10 @@ void fwht_avx2(float* x, int64_t n);
 void flip_by_bits_portable(float* x, int len, uint32_t w);
 void flip_by_bits_avx2(float* x, int len, uint32_t w);
 
+// x[j] *= d_(o + j) for j < size (d = Rademacher basis 0 of the seed): the sign flips of one
+// chunk of the Hadamard bases, aligned to its own size or a multiple of 32 long (srht.cpp).
+void flip_signs(float* x, int64_t o, int64_t size, uint64_t seed);
+
 // The dense Hadamard basis's loops (d = Rademacher basis 0 of the seed, as in flip_by_bits):
 // words[4 g + q] = Philox word q of sign group g0 + g, for g < n_groups.
 void sign_words_portable(uint64_t seed, int64_t g0, int64_t n_groups, uint32_t* words);

@@ -56,29 +56,6 @@ std::vector<Touched> touched_chunks(const std::vector<int64_t>& rows, int64_t n,
   return out;
 }
 
-// x[j] *= d_{o + j}: flips the sign bit where Rademacher basis 0 has -1. A chunk is aligned to
-// its own size, so one of 32 or more starts a sign word and a smaller one sits inside one.
-void flip_signs(float* x, int64_t o, int64_t size, uint64_t seed) {
-  uint32_t words[4];
-  int64_t group = -1;
-  for (int64_t j0 = 0; j0 < size; j0 += 32) {
-    const int64_t i0 = o + j0;
-    if ((i0 >> 7) != group) {
-      group = i0 >> 7;
-      detail::basis_words(seed, 0, uint32_t(group), words);
-    }
-    const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
-    const int len = int(std::min<int64_t>(32, size - j0));
-#ifdef FERRET_HAVE_AVX2_BUILD
-    if (detail::use_avx2()) {
-      detail::flip_by_bits_avx2(x + j0, len, w);
-      continue;
-    }
-#endif
-    detail::flip_by_bits_portable(x + j0, len, w);
-  }
-}
-
 void fwht(float* x, int64_t n) {
 #ifdef FERRET_HAVE_AVX2_BUILD
   if (detail::use_avx2()) return detail::fwht_avx2(x, n);
@@ -141,7 +118,7 @@ void srht_compress(const Segment* segments, int n_segments, int64_t block_n, uin
       else
         for (int64_t i = lo; i < hi; i++) buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
     }
-    flip_signs(buf, o, t.chunk.size, seed);
+    detail::flip_signs(buf, o, t.chunk.size, seed);
     fwht(buf, t.chunk.size);
     for (int64_t k : t.ks) coords[k] = buf[rows[size_t(k)] - o];
   });
@@ -156,7 +133,7 @@ void srht_reconstruct(const Segment* segments, int n_segments, int64_t block_n, 
     const int64_t o = t.chunk.offset, end = o + t.chunk.size;
     for (int64_t k : t.ks) buf[rows[size_t(k)] - o] = coords[k];
     fwht(buf, t.chunk.size);
-    flip_signs(buf, o, t.chunk.size, seed);
+    detail::flip_signs(buf, o, t.chunk.size, seed);
     const float factor = scale * (1.0f / float(t.chunk.size));  // exact: a power of two
     for (int s = 0; s < n_segments; s++) {
       const Segment& seg = segments[s];
@@ -165,5 +142,32 @@ void srht_reconstruct(const Segment* segments, int n_segments, int64_t block_n, 
     }
   });
 }
+
+namespace detail {
+
+// x[j] *= d_{o + j}: flips the sign bit where Rademacher basis 0 has -1. A chunk is aligned to
+// its own size, so one of 32 or more starts a sign word and a smaller one sits inside one.
+void flip_signs(float* x, int64_t o, int64_t size, uint64_t seed) {
+  uint32_t words[4];
+  int64_t group = -1;
+  for (int64_t j0 = 0; j0 < size; j0 += 32) {
+    const int64_t i0 = o + j0;
+    if ((i0 >> 7) != group) {
+      group = i0 >> 7;
+      detail::basis_words(seed, 0, uint32_t(group), words);
+    }
+    const uint32_t w = words[(i0 >> 5) & 3] >> (i0 & 31);
+    const int len = int(std::min<int64_t>(32, size - j0));
+#ifdef FERRET_HAVE_AVX2_BUILD
+    if (detail::use_avx2()) {
+      detail::flip_by_bits_avx2(x + j0, len, w);
+      continue;
+    }
+#endif
+    detail::flip_by_bits_portable(x + j0, len, w);
+  }
+}
+
+}  // namespace detail
 
 }  // namespace ferret

@@ -90,7 +90,7 @@ class CoreBackend:
     def sum_squares(self, flats) -> np.ndarray:
         """``sum(x**2)`` of each buffer in the spec's order (fp64)."""
         self._use_threads()
-        return np.array([self._core.sum_squares(x) for x in flats], dtype=np.float64)
+        return np.array(self._core.sum_squares_many(list(flats)), dtype=np.float64)
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (Hadamard kinds)."""

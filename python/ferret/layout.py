@@ -57,9 +57,11 @@ class Layout:
             entries.append(Entry(name, tuple(int(s) for s in shape), block, offset))
             offset += numel
         self.entries: tuple[Entry, ...] = tuple(entries)
-        self.block_sizes: tuple[int, ...] = tuple(
-            sum(e.numel for e in entries if e.block == b) for b in range(block + 1)
-        )
+        members: list[list[int]] = [[] for _ in range(block + 1)]
+        for i, e in enumerate(entries):
+            members[e.block].append(i)
+        self._block_entries = tuple(tuple(m) for m in members)
+        self.block_sizes: tuple[int, ...] = tuple(sum(entries[i].numel for i in m) for m in members)
         canonical = json.dumps(
             {"v": LAYOUT_VERSION, "group_size": group_size, "entries": [[e.name, list(e.shape)] for e in entries]},
             separators=(",", ":"),
@@ -78,7 +80,7 @@ class Layout:
     @property
     def block_entries(self) -> tuple[tuple[int, ...], ...]:
         """For each block, the indices of its entries in order."""
-        return tuple(tuple(i for i, e in enumerate(self.entries) if e.block == b) for b in range(self.n_blocks))
+        return self._block_entries
 
     @property
     def n_blocks(self) -> int:

@@ -35,7 +35,7 @@ from .backends import Block, backend_for, estimate_bound
 from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
-from .spec import block_seed, dense_block_size, dense_slot_rows, normalize_seed
+from .spec import block_seed, block_seeds, dense_block_size, dense_slot_rows, normalize_seed
 from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_flat, writable_flat
 
 SCRATCH_ELEMENTS = 1 << 22  # elements per scratch piece of a checked reconstruction (16 MiB in fp32)
@@ -90,8 +90,9 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     name = basis_name(kind, hadamard)
     counts = block_counts(layout, budget, name, allocation, norms, slot, slots)
 
+    seeds = block_seeds(seed, layout.n_blocks)
     jobs = [_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                   block_seed(seed, b), kind, hadamard, slot, slots) for b, entries in enumerate(blocks)]
+                   seeds[b], kind, hadamard, slot, slots) for b, entries in enumerate(blocks)]
     coords = be.compress(jobs, counts)
     for b, gamma in enumerate(coords):
         if not np.all(np.isfinite(gamma.astype(np.float32))):
@@ -203,10 +204,11 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
     be = backend_for(device_of(targets, "parameters"), backend)
     flats = [writable_flat(n, x) for n, x in targets]
     jobs, coords, scales = [], [], []
+    seeds = block_seeds(packet.round_seed, layout.n_blocks)
     for b, entries in enumerate(layout.block_entries):
         block_coords = packet.block_coords(b)
         jobs.append(_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                           block_seed(packet.round_seed, b), kind, hadamard, packet.slot, packet.slots))
+                           seeds[b], kind, hadamard, packet.slot, packet.slots))
         coords.append(block_coords)
         n_over_m = layout.block_sizes[b] if kind == "srht" else 1  # srht: alpha * n / m; the others alpha / m
         with np.errstate(over="ignore"):  # a scale that overflows fp32 is refused by the check below
@@ -356,15 +358,25 @@ def _cannot_overflow(jobs, coords, scales, fresh: bool) -> bool:
     """Whether a bound proves that adding every block's estimate keeps each target element finite:
     the largest |value| of a segment (0 for ``fresh`` zeros) plus the largest |scale * estimate|
     stays below the segment dtype's largest finite value, with room for fp32 rounding. One read
-    of the targets, one transfer from their device; NaN or Inf in a target fails the bound."""
+    of the targets, one transfer from their device, unless every step is too small to move any
+    finite value to Inf; NaN or Inf in a target fails the bound."""
     flats = [flat for job in jobs for flat, _ in job.segments]
+    steps = [abs(float(scale)) * estimate_bound(job, c) * (1 + 2.0**-20) for job, c, scale in zip(jobs, coords, scales)]
+    if all(step < _unmovable(flat.dtype) for job, step in zip(jobs, steps) for flat, _ in job.segments):
+        return True  # no finite value can round to Inf: no need to read the targets
     peaks = iter([0.0] * len(flats) if fresh else _peaks(flats))
-    for job, c, scale in zip(jobs, coords, scales):
-        step = abs(float(scale)) * estimate_bound(job, c)
+    for job, step in zip(jobs, steps):
         for flat, _ in job.segments:
-            if not (next(peaks) + step) * (1 + 2.0**-20) <= _largest(flat.dtype):
+            if not next(peaks) + step <= _largest(flat.dtype):
                 return False
     return True
+
+
+def _unmovable(dtype) -> float:
+    """A step below which adding to any finite value of ``dtype`` (in fp32, then rounded back)
+    cannot give Inf: a quarter of the spacing of the dtype's largest values."""
+    info = torch.finfo(dtype) if isinstance(dtype, torch.dtype) else np.finfo(dtype)
+    return float(info.eps) * 2.0 ** math.floor(math.log2(float(info.max))) / 4
 
 
 def _peaks(flats) -> list[float]:

@@ -167,6 +167,15 @@ def block_seed(round_seed: int, block_index: int) -> int:
     return (int(w[0]) | (int(w[1]) << 32)) % SEED_MODULUS
 
 
+def block_seeds(round_seed: int, count: int) -> list[int]:
+    """The seeds of blocks ``0 .. count - 1`` in a round seeded with ``round_seed`` (one Philox pass)."""
+    s = normalize_seed(round_seed)
+    b = np.arange(count, dtype=np.int64)
+    w = philox4x32(b & 0xFFFFFFFF, b >> 32, BLOCK_SEED_DOMAIN, 0, s & 0xFFFFFFFF, s >> 32)
+    joined = w[0].astype(np.uint64) | (w[1].astype(np.uint64) << np.uint64(32))
+    return (joined % np.uint64(SEED_MODULUS)).astype(np.int64).tolist()
+
+
 def rademacher(seed: int, k: int, n: int, start: int = 0) -> np.ndarray:
     """Elements ``start .. start+n-1`` of Rademacher basis ``k`` under ``seed``, as float32 ±1."""
     i = np.arange(start, start + n, dtype=np.int64)

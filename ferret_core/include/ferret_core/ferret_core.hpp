@@ -89,6 +89,9 @@ void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, i
 
 // Sum of squares of x in fp64, deterministic (chunked like compress).
 double sum_squares(const void* x, DType dtype, int64_t n);
+// out[t] = sum_squares of tensor t, for t < count: the same values, all tensors' chunks on the
+// pool at once (many small tensors no longer wake it once each).
+void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out);
 
 // Threads used by the calls above (default: the hardware's count, or FERRET_NUM_THREADS).
 void set_num_threads(int n);
