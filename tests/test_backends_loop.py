@@ -30,7 +30,7 @@ ZEROTH = fl.LocalTraining(steps=2, batch_size=4, lr=5e-5)
 ADAM = fl.LocalTraining(steps=2, batch_size=4, lr=3e-3, optimizer="adamw")
 
 JOBS = {
-    "ferret_rademacher": lambda: fl.Ferret(budget=64, local=LOCAL),
+    "ferret_rademacher": lambda: fl.Ferret(budget=64, local=LOCAL, basis="rademacher", bases="shared"),
     "ferret_srht": lambda: fl.Ferret(budget=64, local=LOCAL, basis="srht:256"),
     "fedkseed": lambda: fl.FedKSeed(k=4, local=ZEROTH, eps=1e-3),
     "flora": lambda: fl.FLoRA(ranks=[4, 2], local=ADAM, target_modules=["q_proj"]),

@@ -19,7 +19,7 @@ from ferret.fl import protocol
 from ferret.fl.algorithms.lora import init_adapter
 from ferret.fl.data import DataError, prompt_of
 from ferret.fl.models import stories260k_dir
-from ferret.packet import _HEADER
+from ferret.packet import _HEADER, _SLOTS
 from ferret.spec import block_seed
 
 LOCAL = fl.LocalTraining(steps=5, batch_size=4, lr=0.1)
@@ -46,8 +46,8 @@ ALGORITHMS = {
     "ferret": lambda: fl.Ferret(budget=3800, local=LOCAL),
     "ferret_paper": lambda: fl.build("ferret-paper", budget=3800, local=LOCAL),
     "ferret_srht": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="srht"),
-    "ferret_momentum": lambda: fl.Ferret(budget=3800, local=LOCAL, bases="client", momentum=0.5),
-    "ferret_hadamard": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="hadamard", bases="disjoint"),
+    "ferret_momentum": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="rademacher", bases="client", momentum=0.5),
+    "ferret_rademacher": lambda: fl.Ferret(budget=3800, local=LOCAL, basis="rademacher", bases="shared"),
     "fedavg": lambda: fl.FedAvg(local=LOCAL),
     "fedzo": lambda: fl.FedZO(local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
     "fedkseed": lambda: fl.FedKSeed(k=32, local=fl.LocalTraining(steps=5, lr=5e-5), eps=1e-3),
@@ -65,7 +65,7 @@ def test_every_algorithm_lowers_eval_loss(name, data):
                                                                        [r.eval_loss for r in result.rounds])
 
 
-@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "ferret_momentum", "ferret_hadamard",
+@pytest.mark.parametrize("name", ["ferret", "ferret_paper", "ferret_srht", "ferret_momentum", "ferret_rademacher",
                                   "fedavg", "fedkseed", "flora"])
 def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
     """What a distributed engine's clients do: apply each round's broadcast to their own replica."""
@@ -87,8 +87,10 @@ def test_replaying_the_broadcasts_rebuilds_the_global_model(name, data):
 def test_ferret_tracks_fedavg(data):
     shards, held = data
     d = sum(p.numel() for p in model().parameters())
-    runs = {"fedavg": fl.FedAvg(local=LOCAL), "small": fl.Ferret(budget=3800, local=LOCAL),
-            "client": fl.Ferret(budget=100_000, local=LOCAL, bases="client"),  # three independent projections a round
+    runs = {"fedavg": fl.FedAvg(local=LOCAL), "small": fl.Ferret(budget=3800, local=LOCAL, basis="rademacher",
+                                                                  bases="shared"),
+            "client": fl.Ferret(budget=100_000, local=LOCAL, basis="rademacher", bases="client"),  # three independent
+            # projections a round
             "lossless": fl.Ferret(budget=d, local=LOCAL, basis="srht:32768")}  # every row of an orthogonal transform
     results = {name: fl.run(algorithm, model(), shards, held, rounds=3, device="cpu", seed=2)
                for name, algorithm in runs.items()}
@@ -210,10 +212,11 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     ferret_ = fl.run(algorithm, m, shards, held, rounds=2, device="cpu", seed=4,
                      on_round=lambda r: broadcasts.append(algorithm.broadcast))
     for record in ferret_.rounds:
-        assert set(record.upload_bytes.values()) == {_HEADER.size + 4 * n_tensors + 4 * 1000 + 4}
+        assert set(record.upload_bytes.values()) == {_HEADER.size + _SLOTS.size + 4 * n_tensors + 4 * 1000 + 4}
     assert ferret_.rounds[0].download_bytes == 0
     merged = ferret.Packet.from_bytes(broadcasts[0])  # per block, the most coordinates any client sent
-    assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == _HEADER.size + 4 * n_tensors + 4 * merged.coords.size + 4
+    assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == (_HEADER.size + _SLOTS.size + 4 * n_tensors
+                                                                       + 4 * merged.coords.size + 4)
     fedavg = fl.run(fl.FedAvg(local=LOCAL), model(), shards, held, rounds=1, device="cpu", seed=4)
     assert all(4 * d < b < 4 * d + 16384 for b in fedavg.rounds[0].upload_bytes.values())
     kseed = fl.run(fl.FedKSeed(k=32, local=fl.LocalTraining(steps=2, lr=1e-5)), model(), shards, held, rounds=1,
@@ -315,7 +318,7 @@ def test_ferret_warns_once_when_srht_moves_a_small_share_of_the_model(data):
 
 
 def test_ferret_rejects_unknown_options():
-    with pytest.raises(ValueError, match="bases must be one of 'shared', 'client', 'disjoint', got 'own'"):
+    with pytest.raises(ValueError, match="bases must be one of 'auto', 'shared', 'client', 'disjoint', got 'own'"):
         fl.Ferret(bases="own")
     with pytest.raises(ValueError, match="momentum must be in"):
         fl.Ferret(momentum=1.0)

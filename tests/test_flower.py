@@ -259,7 +259,7 @@ def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_pa
 def test_secagg_mean_equals_the_plain_mean_within_the_documented_bound(tmp_path):
     from ferret.flower.secagg import QUANTIZATION_RANGE, error_bound
 
-    config = small_config("ferret", options={"budget": 500, "allocation": "uniform"})
+    config = small_config("ferret", options={"budget": 500, "allocation": "uniform", "bases": "shared"})
     proc = simulate(config, tmp_path, flower={"secagg": True, "secagg_range": 16.0})
     assert "coordinates into SecAgg+" in proc.stdout + proc.stderr
     secure = ferret.Packet.from_bytes((tmp_path / "broadcast-0.bin").read_bytes())
@@ -292,7 +292,9 @@ def test_secagg_refuses_what_cannot_be_summed():
         check_secure(fl.Ferret(budget=500))
     with pytest.raises(ConfigError, match="cannot be summed"):
         check_secure(fl.FLoRA(ranks=[4]))
-    check_secure(fl.Ferret(budget=500, allocation="uniform"))
+    with pytest.raises(ConfigError, match="bases='shared'"):
+        check_secure(fl.Ferret(budget=500, allocation="uniform"))  # disjoint rows: each client its own
+    check_secure(fl.Ferret(budget=500, allocation="uniform", bases="shared"))
 
 
 def test_a_late_reply_is_left_out_and_the_client_rejoins(tmp_path):

@@ -27,7 +27,7 @@ BAD = [  # (algorithm, flags, what the message says)
     ("ferret", ["--option", "bases=own"], "bases must be one of"),
     ("ferret", ["--option", "basis=srht:100"], "bad Hadamard size"),
     ("ferret", ["--option", "basis=hadamard:100"], "bad Hadamard size"),
-    ("ferret", ["--option", "bases=disjoint"], "bases='disjoint' needs basis='hadamard'"),
+    ("ferret", ["--option", "bases=disjoint", "--option", "basis=rademacher"], "bases='disjoint' needs basis='hadamard'"),
     ("ferret", ["--option", "nudge=1"], "unknown option 'nudge'"),
     ("fedzo", ["--option", "eps=0"], "eps must be a finite number above 0"),
     ("fedkseed", ["--option", "k=1000000000000"], "k must be at most"),

@@ -61,10 +61,11 @@ def build(name: str, local: LocalTraining | None = None, **options) -> Algorithm
 
 for _cls in (Ferret, FedAvg, FedZO, FedKSeed, FLoRA, FedIT, ZeroPadding):
     register(_cls.name, _cls)
-# The official code's method: shared bases, blocks of 0.9 × the median tensor, norm allocation,
-# updates clipped to norm 10. Its server learning rate (3 to 10) compensates a reconstruction that
+# The official code's method: shared Rademacher bases, blocks of 0.9 × the median tensor, norm
+# allocation, updates clipped to norm 10. Its server learning rate (3 to 10) compensates a reconstruction that
 # is about Δ/3 in expectation; ours is unbiased, so 1 matches it.
-register("ferret-paper", Ferret, "Ferret as the official code runs it", grouping="paper", allocation="norm", clip=10.0)
+register("ferret-paper", Ferret, "Ferret as the official code runs it", basis="rademacher", bases="shared",
+         grouping="paper", allocation="norm", clip=10.0)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "Entry", "FLoRA", "FedAvg", "FedIT", "FedKSeed", "FedZO",
            "Ferret", "LocalTraining", "MalformedUpload", "NonFiniteUpdate", "RoundContext", "ZeroPadding", "build",

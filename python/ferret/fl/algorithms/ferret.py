@@ -32,19 +32,22 @@ class FerretOptions(Settings):
     projects onto the round's bases, so the server merges all coordinates and reconstructs once),
     ``"client"`` (each client projects onto bases of its own seed, so the server reconstructs once
     per client, and the estimate averages independent projections: its variance falls with the
-    number of clients at the same upload) or ``"disjoint"`` (``hadamard`` only: the clients share
+    number of clients at the same upload), ``"disjoint"`` (``hadamard`` only: the clients share
     the round's signs but each takes its own rows, slot = its place among the round's clients, so
-    their directions are orthogonal and the server still reconstructs once).
+    their directions are orthogonal and the server still reconstructs once), or ``"auto"``
+    (``"disjoint"`` for ``hadamard``, else ``"shared"``). The defaults, ``hadamard`` with
+    disjoint rows, train as well as Rademacher bases at the cost of one read of the update
+    (``docs/bases.md``); the ``ferret-paper`` preset keeps the paper's Rademacher bases, shared.
     ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃, θ ← θ + server_lr·v).
     ``clip``: the server clips each tensor's update to this norm (the official code clips blocks at 10).
     """
 
     budget: int = 3800
     server_lr: float = 1.0
-    basis: str = "rademacher"
+    basis: str = "hadamard"
     allocation: str = "norm"
     grouping: str | int = "tensor"
-    bases: str = "shared"
+    bases: str = "auto"
     momentum: float = 0.0
     clip: float | None = None
 
@@ -54,7 +57,7 @@ class FerretOptions(Settings):
         parse_basis(self.basis)
         one_of("allocation", self.allocation, ("norm", "uniform"))
         resolve_group_size(self.grouping, [1])
-        one_of("bases", self.bases, ("shared", "client", "disjoint"))
+        one_of("bases", self.bases, ("auto", "shared", "client", "disjoint"))
         if self.bases == "disjoint" and parse_basis(self.basis)[0] != "hadamard":
             raise ValueError(f"bases='disjoint' needs basis='hadamard' (disjoint rows of one transform), "
                              f"not {self.basis!r}")
@@ -62,6 +65,14 @@ class FerretOptions(Settings):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.clip is not None:
             positive_finite("clip", self.clip)
+
+    @property
+    def sharing(self) -> str:
+        """How clients' bases relate: ``bases`` with ``"auto"`` resolved (``"disjoint"`` for the
+        hadamard basis, else ``"shared"``)."""
+        if self.bases != "auto":
+            return self.bases
+        return "disjoint" if parse_basis(self.basis)[0] == "hadamard" else "shared"
 
 
 class Ferret(Algorithm):
@@ -87,12 +98,12 @@ class Ferret(Algorithm):
 
     def seed_of(self, round_seed: int, client: int) -> int:
         """The seed client ``client`` projects with in the round of ``round_seed``."""
-        return spec.block_seed(round_seed, 1 + client) if self.options.bases == "client" else round_seed
+        return spec.block_seed(round_seed, 1 + client) if self.options.sharing == "client" else round_seed
 
     def slot_of(self, ctx) -> tuple[int, int]:
         """``(slot, slots)``: the rows client ``ctx.client`` projects onto (its place among the
         round's clients with disjoint bases, else 0 of 1)."""
-        if self.options.bases != "disjoint":
+        if self.options.sharing != "disjoint":
             return 0, 1
         if ctx.client not in ctx.clients:
             raise ValueError(f"client {ctx.client} is not among round {ctx.round}'s clients {list(ctx.clients)}")
@@ -179,7 +190,7 @@ class Ferret(Algorithm):
     # update a function of the weighted mean of the coordinates alone --------------------------------
     def check_summable(self) -> None:
         o = self.options
-        if o.bases != "shared" or o.allocation != "uniform" or o.clip is not None:
+        if o.sharing != "shared" or o.allocation != "uniform" or o.clip is not None:
             raise ValueError("secure aggregation needs Ferret with bases='shared', allocation='uniform' and no "
                              "clip: every client's coordinates must mean the same thing")
 
