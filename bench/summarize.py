@@ -3,6 +3,7 @@
 Usage: python bench/summarize.py bench/results/cpu_projection.json  (writes cpu_projection.md)
        python bench/summarize.py bench/results/cpu_lora.json        (writes cpu_lora.md)
        python bench/summarize.py bench/results/cpu_srht.json        (writes cpu_srht.md)
+       python bench/summarize.py bench/results/cpu_hadamard.json    (writes cpu_hadamard.md)
 """
 
 import json
@@ -14,6 +15,9 @@ def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
     if any("method" in b["extra_info"] for b in data["benchmarks"]):
         return lora_table(path, data)
+    if any("layout" in b["extra_info"] for b in data["benchmarks"]) and \
+            any(b["extra_info"].get("basis") == "hadamard" for b in data["benchmarks"]):
+        return hadamard_table(path, data)
     if any("basis" in b["extra_info"] for b in data["benchmarks"]):
         return srht_table(path, data)
     machine = data.get("machine_info", {})
@@ -74,6 +78,35 @@ def srht_table(path: str, data: dict) -> None:
             f"{x['threads']} threads, {x['simd']} loops; d = {x['d']:.0e} fp32 in one block, Hadamard size "
             f"{x['hadamard']}; memory bound (reading Δ once) {x['memory_bound_seconds']:.4f} s; best of 2 "
             f"(Rademacher) or 5 (SRHT); {data.get('datetime', '')}\n\n")
+    Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
+
+
+def hadamard_table(path: str, data: dict) -> None:
+    """One row per (layout, op, K): the dense Hadamard seconds against the memory bound measured
+    in the same run (compress: one read of Δ; reconstruct: one read and write of out) and
+    against Rademacher bases at the same K where they were run."""
+    seconds: dict[tuple, float] = {}
+    rows_of: dict[tuple, dict] = {}
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        seconds[(x["layout"], x["op"], x["basis"], x["K"])] = x["seconds"]
+        if x["basis"] == "hadamard":
+            rows_of[(x["layout"], x["op"], x["K"])] = x
+    rows = ["| layout | op | K | hadamard (s) | memory bound (s) | × bound | rademacher (s) | speed-up |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (layout, op, k), x in rows_of.items():
+        bound = seconds[(layout, "read" if op == "compress" else "read+write", "torch", 0)]
+        rademacher = seconds.get((layout, op, "rademacher", k))
+        tail = f"{rademacher:.3f} | {rademacher / x['seconds']:,.0f}× |" if rademacher else "– | – |"
+        name = "one block" if layout == "block" else layout
+        rows.append(f"| {name} (d = {x['d']:,}) | {op} | {k:,} | {x['seconds']:.4f} | {bound:.4f} | "
+                    f"{x['seconds'] / bound:.2f} | {tail}")
+    x = data["benchmarks"][0]["extra_info"]
+    head = (f"# Dense Hadamard against the memory bound and Rademacher bases\n\n"
+            f"{data.get('machine_info', {}).get('cpu', {}).get('brand_raw', 'CPU')}, {x['threads']} threads, "
+            f"{x['simd']} loops; the public API (ferret.compress / reconstruct), fp32; medians of 5 (Rademacher: "
+            f"1 run); memory bound: torch's sum of Δ (compress) and in-place add of a scalar to out "
+            f"(reconstruct) in the same process; {data.get('datetime', '')}\n\n")
     Path(path).with_suffix(".md").write_text(head + "\n".join(rows) + "\n")
 
 

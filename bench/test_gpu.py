@@ -1,5 +1,6 @@
 """The projection kernels on a GPU: compress, reconstruct and perturb at d = 1e9, the per-tensor
-layout of a 1B Llama with a 3,800-coordinate budget, SRHT, and one Ferret round on models of
+layout of a 1B Llama with a 3,800-coordinate budget, SRHT and dense Hadamard (K = 200 and
+65,536), and one Ferret round on models of
 SmolLM2-135M's and a 1B Llama's shapes (random weights: no model travels to the GPU machine).
 
 Each figure is the median device time (``triton.testing.do_bench``, CUDA events) beside
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import ferret
+from shapes import LLAMA_1B, llama_shapes
 
 DRY = os.environ.get("FERRET_GPU_PROFILE") == "dry"
 if not DRY and not torch.cuda.is_available():
@@ -141,33 +143,25 @@ def test_perturb_one_block(benchmark, machine, big):
            dtype="fp32")
 
 
-def test_srht_one_block(benchmark, machine, big):
+@pytest.mark.parametrize("basis,k", [("srht", BIG_K), ("hadamard", BIG_K), ("hadamard", 65536)],
+                         ids=["srht", "hadamard-K200", "hadamard-K65536"])
+def test_hadamard_kinds_one_block(benchmark, machine, big, basis, k):
     update = {"w": big}
-    seconds = device_seconds(lambda: ferret.compress(update, seed=3, budget=BIG_K, basis="srht", backend=BACKEND))
-    packet = ferret.compress(update, seed=3, budget=BIG_K, basis="srht", backend=BACKEND)
-    extra = extra_peak_bytes(lambda: ferret.compress(update, seed=3, budget=BIG_K, basis="srht", backend=BACKEND))
-    timed(benchmark, lambda: ferret.compress(update, seed=3, budget=BIG_K, basis="srht", backend=BACKEND))
-    record(benchmark, machine, "compress", seconds, d=BIG_D, k=BIG_K, basis="srht", moved_bytes=4 * BIG_D,
-           extra_bytes=extra, dtype="fp32", reconstruct_seconds=device_seconds(
-               lambda: ferret.reconstruct(packet, into=update, scale=1e-9, backend=BACKEND)))
+    fn = lambda: ferret.compress(update, seed=3, budget=k, basis=basis, backend=BACKEND)  # noqa: E731
+    seconds = device_seconds(fn)
+    packet = fn()
+    extra = extra_peak_bytes(fn)
+    timed(benchmark, fn)
+    rebuilt = device_seconds(lambda: ferret.reconstruct(packet, into=update, scale=1e-9, backend=BACKEND))
+    record(benchmark, machine, "compress", seconds, d=BIG_D, k=k, basis=basis, moved_bytes=4 * BIG_D,
+           extra_bytes=extra, dtype="fp32", reconstruct_seconds=rebuilt,
+           reconstruct_x_memory_bound=rebuilt / (8 * BIG_D / machine["copy_bandwidth"]))
 
 
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int, kv: int) -> dict[str, tuple]:
-    """The trainable tensors of a Llama (tied embeddings), by name."""
-    shapes = {"embed_tokens": (vocab, hidden), "norm": (hidden,)}
-    for i in range(layers):
-        for name, shape in (("q_proj", (hidden, hidden)), ("k_proj", (kv, hidden)), ("v_proj", (kv, hidden)),
-                            ("o_proj", (hidden, hidden)), ("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
-                            ("down_proj", (hidden, inter)), ("input_layernorm", (hidden,)),
-                            ("post_attention_layernorm", (hidden,))):
-            shapes[f"layers.{i}.{name}"] = shape
-    return shapes
+LAYOUTS = {"llama1b": (64, 128, 2, 1000, 32) if DRY else LLAMA_1B}
 
 
-LAYOUTS = {"llama1b": (64, 128, 2, 1000, 32) if DRY else (2048, 8192, 16, 128256, 512)}
-
-
-@pytest.mark.parametrize("basis", ["rademacher", "srht"])
+@pytest.mark.parametrize("basis", ["rademacher", "srht", "hadamard"])
 @pytest.mark.parametrize("op", ["compress", "reconstruct"])
 def test_llama1b_layout(benchmark, machine, op, basis):
     shapes = llama_shapes(*LAYOUTS["llama1b"])

@@ -67,7 +67,7 @@ def test_gaussian_within_tolerance_of_the_spec():
     np.testing.assert_allclose(got, spec.compress(x.cpu().numpy(), SEED, 4, "gaussian", 5), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("basis", ["rademacher", "srht", "srht:1024"])
+@pytest.mark.parametrize("basis", ["rademacher", "srht", "srht:1024", "hadamard", "hadamard:64"])
 def test_model_shaped_packets_identical_on_gpu_and_core(basis):
     # Transformer-like tensors (sizes below a 1B model's, to keep the core's side quick).
     shapes = {"embed": (32000, 512)}
@@ -85,11 +85,17 @@ def test_model_shaped_packets_identical_on_gpu_and_core(basis):
     assert all(torch.equal(params[n].cpu(), cpu_params[n]) for n in params)
 
 
-def test_srht_bit_identical_to_core_at_scale():
-    update = {"w": _update(50_000_000, torch.float32, seed=4)}
-    on_gpu = ferret.compress(update, seed=3, budget=200, basis="srht")
-    on_core = ferret.compress({"w": update["w"].cpu()}, seed=3, budget=200, basis="srht")
+@pytest.mark.parametrize("basis,dtype", [("srht", torch.float32), ("hadamard", torch.float32),
+                                         ("hadamard:65536", torch.bfloat16)])
+def test_hadamard_kinds_bit_identical_to_core_at_scale(basis, dtype):
+    update = {"w": _update(50_000_000, dtype, seed=4)}
+    on_gpu = ferret.compress(update, seed=3, budget=200, basis=basis)
+    on_core = ferret.compress({"w": update["w"].cpu()}, seed=3, budget=200, basis=basis)
     assert on_gpu.to_bytes() == on_core.to_bytes()
+    out, cpu_out = update["w"].clone(), update["w"].cpu()
+    ferret.reconstruct(on_gpu, into={"w": out}, scale=0.5)
+    ferret.reconstruct(on_core, into={"w": cpu_out}, scale=0.5)
+    assert torch.equal(out.cpu(), cpu_out)
 
 
 def test_perturb_bit_identical_to_core_and_round_trip():

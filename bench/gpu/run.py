@@ -294,6 +294,9 @@ def _kernels_md(b: dict) -> list[str]:
         lines.append(f"| {what} | {row['basis']} | {row['dtype']} | {row['d']:.3g} | {row['K']:.3g} | "
                      f"{1e3 * row['seconds']:.2f} | {row['x_memory_bound']:.2f} | {issue} | {target} | "
                      f"{row['extra_peak_bytes'] / 2**20:.1f} |")
+        if row.get("reconstruct_x_memory_bound"):  # a compress row that timed its reconstruction too
+            lines.append(f"| reconstruct | {row['basis']} | {row['dtype']} | {row['d']:.3g} | {row['K']:.3g} | "
+                         f"{1e3 * row['reconstruct_seconds']:.2f} | {row['reconstruct_x_memory_bound']:.2f} | – | – | – |")
     lora = b.get("lora", {}).get("rows", [])
     if lora:
         lines += ["", "| LoRA merge | dtype | ms | × one addmm | × memory bound | extra MiB |", "|---|---|---|---|---|---|"]
