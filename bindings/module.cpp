@@ -183,6 +183,30 @@ NB_MODULE(_core, m) {
       "coords[k] = dense Hadamard coordinate k (slot of slots) of the block the segments make up.");
 
   m.def(
+      "dense_compress_many",
+      [](std::vector<nb::tuple> jobs) {
+        std::vector<std::vector<Input>> inputs;
+        std::vector<std::vector<ferret::Segment>> segments;
+        std::vector<ferret::DenseBlock> blocks;
+        inputs.reserve(jobs.size());
+        segments.reserve(jobs.size());
+        for (const nb::tuple& job : jobs) {
+          if (job.size() != 8) throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, slot, slots, coords)");
+          inputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the update", input));
+          segments.push_back(segments_of(inputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
+                                         nb::cast<int64_t>(job[2]), "the update"));
+          auto coords = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[7], false);
+          blocks.push_back({segments.back().data(), int(segments.back().size()), nb::cast<uint64_t>(job[3]),
+                            nb::cast<int>(job[4]), nb::cast<int64_t>(job[5]), nb::cast<int64_t>(job[6]),
+                            int64_t(coords.shape(0)), coords.data()});
+        }
+        nb::gil_scoped_release release;
+        ferret::dense_compress_many(blocks.data(), int(blocks.size()));
+      },
+      nb::arg("jobs"),
+      "dense_compress for every (xs, starts, block_n, seed, log2_size, slot, slots, coords) job at once, on one pool.");
+
+  m.def(
       "dense_reconstruct",
       [](std::vector<nb::handle> out_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
          int64_t slot, int64_t slots, nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords,

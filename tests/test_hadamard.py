@@ -294,3 +294,22 @@ def test_bad_budgets_slots_and_uses_are_refused():
         _core.dense_compress([np.zeros(10, np.float32)], [0], 10, 0, 2, 0, 1, np.zeros(5, np.float32))
     with pytest.raises(ValueError, match="the Hadamard size must be 2\\^0 .. 2\\^22, got 2\\^23"):
         _core.dense_compress([np.zeros(10, np.float32)], [0], 10, 0, 23, 0, 1, np.zeros(1, np.float32))
+
+
+def test_many_blocks_in_one_call_equal_one_call_each():
+    rng = np.random.default_rng(7)
+    jobs, want = [], []
+    for n, log2, slot, slots, m in [(100, 6, 0, 1, 7), (70_000, 10, 1, 3, 40), (1, 0, 0, 1, 1), (300_001, 15, 0, 1, 9)]:
+        x = rng.standard_normal(n).astype(np.float32)
+        single = np.zeros(m, np.float32)
+        _core.dense_compress([x[: n // 2], x[n // 2 :]], [0, n // 2], n, SEED + n, log2, slot, slots, single)
+        want.append(single)
+        jobs.append(([x[: n // 2], x[n // 2 :]], [0, n // 2], n, SEED + n, log2, slot, slots, np.zeros(m, np.float32)))
+    _core.dense_compress_many(jobs)
+    for job, single in zip(jobs, want):
+        np.testing.assert_array_equal(job[7], single)
+    bad = [jobs[0], (jobs[1][0], jobs[1][1], jobs[1][2], SEED, 10, 3, 3, np.zeros(1, np.float32))]
+    jobs[0][7][:] = -1.0
+    with pytest.raises(ValueError, match="slot 3 is not one of 0 .. 2"):
+        _core.dense_compress_many(bad)  # every job is checked before any is run
+    assert np.all(jobs[0][7] == -1.0)

@@ -151,45 +151,43 @@ void fold_eights(detail::PairwiseTreeOf<float>& tree, const Segment& seg, uint64
   }
 }
 
-// y = y + the fold of one segment: chunks c0..c1 in aligned pieces of 2^level chunks, each
-// piece's tree on the pool, then the tree over the pieces here.
-void fold_segment(const Segment& seg, uint64_t seed, int64_t size, float* y) {
+// The tree over chunks first..last of one segment (an aligned subtree): its root into `root`.
+void piece_root(const Segment& seg, uint64_t seed, int64_t size, int64_t first, int64_t last, float* root) {
+  detail::PairwiseTreeOf<float> tree(size);
+  if (size >= 128) {
+    std::vector<float> bufs;
+    fold_eights(tree, seg, seed, size, first, last, bufs);
+  } else {
+    float chunk[128];
+    for (int64_t c = first; c <= last; c++) {
+      read_window(chunk, seg, c * size, size);
+      detail::flip_signs(chunk, c * size, size, seed);
+      const int64_t lane = lane_mask(seed, c, size);
+      float* leaf = tree.leaf();
+      for (int64_t l = 0; l < size; l++) leaf[l] = chunk[l ^ lane];
+      tree.add_leaf(c);
+    }
+  }
+  tree.root(root);
+}
+
+// One aligned piece of a segment's chunk tree: chunks first..last, at index `index` of its level.
+struct Piece {
+  int block, segment;
+  int64_t first, last, index;
+  std::vector<float> root;
+};
+
+// The pieces of one segment: a small one is one piece; a large one is cut into at most 4 per
+// thread, aligned subtrees of 2^level chunks (2^3 or more when eight chunks fold at once).
+void plan_pieces(const Segment& seg, int64_t size, int block, int segment, std::vector<Piece>& pieces) {
   if (seg.n == 0) return;
   const int64_t c0 = seg.start / size, c1 = (seg.start + seg.n - 1) / size;
   const int threads = seg.n < 2 * kTask ? 1 : num_threads();
-  const bool eights = size >= 128;
-  int level = eights ? 3 : 0;
+  int level = size >= 128 ? 3 : 0;
   while ((c1 >> level) - (c0 >> level) + 1 > 4 * threads) level++;
-  const int64_t p0 = c0 >> level, n_pieces = (c1 >> level) - p0 + 1;
-  std::vector<std::vector<float>> pieces(static_cast<size_t>(n_pieces));
-  detail::parallel_for(n_pieces, threads, [&](int64_t p) {
-    detail::PairwiseTreeOf<float> tree(size);
-    const int64_t first = std::max(c0, (p0 + p) << level), last = std::min(c1, ((p0 + p + 1) << level) - 1);
-    if (eights) {
-      std::vector<float> bufs;
-      fold_eights(tree, seg, seed, size, first, last, bufs);
-    } else {
-      float chunk[128];
-      for (int64_t c = first; c <= last; c++) {
-        read_window(chunk, seg, c * size, size);
-        detail::flip_signs(chunk, c * size, size, seed);
-        const int64_t lane = lane_mask(seed, c, size);
-        float* leaf = tree.leaf();
-        for (int64_t l = 0; l < size; l++) leaf[l] = chunk[l ^ lane];
-        tree.add_leaf(c);
-      }
-    }
-    pieces[size_t(p)].resize(size_t(size));
-    tree.root(pieces[size_t(p)].data());
-  });
-  detail::PairwiseTreeOf<float> tree(size);
-  for (int64_t p = 0; p < n_pieces; p++) {
-    tree.add(p0 + p, pieces[size_t(p)].data());
-    std::vector<float>().swap(pieces[size_t(p)]);
-  }
-  std::vector<float> fold(static_cast<size_t>(size));
-  tree.root(fold.data());
-  for (int64_t j = 0; j < size; j++) y[j] = y[j] + fold[size_t(j)];
+  for (int64_t p = c0 >> level; p <= c1 >> level; p++)
+    pieces.push_back({block, segment, std::max(c0, p << level), std::min(c1, ((p + 1) << level) - 1), p, {}});
 }
 
 std::vector<int64_t> rows_of(uint64_t seed, int64_t size, int64_t slot, int64_t slots, int64_t m) {
@@ -211,13 +209,51 @@ void dense_rows(uint64_t seed, int log2_size, int64_t slot, int64_t slots, int64
 
 void dense_compress(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
                     int64_t slots, int64_t m, float* coords) {
-  check(log2_size, slot, slots, m);
-  const int64_t size = int64_t(1) << log2_size;
-  std::vector<float> y(static_cast<size_t>(size), 0.0f);
-  for (int s = 0; s < n_segments; s++) fold_segment(segments[s], seed, size, y.data());
-  fwht(y.data(), size);
-  const auto rows = rows_of(seed, size, slot, slots, m);
-  for (int64_t k = 0; k < m; k++) coords[k] = y[size_t(rows[size_t(k)])];
+  const DenseBlock block{segments, n_segments, seed, log2_size, slot, slots, m, coords};
+  dense_compress_many(&block, 1);
+}
+
+void dense_compress_many(const DenseBlock* blocks, int n_blocks) {
+  for (int b = 0; b < n_blocks; b++) check(blocks[b].log2_size, blocks[b].slot, blocks[b].slots, blocks[b].m);
+  // Every piece of every block's tree on the pool at once (small blocks one piece each), then
+  // each block's pieces combined, transformed and read: the same trees, whatever the cut.
+  std::vector<Piece> pieces;
+  std::vector<size_t> first_piece(size_t(n_blocks) + 1);  // block b's pieces: first_piece[b] ..
+  int64_t elements = 0;
+  for (int b = 0; b < n_blocks; b++) {
+    first_piece[size_t(b)] = pieces.size();
+    for (int s = 0; s < blocks[b].n_segments; s++) {
+      plan_pieces(blocks[b].segments[s], int64_t(1) << blocks[b].log2_size, b, s, pieces);
+      elements += blocks[b].segments[s].n;
+    }
+  }
+  first_piece[size_t(n_blocks)] = pieces.size();
+  const int threads = elements < 2 * kTask ? 1 : num_threads();
+  detail::parallel_for(int64_t(pieces.size()), threads, [&](int64_t i) {
+    Piece& p = pieces[size_t(i)];
+    const DenseBlock& block = blocks[p.block];
+    const int64_t size = int64_t(1) << block.log2_size;
+    p.root.resize(size_t(size));
+    piece_root(block.segments[p.segment], block.seed, size, p.first, p.last, p.root.data());
+  });
+  detail::parallel_for(n_blocks, n_blocks > 1 ? threads : 1, [&](int64_t b) {
+    const DenseBlock& block = blocks[b];
+    const int64_t size = int64_t(1) << block.log2_size;
+    std::vector<float> y(static_cast<size_t>(size), 0.0f), fold(static_cast<size_t>(size));
+    for (size_t i = first_piece[size_t(b)]; i < first_piece[size_t(b) + 1];) {
+      const int s = pieces[i].segment;  // y = y + the tree over this segment's pieces
+      detail::PairwiseTreeOf<float> tree(size);
+      for (; i < first_piece[size_t(b) + 1] && pieces[i].segment == s; i++) {
+        tree.add(pieces[i].index, pieces[i].root.data());
+        std::vector<float>().swap(pieces[i].root);
+      }
+      tree.root(fold.data());
+      for (int64_t j = 0; j < size; j++) y[size_t(j)] = y[size_t(j)] + fold[size_t(j)];
+    }
+    fwht(y.data(), size);
+    const auto rows = rows_of(block.seed, size, block.slot, block.slots, block.m);
+    for (int64_t k = 0; k < block.m; k++) block.coords[k] = y[size_t(rows[size_t(k)])];
+  });
 }
 
 void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,

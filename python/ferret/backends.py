@@ -95,13 +95,13 @@ class CoreBackend:
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (Hadamard kinds)."""
         self._use_threads()
-        out = []
+        out, dense = [], []
         for block, m in zip(blocks, counts):
             m = int(m)
-            if block.kind == "hadamard":
+            if block.kind == "hadamard":  # all of them below, in one call
                 coords = np.zeros(m, dtype=np.float32)
-                self._core.dense_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard),
-                                          block.slot, block.slots, coords)
+                dense.append((*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), block.slot,
+                              block.slots, coords))
             elif block.kind == "srht":
                 coords = np.zeros(m, dtype=np.float32)
                 self._core.srht_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), coords)
@@ -110,6 +110,8 @@ class CoreBackend:
                 for x, start in block.segments:  # segment sums added in layout order, from 0
                     self._core.compress(x, start, block.seed, BASIS_CODES[block.kind], coords)
             out.append(coords)
+        if dense:  # the pool takes every dense block's pieces at once
+            self._core.dense_compress_many(dense)
         return out
 
     def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:

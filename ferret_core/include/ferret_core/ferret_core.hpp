@@ -77,12 +77,27 @@ void srht_reconstruct(const Segment* segments, int n_segments, int64_t block_n, 
 void dense_rows(uint64_t seed, int log2_size, int64_t slot, int64_t slots, int64_t m, int64_t* rows);
 
 // coords[k] = row r_k (dense_rows) of fwht(fold) for the dense Hadamard basis of size 2^log2_size,
-// the fold over segments of one block (any part of it; the rest counts as 0). Throws
+// the fold (element j of chunk c on lane j ^ s_c) over segments of one block (any part of it;
+// the rest counts as 0). Throws
 // std::invalid_argument for a size outside 2^0 .. 2^22, a bad slot, or more rows than the slot holds.
 void dense_compress(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
                     int64_t slots, int64_t m, float* coords);
 
-// In place: out[i] = out[i] + (d_i * z[i mod B]) * scale on every segment, z = fwht(coords
+// One block's dense_compress job.
+struct DenseBlock {
+  const Segment* segments;
+  int n_segments;
+  uint64_t seed;
+  int log2_size;
+  int64_t slot, slots, m;
+  float* coords;
+};
+
+// dense_compress for every block at once: all blocks' pieces share the thread pool (a model of
+// many small tensors no longer wakes it per tensor). Same results; checks every block first.
+void dense_compress_many(const DenseBlock* blocks, int n_blocks);
+
+// In place: out[i] = out[i] + (d_i * z[(i mod B) ^ s_c]) * scale on every segment, z = fwht(coords
 // scattered at their rows); scale is alpha / m in fp32. Throws as dense_compress does.
 void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
                        int64_t slots, const float* coords, int64_t m, float scale);
