@@ -2,7 +2,7 @@
 Rademacher bases, all measured in this process:
 
 * one block of d = 1e8 fp32 elements, K from 64 to 65,536 (Rademacher at K = 64 and 200 only:
-  its cost grows with K, about 0.5 s per 64 bases here);
+  its cost grows with K, about 0.14 s per 64 bases here);
 * SmolLM2-135M's 272 tensors (random weights, per-tensor blocks, norm allocation), K = 3,800.
 
 The references are torch's own passes over the same tensors: ``read`` sums Δ (one read, what
