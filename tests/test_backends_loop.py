@@ -41,7 +41,7 @@ JOBS = {
 def data():
     tokenizer = AutoTokenizer.from_pretrained(stories260k_dir())
     train, held = fl.holdout(fl.synthetic_tasks(8, seed=0), 10, seed=0)
-    shards = [fl.encode(s, tokenizer) for s in fl.dirichlet_split(train, 2, 1.0, seed=0)]
+    shards = [fl.encode(s, tokenizer) for s in fl.partition(train, "dirichlet", 2, seed=0, alpha=1.0, min_per_client=2)]
     return shards, fl.encode(held, tokenizer)
 
 

@@ -115,7 +115,7 @@ def _bad_inputs(tmp_path: Path):
         (["run", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
         (["run", "--option", "budgett=10"], "unknown option 'budgett' for ferret"),
         (["run", "--model", tmp_path], "is neither 'stories260k', 'smollm2' nor a Hugging Face model directory"),
-        (["run", "--data", dolly], "bad.jsonl:2: not a Dolly record"),
+        (["run", "--data", dolly], "bad.jsonl: record 1: instruction (column 'instruction') must be text, got int 1"),
         (["run", "--clients", "500", *SMALL[2:]], "cannot give 500 clients"),
         (["run", "--out", blocker / "sub"], "cannot write to output directory"),
         (["run", "--out", done], "already holds the results of a run"),
@@ -232,7 +232,7 @@ def _refused_up_front(tmp_path: Path):
         (["run", "--min-per-client", "0", "--clients", "20", "--alpha", "0.01"],
          ("split gave all 20 clients", "min_per_client must be at least 1")),  # the split's floor, or the config's
         (["run", "--config", toml], "bytes.toml: not UTF-8 text"),
-        (["run", "--data", dolly], "bytes.jsonl:1: not UTF-8 text"),
+        (["run", "--data", dolly], "bytes.jsonl: not UTF-8 text"),
         (["run", "--data", ni_bytes, "--clients", "1", "--n-eval", "5"], "t1.json: not UTF-8 text"),
         (["run", "--data", ni_dir, "--clients", "1", "--n-eval", "5"], "x.json: cannot read"),
         (["run", "--out", "/proc/x"], "cannot write to output directory /proc/x"),
@@ -346,9 +346,9 @@ def test_a_split_never_leaves_a_client_without_examples():
     from ferret import fl
     from ferret.fl.data import DataError
 
-    with pytest.raises(DataError, match="split gave all 20 clients 1 or more examples"):
-        fl.dirichlet_split(fl.synthetic_tasks(20, seed=0), 20, 0.01, seed=0, min_per_client=0)
-    assert all(fl.dirichlet_split(fl.synthetic_tasks(20, seed=0), 3, 0.5, seed=0, min_per_client=0))
+    with pytest.raises(DataError, match="no dirichlet partition of 100 examples over 20 clients gives each 1"):
+        fl.partition(fl.synthetic_tasks(20, seed=0), "dirichlet", 20, seed=0, alpha=0.01, min_per_client=0)
+    assert all(fl.partition(fl.synthetic_tasks(20, seed=0), "dirichlet", 3, seed=0, alpha=0.5, min_per_client=0))
 
 
 def test_threads_set_torch_and_the_core():

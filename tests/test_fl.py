@@ -17,7 +17,7 @@ import ferret
 from ferret import fl
 from ferret.fl import protocol
 from ferret.fl.algorithms.lora import init_adapter
-from ferret.fl.data import DataError, prompt_of
+from ferret.fl.data import DataError
 from ferret.fl.models import stories260k_dir
 from ferret.packet import _HEADER, _SLOTS
 from ferret.spec import block_seed
@@ -34,7 +34,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def data(tokenizer):
     train, held = fl.holdout(fl.synthetic_tasks(30, seed=0), 40, seed=0)
-    shards = [fl.encode(s, tokenizer) for s in fl.dirichlet_split(train, 3, 0.5, seed=0)]
+    shards = [fl.encode(s, tokenizer) for s in fl.partition(train, "dirichlet", 3, seed=0, alpha=0.5, min_per_client=2)]
     return shards, fl.encode(held, tokenizer)
 
 
@@ -357,13 +357,13 @@ def test_packets_split_from_a_concatenation():
 
 def test_synthetic_data_split_is_deterministic_and_non_iid():
     train = fl.synthetic_tasks(40, seed=0)
-    a = fl.dirichlet_split(train, 5, 0.3, seed=9)
-    b = fl.dirichlet_split(train, 5, 0.3, seed=9)
+    a = fl.partition(train, "dirichlet", 5, seed=9, alpha=0.3, min_per_client=2)
+    b = fl.partition(train, "dirichlet", 5, seed=9, alpha=0.3, min_per_client=2)
     assert a == b and sum(map(len, a)) == len(train) and min(map(len, a)) >= 2
     shares = [max(np.unique([e.category for e in s], return_counts=True)[1]) / len(s) for s in a]
     assert max(shares) > 0.4  # some client is dominated by one task family
     with pytest.raises(DataError, match="cannot give 200 clients"):
-        fl.dirichlet_split(train, 200, 0.5, seed=0)
+        fl.partition(train, "dirichlet", 200, seed=0, alpha=0.5, min_per_client=2)
 
 
 def test_holdout_is_stratified():
@@ -441,7 +441,8 @@ def test_mmlu_scores_the_most_likely_letter(tmp_path, tokenizer):
     correct = 0
     with torch.no_grad():
         for q in questions:
-            prompt = tokenizer(prompt_of(q))["input_ids"]
+            # the plain template (stories260K has no chat template), written out
+            prompt = tokenizer(f"### Instruction:\n{q.instruction}\n\n### Input:\n{q.context}\n\n### Response:\n")["input_ids"]
             scores = []
             for x in letters:
                 ids = prompt + tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"]

@@ -32,6 +32,7 @@ from ferret.fl.algorithms import MalformedUpload  # noqa: E402
 from ferret.flower import config_from_run, from_record, to_record  # noqa: E402
 
 APP = Path(__file__).parents[1] / "examples" / "flower"
+CHAT_TEMPLATE = Path(__file__).parent / "data" / "chat_template.jinja"
 BIN = Path(sys.executable).parent  # Flower's executables sit beside the interpreter that has flwr
 # The SuperLink starts flower-superexec by name: the interpreter's bin directory goes first on PATH,
 # so the tests run from a virtualenv that is not activated too.
@@ -207,7 +208,10 @@ CASES = {"ferret": ("ferret", {}),
          "ferret-paper": ("ferret-paper", {"options": {"budget": 500}}),
          "fedavg": ("fedavg", {}), "fedzo": ("fedzo", ZEROTH), "fedkseed": ("fedkseed", {**ZEROTH, "options": {"k": 16}}),
          "flora": ("flora", {}), "fedit": ("fedit", {"options": {"ranks": 4}}),
-         "zeropad": ("zeropad", {"options": {"ranks": [4, 2, 2]}})}
+         "zeropad": ("zeropad", {"options": {"ranks": [4, 2, 2]}}),
+         # every partition gives each client the same examples in both engines; a chat template too
+         "fedavg-iid": ("fedavg", {"partition": "iid"}), "fedavg-column": ("fedavg", {"partition": "column"}),
+         "fedavg-shards-chat": ("fedavg", {"partition": "shards", "template": str(CHAT_TEMPLATE)})}
 
 
 def test_every_algorithm_has_a_simulation_case():

@@ -22,7 +22,8 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 # what the `fl` extra installs (pyproject.toml): a run without them says what to install
-LOOP_LIBRARIES = {"transformers", "peft", "rouge_score", "tqdm", "matplotlib", "tomli_w", "tomli"}
+LOOP_LIBRARIES = {"transformers", "peft", "rouge_score", "tqdm", "matplotlib", "tomli_w", "tomli", "datasets",
+                  "flwr_datasets"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +96,15 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
     parser.add_argument("--out", type=Path, help="results directory (default: runs/<name>-<time>)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="an option of the algorithm, e.g. --option budget=3800 (repeatable)")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                        help="the data's column for one of ferret's fields, e.g. --column instruction=prompt "
+                             "(repeatable; fields: instruction, response, context, category, messages)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-round lines")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and ferret's core "
                         "(default: theirs); where the run computes, not part of its settings")
     kinds = {"str": str, "int": int, "float": float}
     for f in dataclasses.fields(Config):
-        if f.name == "options" or (f.name == "algorithm" and not algorithm):
+        if f.name in ("options", "columns") or (f.name == "algorithm" and not algorithm):
             continue
         kind = kinds[str(f.type).split("|")[0].strip()]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
@@ -114,15 +118,16 @@ def _config(args, base: dict | None = None):
     values = dict(base or {})
     if args.config is not None:
         values = Config.load(args.config).to_dict()
-    fields = {f.name for f in dataclasses.fields(Config)} - {"options"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"options", "columns"}
     values.update({k: v for k, v in vars(args).items() if k in fields})
-    options = dict(values.get("options", {}))
-    for item in args.option:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = parse_value(value.strip())
-    values["options"] = options
+    for flag, key, parse in (("option", "options", parse_value), ("column", "columns", str.strip)):
+        table = dict(values.get(key, {}))
+        for item in getattr(args, flag):
+            name, eq, value = item.partition("=")
+            if not eq or not name.strip():
+                raise ConfigError(f"--{flag} takes {'KEY=VALUE' if flag == 'option' else 'FIELD=COLUMN'}, got {item!r}")
+            table[name.strip()] = parse(value.strip())
+        values[key] = table
     return Config.from_dict(values, str(args.config or "flags"))
 
 

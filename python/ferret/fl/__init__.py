@@ -4,13 +4,16 @@ engine that runs them in one process."""
 
 from .algorithms import (ALGORITHMS, Algorithm, FedAvg, FedIT, FedKSeed, FedZO, Ferret, FLoRA, LocalTraining,
                          MalformedUpload, ZeroPadding, build, register)
-from .data import (DataError, Example, dirichlet_split, encode, holdout, load_dolly, load_natural_instructions,
-                   synthetic_tasks)
+from .data import DataError, Example, encode, holdout, load_dolly, load_natural_instructions, synthetic_tasks
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
+from .partitions import PARTITIONS, partition
 from .results import RoundRecord, RunResult
+from .sources import load_examples
+from .templates import prompt_format
 from .simulation import run
 
 __all__ = ["ALGORITHMS", "Algorithm", "DataError", "Example", "FLoRA", "FedAvg", "FedIT", "FedKSeed", "FedZO",
            "Ferret", "LocalTraining", "MalformedUpload", "RoundRecord", "RunResult", "ZeroPadding", "build",
-           "dirichlet_split", "encode", "eval_loss", "holdout", "load_dolly", "load_mmlu",
-           "load_natural_instructions", "mmlu_accuracy", "register", "rouge_l", "run", "synthetic_tasks"]
+           "PARTITIONS", "encode", "eval_loss", "holdout", "load_dolly", "load_examples", "load_mmlu",
+           "load_natural_instructions", "mmlu_accuracy", "partition", "prompt_format", "register", "rouge_l", "run",
+           "synthetic_tasks"]

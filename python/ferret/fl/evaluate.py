@@ -1,5 +1,6 @@
-"""Evaluation of a causal LM: eval loss over response tokens, Rouge-L of greedy generations, and
-MMLU accuracy scored by the log-likelihood of the four options."""
+"""Evaluation of a causal LM: eval loss over the assistant's tokens, Rouge-L of greedy generations,
+and MMLU accuracy scored by the log-likelihood of the four options. Generation and MMLU prompt the
+model in the same format as training (``template``: see :mod:`ferret.fl.templates`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, Encoded, Example, decode_utf8, prompt_of, read_bytes
+from .data import DataError, Encoded, Example, decode_utf8, read_bytes
 from .runtime import DEFAULT, Runtime, model_device
+from .templates import prompt_format
 
 
 @torch.no_grad()
@@ -36,30 +38,37 @@ def eval_loss(model, data: Encoded, batch_size: int = 16, *, runtime: Runtime = 
 
 @torch.no_grad()
 def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128, max_prompt: int = 128,
-            batch_size: int = 16, *, runtime: Runtime = DEFAULT) -> float:
-    """Mean Rouge-L F (``rouge-score``) of greedy generations against the reference responses.
-    Prompts are cut to ``max_prompt`` tokens and generated ``batch_size`` at a time (left-padded),
-    on the model's device under ``runtime.autocast()``."""
+            batch_size: int = 16, *, template="auto", runtime: Runtime = DEFAULT) -> float:
+    """Mean Rouge-L F (``rouge-score``, Porter stemming) of greedy generations against the
+    reference responses, in ``[0, 1]``. Prompts are rendered in ``template``'s format (a name, a
+    path or a format object), cut to ``max_prompt`` tokens and generated ``batch_size`` at a time
+    (left-padded), on the model's device under ``runtime.autocast()``; generation stops at the end
+    of the assistant's turn or after ``max_new_tokens``."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    fmt = _format(tokenizer, template)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     model.eval()
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [tokenizer(prompt_of(ex))["input_ids"][:max_prompt] for ex in chunk]
+        prompts = [fmt.prompt_ids(ex, max_prompt) for ex in chunk]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         with runtime.autocast():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                 do_sample=False, eos_token_id=fmt.stop_ids, pad_token_id=pad)
         for ex, row in zip(chunk, out[:, width:].tolist()):
-            text = tokenizer.decode(row, skip_special_tokens=True)
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
             scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def _format(tokenizer, template):
+    return prompt_format(tokenizer, str(template)) if isinstance(template, (str, Path)) else template
 
 
 LETTERS = "ABCD"
@@ -89,16 +98,18 @@ def load_mmlu(path: str | Path, limit: int = 0) -> list[Example]:
 
 
 @torch.no_grad()
-def mmlu_accuracy(model, tokenizer, questions: list[Example], *, runtime: Runtime = DEFAULT) -> float:
+def mmlu_accuracy(model, tokenizer, questions: list[Example], *, template="auto",
+                  runtime: Runtime = DEFAULT) -> float:
     """Fraction of ``questions`` whose correct letter X among A–D gives the continuation
-    ``"The answer is: X"`` of the prompt the highest log-likelihood (scored on the model's device
-    under ``runtime.autocast()``, one host sync per question)."""
+    ``"The answer is: X"`` of the prompt (in ``template``'s format) the highest log-likelihood
+    (scored on the model's device under ``runtime.autocast()``, one host sync per question)."""
+    fmt = _format(tokenizer, template)
     model.eval()
     device = model_device(model)
     letter_ids = [tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]
     correct = 0
     for q in questions:
-        prompt = tokenizer(prompt_of(q))["input_ids"]
+        prompt = fmt.prompt_ids(q)
         rows = [prompt + ids for ids in letter_ids]
         width = max(map(len, rows))
         # causal: right padding is inert

@@ -21,12 +21,15 @@ import torch
 
 from . import checkpoint, models, references, report
 from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
-from .data import (DataError, Encoded, Example, decode_utf8, dirichlet_split, encode, holdout, load_dolly,
-                   load_natural_instructions, read_bytes, synthetic_tasks)
+from .data import DataError, Encoded, Example, decode_utf8, encode, holdout, load_natural_instructions, read_bytes, \
+    synthetic_tasks
+from .partitions import partition
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
 from .results import RunResult, append_metrics, read_lines, round_lines, start_extra, temporary, write_metrics
 from .runtime import Runtime
 from .simulation import run as run_rounds
+from .sources import is_saved_dataset, load_examples
+from .templates import prompt_format
 
 CONFIG, LOG, METRICS, CHECKPOINT, SUMMARY, PLOT, MODEL = ("config.toml", "run.log", "metrics.jsonl",
                                                          "checkpoint.safetensors", "summary.md", "loss.png", "model")
@@ -50,6 +53,7 @@ class Setup:
     eval_examples: list[Example]
     mmlu: list[Example]
     runtime: Runtime             # the model is on its device
+    prompt_format: object        # ferret.fl.templates: how examples become tokens, for training and scoring
 
 
 def prepare(config: Config) -> Setup:
@@ -68,41 +72,36 @@ def prepare(config: Config) -> Setup:
             algorithm.check_model(model)  # options against the model, before anything is written
         except ValueError as err:
             raise ConfigError(f"{config.algorithm} options: {err}") from None
+    fmt = prompt_format(tokenizer, config.template)
     runtime.place(model)
-    enc = dict(max_prompt=config.max_prompt, max_length=config.max_length)
+    enc = dict(max_prompt=config.max_prompt, max_length=config.max_length, template=fmt)
     return Setup(config=config, model=model, tokenizer=tokenizer, shards=[encode(p, tokenizer, **enc) for p in parts],
-                 eval_data=encode(held, tokenizer, **enc), eval_examples=held, mmlu=mmlu, runtime=runtime)
+                 eval_data=encode(held, tokenizer, **enc), eval_examples=held, mmlu=mmlu, runtime=runtime,
+                 prompt_format=fmt)
 
 
 def examples_of(config: Config) -> list[Example]:
-    """The configured dataset's examples; raises :class:`~ferret.fl.data.DataError`."""
+    """The configured dataset's examples: synthetic, a Natural Instructions directory, or a file /
+    saved dataset read with ``config.columns`` (:mod:`ferret.fl.sources`). Raises
+    :class:`~ferret.fl.data.DataError`."""
     if config.data == "synthetic":
         return synthetic_tasks(config.synthetic_per_family, seed=config.seed)
     path = Path(config.data)
-    if path.is_dir():
+    if path.is_dir() and not is_saved_dataset(path):
         return [ex for task in load_natural_instructions(path).values() for ex in task]
-    if path.suffix == ".jsonl" or path.is_file():
-        return load_dolly(path)
-    raise DataError(f"data {config.data!r} is neither 'synthetic', a Dolly .jsonl file nor a Natural "
-                    f"Instructions directory")
+    return load_examples(path, config.columns)
 
 
 def client_examples(config: Config, train: list[Example]) -> list[list[Example]]:
-    """Each client's examples: one task each from a Natural Instructions directory, else a Dirichlet
-    split of ``train``. Raises :class:`~ferret.fl.data.DataError` when a client would hold none."""
-    if Path(config.data).is_dir():
-        by_task: dict[str, list[Example]] = {}
-        for ex in train:
-            by_task.setdefault(ex.category, []).append(ex)
-        if config.clients > len(by_task):
-            raise DataError(f"{config.clients} clients asked for, but {config.data} holds {len(by_task)} tasks")
-        parts = [by_task[t] for t in sorted(by_task)[: config.clients]]
-    else:
-        parts = dirichlet_split(train, config.clients, config.alpha, seed=config.seed,
-                                min_per_client=config.min_per_client)
-    if not all(parts):
-        raise DataError(f"client {parts.index([])} would hold no examples")
-    return parts
+    """Each client's examples, as ``config.partition`` spreads ``train`` over ``config.clients``
+    (``auto``: one client per task for a Natural Instructions directory, else Dirichlet over the
+    categories). Raises :class:`~ferret.fl.data.DataError` when a client would hold too few."""
+    how = config.partition
+    if how == "auto":
+        natural_instructions = Path(config.data).is_dir() and not is_saved_dataset(Path(config.data))
+        how = "column" if natural_instructions else "dirichlet"
+    return partition(train, how, config.clients, config.seed, alpha=config.alpha,
+                     min_per_client=config.min_per_client, shards_per_client=config.shards_per_client)
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
@@ -193,7 +192,8 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
         say(f"no round of the run in {out} had finished: starting over")
     extra = {}
     if setup.mmlu and not from_checkpoint:
-        extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
+        extra["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, template=setup.prompt_format,
+                                      runtime=setup.runtime)
     if algorithm is None:
         result = _run_reference(setup, out, say, extra)
     else:
@@ -208,18 +208,23 @@ def _finish(setup: Setup, result: RunResult, out: Path, say) -> None:
     final = {"kind": "end", "round": len(result.rounds), "eval_loss": result.final_eval_loss}
     scored = config.algorithm != "standalone"  # standalone leaves one model per client, none global
     if config.rouge_samples and scored:
-        final["rouge_l"] = _rouge(setup)
+        last = result.rounds[-1] if result.rounds else None
+        final["rouge_l"] = last.rouge_l if last is not None and last.rouge_l is not None else _rouge(setup)
+        if last is not None:
+            last.rouge_l = final["rouge_l"]  # for the plot
     if setup.mmlu and scored:
-        final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, runtime=setup.runtime)
+        final["mmlu"] = mmlu_accuracy(setup.model, setup.tokenizer, setup.mmlu, template=setup.prompt_format,
+                                      runtime=setup.runtime)
     if scored:
         models.save(setup.model, setup.tokenizer, out / MODEL)
     report.plot({config.algorithm: result}, out / PLOT, title=f"{config.algorithm} on {config.model}")
     append_metrics(out / METRICS, [final])
-    summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))
+    summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))  # the start's from result
     # summary.md comes last: its presence marks a finished run (ferret compare --resume skips it)
     (out / SUMMARY).write_text(f"# {config.algorithm}\n\n" + report.table([summary]), encoding="utf-8")
+    start_rouge = f"{100 * result.initial_rouge_l:.2f} -> " if result.initial_rouge_l is not None else ""
     say(f"done: eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f}"
-        + (f", Rouge-L {100 * final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
+        + (f", Rouge-L {start_rouge}{100 * final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
 
 
 def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | None, progress: bool, say,
@@ -242,7 +247,8 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
         append_metrics(metrics, round_lines(record))
         say(_round_line(record, config.rounds))
 
-    so_far = RunResult(initial_eval_loss=previous.initial_eval_loss, rounds=list(previous.rounds))  # the engine appends
+    so_far = RunResult(initial_eval_loss=previous.initial_eval_loss, rounds=list(previous.rounds),
+                       initial_rouge_l=previous.initial_rouge_l)  # the engine appends
     return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
                       fraction=config.fraction, seed=config.seed, weighting=config.weighting,
                       progress=progress, on_round=on_round, resume=so_far, device=config.device, dtype=config.dtype,
@@ -255,19 +261,24 @@ def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
     train = getattr(references, config.algorithm)
     local = config.local(references.LocalTraining())
     metrics = out / METRICS
-    _start(setup, metrics, extra)
+    start = _start(setup, metrics, extra)
 
     def on_round(record):
         append_metrics(metrics, round_lines(record))
         say(_round_line(record, config.rounds))
 
-    return train(setup.model, setup.shards, setup.eval_data, local, rounds=config.rounds, seed=config.seed,
-                 on_round=on_round, device=config.device, dtype=config.dtype)
+    result = train(setup.model, setup.shards, setup.eval_data, local, rounds=config.rounds, seed=config.seed,
+                   on_round=on_round, device=config.device, dtype=config.dtype)
+    result.initial_rouge_l = start.initial_rouge_l
+    return result
 
 
 def _start(setup: Setup, metrics: Path, extra: dict) -> RunResult:
-    """The records before the first round (the initial eval loss), written to ``metrics`` with ``extra``."""
+    """The records before the first round (the starting model's eval loss and, when the run scores
+    generations, its Rouge-L), written to ``metrics`` with ``extra``."""
     start = RunResult(initial_eval_loss=eval_loss(setup.model, setup.eval_data, runtime=setup.runtime))
+    if setup.config.rouge_samples and setup.config.algorithm != "standalone":
+        start.initial_rouge_l = _rouge(setup)
     write_metrics(metrics, start, extra)
     return start
 
@@ -275,7 +286,8 @@ def _start(setup: Setup, metrics: Path, extra: dict) -> RunResult:
 def _rouge(setup: Setup) -> float:
     config = setup.config
     return rouge_l(setup.model, setup.tokenizer, setup.eval_examples[: config.rouge_samples],
-                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt, runtime=setup.runtime)
+                   max_new_tokens=config.max_new_tokens, max_prompt=config.max_prompt,
+                   template=setup.prompt_format, runtime=setup.runtime)
 
 
 def _round_line(record, rounds: int) -> str:

@@ -25,6 +25,8 @@ class Summary:
     rounds_to_target: int | None
     final_eval_loss: float
     rouge_l: float | None
+    initial_eval_loss: float | None = None
+    initial_rouge_l: float | None = None
 
     @classmethod
     def of(cls, name: str, result: RunResult, target: float | None = None, rouge_l: float | None = None) -> "Summary":
@@ -38,22 +40,28 @@ class Summary:
         return cls(name=name, local_seconds=_mean(per_client),
                    aggregate_seconds=_mean([r.aggregate_seconds for r in rounds]), upload_per_round=_mean(uploads),
                    upload_total=int(sum(uploads)), download_per_round=_mean([r.download_bytes for r in rounds]),
-                   rounds_to_target=reached, final_eval_loss=result.final_eval_loss, rouge_l=rouge_l)
+                   rounds_to_target=reached, final_eval_loss=result.final_eval_loss, rouge_l=rouge_l,
+                   initial_eval_loss=result.initial_eval_loss, initial_rouge_l=result.initial_rouge_l)
 
 
 def table(rows: list[Summary], target: float | None = None) -> str:
     """A Markdown table of ``rows`` (Ferret paper Tables 2 and 3: compute, communication, quality)."""
     reach = f"rounds to loss ≤ {target:.3f}" if target is not None else "rounds to target"
     head = ["algorithm", "local s / client / round", "aggregation s / round", "upload / client / round",
-            "upload total", "download / client / round", reach, "final eval loss", "Rouge-L"]
+            "upload total", "download / client / round", reach, "eval loss (start → end)", "Rouge-L (start → end)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, f"{r.local_seconds:.2f}", f"{r.aggregate_seconds:.3f}", human_bytes(r.upload_per_round),
                  human_bytes(r.upload_total), human_bytes(r.download_per_round),
-                 "—" if r.rounds_to_target is None else str(r.rounds_to_target), f"{r.final_eval_loss:.4f}",
-                 "—" if r.rouge_l is None else f"{100 * r.rouge_l:.2f}"]
+                 "—" if r.rounds_to_target is None else str(r.rounds_to_target),
+                 _start_end(r.initial_eval_loss, r.final_eval_loss, "{:.4f}"),
+                 "—" if r.rouge_l is None else _start_end(r.initial_rouge_l, r.rouge_l, "{:.2f}", 100)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _start_end(start: float | None, end: float, fmt: str, scale: float = 1) -> str:
+    return (f"{fmt.format(scale * start)} → " if start is not None else "") + fmt.format(scale * end)
 
 
 def human_bytes(n: float) -> str:
@@ -67,14 +75,18 @@ def human_bytes(n: float) -> str:
 
 
 def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> None:
-    """A PNG of eval loss against rounds and against cumulative upload per client, one line per run."""
+    """A PNG of eval loss against rounds and against cumulative upload per client, one line per run,
+    and of Rouge-L against rounds (the start, and the rounds that scored it) when any run has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(13, 4.6))
+    rouge = {name: rouge_points(result) for name, result in results.items()}
+    panels = 3 if any(rouge.values()) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.6))
+    by_round, by_bytes = axes[:2]
     colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
     for i, (name, result) in enumerate(results.items()):
         style = dict(color=colors[i % len(colors)], marker="o", markersize=3)
@@ -83,18 +95,29 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
         sent = np.cumsum([_mean(list(r.upload_bytes.values())) for r in result.rounds])
         if sent.size and sent[-1] > 0:
             by_bytes.plot(sent, losses[1:], **style)
+        if panels == 3 and rouge[name]:
+            axes[2].plot(*zip(*[(t, 100 * v) for t, v in rouge[name]]), **style)
     by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
-    by_round.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (by_round, by_bytes):
+    if panels == 3:
+        axes[2].set(xlabel="round", ylabel="Rouge-L", title="Rouge-L of greedy answers (round 0: the start)")
+    for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in (by_round, axes[-1]):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.legend(loc="lower center", ncol=min(len(results), 3), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(results) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rouge_points(result: RunResult) -> list[tuple[int, float]]:
+    """(round, Rouge-L) of ``result``: round 0 for the starting model, then each scored round."""
+    points = [(0, result.initial_rouge_l)] + [(r.round + 1, r.rouge_l) for r in result.rounds]
+    return [(t, v) for t, v in points if v is not None]
 
 
 def _mean(values) -> float:

@@ -33,10 +33,12 @@ class RoundRecord:
 
 @dataclass(kw_only=True)
 class RunResult:
-    """A run's eval loss before its first round and the records of the rounds done."""
+    """A run's eval loss (and Rouge-L, when scored) before its first round and the records of the
+    rounds done."""
 
     initial_eval_loss: float
     rounds: list[RoundRecord] = field(default_factory=list)
+    initial_rouge_l: float | None = None
 
     @property
     def final_eval_loss(self) -> float:
@@ -46,7 +48,8 @@ class RunResult:
 
 def to_json(result: RunResult) -> dict:
     """``result`` as plain JSON values (what :func:`from_json` reads back)."""
-    return {"initial_eval_loss": result.initial_eval_loss, "rounds": [dataclasses.asdict(r) for r in result.rounds]}
+    return {"initial_eval_loss": result.initial_eval_loss, "initial_rouge_l": result.initial_rouge_l,
+            "rounds": [dataclasses.asdict(r) for r in result.rounds]}
 
 
 def from_json(data: dict) -> RunResult:
@@ -58,7 +61,8 @@ def from_json(data: dict) -> RunResult:
         for key in ("upload_bytes", "local_seconds"):
             r[key] = {int(c): v for c, v in r[key].items()}  # JSON object keys are strings
         rounds.append(RoundRecord(**r))
-    return RunResult(initial_eval_loss=data["initial_eval_loss"], rounds=rounds)
+    return RunResult(initial_eval_loss=data["initial_eval_loss"], rounds=rounds,
+                     initial_rouge_l=data.get("initial_rouge_l"))
 
 
 def round_lines(record: RoundRecord) -> list[dict]:
@@ -75,12 +79,15 @@ def round_lines(record: RoundRecord) -> list[dict]:
 
 
 def write_metrics(path: str | Path, result: RunResult, extra: dict | None = None) -> None:
-    """Rewrite ``path`` atomically with every record of ``result``: a start record carrying
-    ``extra``, then the rounds' records. Raises OSError."""
+    """Rewrite ``path`` atomically with every record of ``result``: a start record (with the
+    starting Rouge-L when scored) carrying ``extra``, then the rounds' records. Raises OSError."""
     path = Path(path)
     tmp = temporary(path)
+    start = {"kind": "start", "round": 0, "eval_loss": result.initial_eval_loss}
+    if result.initial_rouge_l is not None:
+        start["rouge_l"] = result.initial_rouge_l
     with open(tmp, "w", encoding="utf-8") as f:
-        _write_lines(f, [{"kind": "start", "round": 0, "eval_loss": result.initial_eval_loss, **(extra or {})}])
+        _write_lines(f, [{**start, **(extra or {})}])
         for record in result.rounds:
             _write_lines(f, round_lines(record))
     replace(tmp, path)
@@ -110,7 +117,7 @@ def read_metrics(path: str | Path) -> tuple[RunResult, dict]:
     rounds = [_record(x, [c for c in lines if c["kind"] == "client" and c["round"] == x["round"]])
               for x in lines if x["kind"] == "round"]
     end = next((x for x in lines if x["kind"] == "end"), {})
-    return RunResult(initial_eval_loss=start["eval_loss"], rounds=rounds), end
+    return RunResult(initial_eval_loss=start["eval_loss"], rounds=rounds, initial_rouge_l=start.get("rouge_l")), end
 
 
 def start_extra(path: str | Path) -> dict:
@@ -124,7 +131,7 @@ def start_extra(path: str | Path) -> dict:
         return {}
     if not isinstance(first, dict):
         return {}
-    return {k: v for k, v in first.items() if k not in ("kind", "round", "eval_loss")}
+    return {k: v for k, v in first.items() if k not in ("kind", "round", "eval_loss", "rouge_l")}
 
 
 def temporary(path: Path) -> Path:

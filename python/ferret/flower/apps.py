@@ -2,7 +2,8 @@
 
 The run config holds :class:`~ferret.fl.Config` keys (``algorithm``, ``model``, ``data``,
 ``clients``, ``rounds``, ``seed``, ...; dashes or underscores), the algorithm's options as one
-string (``options = "budget=3800,bases='client'"``), and Flower's own:
+string (``options = "budget=3800,bases='client'"``), the data's column mapping likewise
+(``columns = "instruction='prompt',response='completion'"``), and Flower's own:
 
 * ``min-replies`` (default 1): good replies a round needs to be aggregated;
 * ``round-timeout`` (seconds, default 3600): how long the server waits for a round's replies;
@@ -13,9 +14,10 @@ string (``options = "budget=3800,bases='client'"``), and Flower's own:
   the largest coordinate magnitude it carries unclipped (see :mod:`ferret.flower.secagg`).
 
 A SuperNode's node config names its ``partition-id`` (its shard of the configured data, the
-embedded loop's client index) or, for a data owner with its own file, ``data`` (a Dolly-style
-``.jsonl``; then ``partition-id`` only names the client). Its ``device``, ``dtype`` and
-``backend`` override the run config's for that node (each data owner picks its own GPU).
+embedded loop's client index) or, for a data owner with its own file, ``data`` (any file
+``ferret run`` reads, with the run's ``columns``; then ``partition-id`` only names the client).
+Its ``device``, ``dtype`` and ``backend`` override the run config's for that node (each data
+owner picks its own GPU).
 
 A client keeps its replica of the global model (and of the server's state, e.g. momentum) in its
 node's ``context.state`` and brings it up to date by replaying the broadcasts the server sends
@@ -55,8 +57,8 @@ def config_from_run(run_config: dict, defaults: Config | None = None, flower_def
     for key, value in run_config.items():
         if key in flower:
             flower[key] = value
-        elif key == "options":
-            values["options"] = parse_assignments(str(value), "run config options")
+        elif key in ("options", "columns"):  # tables, given as one "key=value,..." string
+            values[key] = parse_assignments(str(value), f"run config {key}")
         elif key.replace("-", "_") in fields:
             if value != "":  # "": the default (e.g. the algorithm's own local training)
                 values[key.replace("-", "_")] = value

@@ -69,7 +69,7 @@ def process_setup(config: Config):
         algorithm = config.build_algorithm()
         algorithm.runtime = setup.runtime
         _PROCESS.clear()  # one run per process at a time
-        _PROCESS[key] = (setup.model, base, setup.shards, algorithm, setup.tokenizer)
+        _PROCESS[key] = (setup.model, base, setup.shards, algorithm, setup.tokenizer, setup.prompt_format)
     return _PROCESS[key][:4]
 
 
@@ -79,7 +79,8 @@ def process_algorithm(config: Config):
 
 
 def _node_data(context: Context, config: Config):
-    """The node's own examples when its node config names a ``data`` file (a data owner's), else None."""
+    """The node's own examples when its node config names a ``data`` file (a data owner's, read
+    with the run's column mapping and prompt format), else None."""
     path = context.node_config.get("data")
     if not path:
         return None
@@ -88,9 +89,10 @@ def _node_data(context: Context, config: Config):
         from ..fl.data import encode
         from ..fl.experiment import examples_of
 
-        tokenizer = _PROCESS[config.dumps()][4]
+        tokenizer, fmt = _PROCESS[config.dumps()][4:6]
         examples = examples_of(dataclasses.replace(config, data=str(path)))
-        _NODE_DATA[key] = encode(examples, tokenizer, max_prompt=config.max_prompt, max_length=config.max_length)
+        _NODE_DATA[key] = encode(examples, tokenizer, max_prompt=config.max_prompt, max_length=config.max_length,
+                                 template=fmt)
     return _NODE_DATA[key]
 
 
