@@ -1,9 +1,10 @@
-"""The issue-4 targets, read off a ``ferret compare`` directory, as Markdown.
+"""The issue-4 and issue-16 targets, read off a ``ferret compare`` directory, as Markdown.
 
 Usage: python bench/fl_summary.py RUN_DIR OUT_PREFIX
   copies table.md / compare.json / loss.png and each entry's config.toml to OUT_PREFIX/, writes
   every entry's per-round records to OUT_PREFIX/runs.json, and writes OUT_PREFIX.md: the comparison table, then Ferret against FedAvg
-  (final loss gap), FedKSeed (rounds to its final loss, compute per round) and the upload ratio.
+  (final loss gap), FedKSeed (rounds to its final loss, compute per round) and the upload ratio;
+  when the runs scored Rouge-L at round 0 and the end, each entry's gain and Ferret's gap to FedAvg.
 """
 
 import json
@@ -46,7 +47,25 @@ def main(run_dir: str, out_prefix: str) -> None:
             lines.append(f"  - reaches {kseed}'s final loss {target:.4f} in {reached} round(s) against its "
                          f"{k_rounds} (target ≤ {k_rounds / 5:g}); local compute per client per round "
                          f"{rows[kseed]['local_seconds'] / r['local_seconds']:.2f}× below {kseed}'s")
+    lines += rouge_targets(rows)
     Path(str(out) + ".md").write_text("\n".join(lines) + "\n")
+
+
+def rouge_targets(rows: dict) -> list[str]:
+    """Issue 16's targets: every final Rouge-L above the starting model's, Ferret within 1 point of FedAvg."""
+    scored = {k: r for k, r in rows.items() if r.get("rouge_l") is not None and r.get("initial_rouge_l") is not None}
+    if not scored:
+        return []
+    lines = ["", "Rouge-L (0–100) of the starting model and the final one (target: above the start):", ""]
+    for label, r in scored.items():
+        start, end = 100 * r["initial_rouge_l"], 100 * r["rouge_l"]
+        lines.append(f"- {label}: {start:.2f} → {end:.2f} ({end - start:+.2f}): {'met' if end > start else 'missed'}")
+    fedavg = scored.get("fedavg")
+    for label in (k for k in scored if k.startswith("ferret") and fedavg):
+        gap = 100 * (scored[label]["rouge_l"] - fedavg["rouge_l"])
+        lines.append(f"- {label} against FedAvg: {gap:+.2f} points (target: within 1): "
+                     f"{'met' if abs(gap) <= 1 or gap > 0 else 'missed'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
     config_toml = config.dumps()
     if previous is None:
         previous = _start(setup, metrics, extra)
+        say(_start_line(previous, setup))
     else:
         write_metrics(metrics, previous, start_extra(metrics))  # drop lines of a round cut short
         say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
@@ -262,6 +263,7 @@ def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
     local = config.local(references.LocalTraining())
     metrics = out / METRICS
     start = _start(setup, metrics, extra)
+    say(_start_line(start, setup))
 
     def on_round(record):
         append_metrics(metrics, round_lines(record))
@@ -281,6 +283,15 @@ def _start(setup: Setup, metrics: Path, extra: dict) -> RunResult:
         start.initial_rouge_l = _rouge(setup)
     write_metrics(metrics, start, extra)
     return start
+
+
+def _start_line(start: RunResult, setup: Setup) -> str:
+    """The line that reports the starting model's scores."""
+    line = f"round 0 (the starting model, {setup.prompt_format.name} prompts): eval loss {start.initial_eval_loss:.4f}"
+    if start.initial_rouge_l is not None:
+        scored = min(setup.config.rouge_samples, len(setup.eval_examples))
+        line += f", Rouge-L {100 * start.initial_rouge_l:.2f} on {scored} held-out examples"
+    return line
 
 
 def _rouge(setup: Setup) -> float:

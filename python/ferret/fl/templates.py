@@ -118,8 +118,8 @@ class ChatFormat:
         of the piece its first character lies in."""
         segments = self._segments(ex)
         ids, owner = self._tokens_with_pieces(segments)
-        answer_start = next(i for i, piece in enumerate(owner) if piece == len(segments) - 1) \
-            if len(segments) - 1 in owner else len(ids)
+        last = len(segments) - 1  # the last answer's piece
+        answer_start = owner.index(last) if last in owner else len(ids)
         labels = [t if segments[piece][1] else IGNORE for t, piece in zip(ids, owner)]
         prompt, prompt_labels = ids[:answer_start], labels[:answer_start]
         if max_prompt is not None and len(prompt) > max_prompt:
