@@ -43,6 +43,7 @@ SMALL = dict(clients=3, rounds=2, seed=5, synthetic_per_family=20, n_eval=20, st
 OPTIONS = {"ferret": {"budget": 500}, "flora": {"ranks": [8, 4, 2]}}
 MOMENTUM = {"budget": 500, "bases": "client", "momentum": 0.5}  # server state the clients replay too
 DISJOINT = {"budget": 500, "basis": "hadamard", "bases": "disjoint"}  # slots from the round's sample, drawn by each client
+SHARED = {"budget": 500, "bases": "shared", "allocation": "uniform"}  # aligned coordinates: robust statistics, DP
 
 
 def small_config(algorithm: str, **changes) -> Config:
@@ -58,8 +59,8 @@ def embedded_weights(config: Config) -> dict[str, torch.Tensor]:
     try:
         setup = prepare(config)
         fl.run(config.build_algorithm(), setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
-               seed=config.seed, fraction=config.fraction, device=config.device, dtype=config.dtype,
-               backend=config.backend)
+               seed=config.seed, fraction=config.fraction, weighting=config.weighting, device=config.device,
+               dtype=config.dtype, backend=config.backend, attack=config.attack, malicious=config.malicious)
         return setup.model.state_dict()
     finally:
         torch.set_num_threads(threads)
@@ -211,7 +212,15 @@ CASES = {"ferret": ("ferret", {}),
          "zeropad": ("zeropad", {"options": {"ranks": [4, 2, 2]}}),
          # every partition gives each client the same examples in both engines; a chat template too
          "fedavg-iid": ("fedavg", {"partition": "iid"}), "fedavg-column": ("fedavg", {"partition": "column"}),
-         "fedavg-shards-chat": ("fedavg", {"partition": "shards", "template": str(CHAT_TEMPLATE)})}
+         "fedavg-shards-chat": ("fedavg", {"partition": "shards", "template": str(CHAT_TEMPLATE)}),
+         # defences and attacks: the same weights in both engines
+         "ferret-trimmed-sign-flip": ("ferret", {"options": {**SHARED, "aggregator": "trimmed-mean", "byzantine": 1},
+                                                 "attack": "sign-flip", "malicious": [1]}),
+         "fedavg-median-scaled": ("fedavg", {"options": {"aggregator": "median", "norm_bound": 1.0},
+                                             "attack": "scale:10", "malicious": [2]}),
+         "ferret-dp-central": ("ferret", {"options": {**SHARED, "dp_clip": 0.5, "dp_noise": 0.7}, "weighting": "equal"}),
+         "fedavg-dp-distributed": ("fedavg", {"options": {"dp_clip": 0.5, "dp_noise": 0.7, "dp_mode": "distributed"},
+                                              "weighting": "equal"})}
 
 
 def test_every_algorithm_has_a_simulation_case():

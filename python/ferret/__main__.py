@@ -23,7 +23,7 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 # what the `fl` extra installs (pyproject.toml): a run without them says what to install
 LOOP_LIBRARIES = {"transformers", "peft", "rouge_score", "tqdm", "matplotlib", "tomli_w", "tomli", "datasets",
-                  "flwr_datasets"}
+                  "flwr_datasets", "dp_accounting"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +102,21 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only per-round lines")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and ferret's core "
                         "(default: theirs); where the run computes, not part of its settings")
-    kinds = {"str": str, "int": int, "float": float}
+    kinds = {"str": str, "int": int, "float": float, "list[int]": client_list}
     for f in dataclasses.fields(Config):
         if f.name in ("options", "columns") or (f.name == "algorithm" and not algorithm):
             continue
         kind = kinds[str(f.type).split("|")[0].strip()]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
                             metavar=f.name.upper())
+
+
+def client_list(text: str) -> list[int]:
+    """``"0,3"`` as ``[0, 3]`` (the --malicious flag)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of client numbers, got {text!r}") from None
 
 
 def _config(args, base: dict | None = None):

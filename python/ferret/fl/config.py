@@ -33,7 +33,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .algorithms import ALGORITHMS, Algorithm, LocalTraining
+from .attacks import parse_attack
 from .partitions import PARTITIONS
+from .robust import RobustOptions, check_round
 from .protocol import WEIGHTINGS
 from .runtime import Runtime, resolve
 from .settings import ConfigError, Settings, at_least, one_of, positive_finite
@@ -79,6 +81,8 @@ class Config(Settings):
     max_new_tokens: int = 64
     mmlu: str | None = None      # path of an MMLU json file, scored at the start and the end
     mmlu_questions: int = 0      # 0: all
+    attack: str | None = None    # simulated hostile clients: "sign-flip", "scale:S", "noise", "nan" (ferret.fl.attacks)
+    malicious: list[int] = field(default_factory=list)  # the clients that run it
     device: str = "auto"         # see ferret.fl.runtime
     dtype: str = "auto"
     backend: str = "auto"
@@ -121,8 +125,36 @@ class Config(Settings):
                 raise ValueError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")
             self.local(LocalTraining())
         else:
-            self.build_algorithm()
+            self._check_defences(self.build_algorithm())
+        if self.algorithm in REFERENCES and (self.attack or self.malicious):
+            raise ValueError(f"{self.algorithm} is a reference run: it has no clients to attack")
         self.runtime()
+
+    def _check_defences(self, algorithm: Algorithm) -> None:
+        """The attack, the malicious clients and the robust aggregator against each other and the
+        clients per round."""
+        if (self.attack is None) != (not self.malicious):
+            raise ValueError("attack and malicious go together: name the attack and the clients that run it")
+        if self.attack is not None:
+            parse_attack(self.attack)
+            if not algorithm.has_vectors():
+                raise ValueError(f"attack: {self.algorithm}'s uploads are not vectors a simulated client can "
+                                 f"rewrite (use ferret, ferret-paper, fedavg or fedzo)")
+            bad = [c for c in self.malicious if not 0 <= c < self.clients]
+            if bad or len(set(self.malicious)) != len(self.malicious):
+                raise ValueError(f"malicious must name distinct clients in 0..{self.clients - 1}, got {self.malicious}")
+        options = algorithm.options
+        if not isinstance(options, RobustOptions):
+            return
+        if options.private and self.weighting != "equal":
+            raise ValueError("differential privacy weighs every client equally (an example count is private too): "
+                             "set weighting = 'equal'")
+        per_round = max(1, round(self.fraction * self.clients))
+        check_round(options.aggregator, options.byzantine, per_round)
+        if options.aggregator in ("trimmed-mean", "krum", "multi-krum") and len(self.malicious) > options.byzantine:
+            raise ValueError(f"{len(self.malicious)} malicious clients, but aggregator {options.aggregator!r} withstands "
+                             f"byzantine={options.byzantine}: raise byzantine (options) to at least "
+                             f"{len(self.malicious)}")
 
     def runtime(self) -> Runtime:
         """The resolved device, dtype and backend; raises :class:`ConfigError`."""

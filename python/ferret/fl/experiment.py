@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, models, references, report
+from . import checkpoint, models, privacy, references, report
 from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
 from .data import DataError, Encoded, Example, decode_utf8, encode, holdout, load_natural_instructions, read_bytes, \
     synthetic_tasks
@@ -241,7 +241,14 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
         write_metrics(metrics, previous, start_extra(metrics))  # drop lines of a round cut short
         say(f"resuming after round {len(previous.rounds)} of {config.rounds}")
 
+    rounds = privacy.rounds_allowed(algorithm.options, config.clients, config.fraction, config.rounds)
+    if rounds < config.rounds:
+        say(f"target_epsilon {algorithm.options.target_epsilon} allows {rounds} of the {config.rounds} rounds: round "
+            f"{rounds + 1} would spend ε = "
+            f"{privacy.spent(algorithm.options, config.clients, config.fraction, rounds + 1):.3g}")
+
     def on_round(record) -> None:
+        record.epsilon = privacy.spent(algorithm.options, config.clients, config.fraction, record.round + 1)
         if config.rouge_every and (record.round + 1) % config.rouge_every == 0:
             record.rouge_l = _rouge(setup)
         checkpoint.save(ckpt, setup.model, algorithm, so_far, config_toml)
@@ -250,10 +257,10 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
 
     so_far = RunResult(initial_eval_loss=previous.initial_eval_loss, rounds=list(previous.rounds),
                        initial_rouge_l=previous.initial_rouge_l)  # the engine appends
-    return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=config.rounds,
+    return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=rounds,
                       fraction=config.fraction, seed=config.seed, weighting=config.weighting,
                       progress=progress, on_round=on_round, resume=so_far, device=config.device, dtype=config.dtype,
-                      backend=config.backend)
+                      backend=config.backend, attack=config.attack, malicious=config.malicious)
 
 
 def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
@@ -311,6 +318,8 @@ def _round_line(record, rounds: int) -> str:
         line += f", dropped clients {record.dropped}"
     if record.rouge_l is not None:
         line += f", Rouge-L {100 * record.rouge_l:.2f}"
+    if record.epsilon is not None:
+        line += f", ε = {record.epsilon:.3g}"
     return line
 
 

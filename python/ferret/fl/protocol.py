@@ -21,6 +21,8 @@ import torch
 
 from ..spec import block_seed
 from .algorithms import Algorithm, ClientContext, MalformedUpload, NonFiniteUpdate, RoundContext
+from .attacks import tamper
+from .privacy import client_share
 from .data import Encoded
 
 WEIGHTINGS = ("examples", "equal")
@@ -60,16 +62,31 @@ class ClientRun:
     error: str | None = None
 
 
-def run_client(algorithm: Algorithm, model: torch.nn.Module, data: Encoded, ctx: ClientContext) -> ClientRun:
+def run_client(algorithm: Algorithm, model: torch.nn.Module, data: Encoded, ctx: ClientContext,
+               attack: str | None = None) -> ClientRun:
     """Run ``algorithm``'s client side on ``model`` (a working copy holding the global weights) and
-    ``data``; a non-finite update drops the client (``error``)."""
+    ``data``; a non-finite update drops the client (``error``). A malicious client's ``attack``
+    (:mod:`ferret.fl.attacks`) rewrites its upload, with noise from the client's own generator; with
+    distributed differential privacy the client clips its vector and adds its share of the noise
+    (:mod:`ferret.fl.privacy`) first."""
     start = time.perf_counter()
     try:
         upload = algorithm.client_update(model, data, ctx)
     except NonFiniteUpdate as err:
         return ClientRun(None, time.perf_counter() - start, str(err))
+    options = algorithm.options
+    if getattr(options, "dp_clip", None) is not None and options.dp_mode == "distributed":
+        upload = algorithm.from_summable(upload, client_share(algorithm.summable(upload), options,
+                                                              len(ctx.clients), ctx.rng))
+    if attack is not None:
+        upload = algorithm.from_summable(upload, tamper(algorithm.summable(upload), attack, ctx.rng))
     algorithm.runtime.synchronize()
     return ClientRun(upload, time.perf_counter() - start)
+
+
+def attack_of(client: int, attack: str | None, malicious) -> str | None:
+    """The attack client ``client`` runs: ``attack`` when it is among ``malicious``, else None."""
+    return attack if attack is not None and client in malicious else None
 
 
 def check_upload(algorithm: Algorithm, model: torch.nn.Module, upload, ctx: ClientContext) -> str | None:

@@ -27,6 +27,7 @@ class Summary:
     rouge_l: float | None
     initial_eval_loss: float | None = None
     initial_rouge_l: float | None = None
+    epsilon: float | None = None  # differential privacy spent by the end (None: not private)
 
     @classmethod
     def of(cls, name: str, result: RunResult, target: float | None = None, rouge_l: float | None = None) -> "Summary":
@@ -41,21 +42,23 @@ class Summary:
                    aggregate_seconds=_mean([r.aggregate_seconds for r in rounds]), upload_per_round=_mean(uploads),
                    upload_total=int(sum(uploads)), download_per_round=_mean([r.download_bytes for r in rounds]),
                    rounds_to_target=reached, final_eval_loss=result.final_eval_loss, rouge_l=rouge_l,
-                   initial_eval_loss=result.initial_eval_loss, initial_rouge_l=result.initial_rouge_l)
+                   initial_eval_loss=result.initial_eval_loss, initial_rouge_l=result.initial_rouge_l,
+                   epsilon=rounds[-1].epsilon if rounds else None)
 
 
 def table(rows: list[Summary], target: float | None = None) -> str:
     """A Markdown table of ``rows`` (Ferret paper Tables 2 and 3: compute, communication, quality)."""
     reach = f"rounds to loss ≤ {target:.3f}" if target is not None else "rounds to target"
     head = ["algorithm", "local s / client / round", "aggregation s / round", "upload / client / round",
-            "upload total", "download / client / round", reach, "eval loss (start → end)", "Rouge-L (start → end)"]
+            "upload total", "download / client / round", reach, "eval loss (start → end)", "Rouge-L (start → end)", "ε spent"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.name, f"{r.local_seconds:.2f}", f"{r.aggregate_seconds:.3f}", human_bytes(r.upload_per_round),
                  human_bytes(r.upload_total), human_bytes(r.download_per_round),
                  "—" if r.rounds_to_target is None else str(r.rounds_to_target),
                  _start_end(r.initial_eval_loss, r.final_eval_loss, "{:.4f}"),
-                 "—" if r.rouge_l is None else _start_end(r.initial_rouge_l, r.rouge_l, "{:.2f}", 100)]
+                 "—" if r.rouge_l is None else _start_end(r.initial_rouge_l, r.rouge_l, "{:.2f}", 100),
+                 "—" if r.epsilon is None else f"{r.epsilon:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -75,8 +78,9 @@ def human_bytes(n: float) -> str:
 
 
 def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> None:
-    """A PNG of eval loss against rounds and against cumulative upload per client, one line per run,
-    and of Rouge-L against rounds (the start, and the rounds that scored it) when any run has it."""
+    """A PNG of eval loss against rounds and against cumulative upload per client, one line per run;
+    of Rouge-L against rounds (the start, and the rounds that scored it) when any run has it; and of
+    eval loss against the privacy spent when any run is differentially private."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +88,8 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     import matplotlib.ticker
 
     rouge = {name: rouge_points(result) for name, result in results.items()}
-    panels = 3 if any(rouge.values()) else 2
+    private = any(r.epsilon is not None for result in results.values() for r in result.rounds)
+    panels = 2 + bool(any(rouge.values())) + private
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.6))
     by_round, by_bytes = axes[:2]
     colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
@@ -95,16 +100,21 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
         sent = np.cumsum([_mean(list(r.upload_bytes.values())) for r in result.rounds])
         if sent.size and sent[-1] > 0:
             by_bytes.plot(sent, losses[1:], **style)
-        if panels == 3 and rouge[name]:
+        if any(rouge.values()) and rouge[name]:
             axes[2].plot(*zip(*[(t, 100 * v) for t, v in rouge[name]]), **style)
+        spent = [(r.epsilon, r.eval_loss) for r in result.rounds if r.epsilon is not None]
+        if private and spent:
+            axes[-1].plot(*zip(*spent), **style)
     by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
-    if panels == 3:
+    if any(rouge.values()):
         axes[2].set(xlabel="round", ylabel="Rouge-L", title="Rouge-L of greedy answers (round 0: the start)")
+    if private:
+        axes[-1].set(xlabel="ε spent (at the run's δ)", ylabel="eval loss", title="eval loss against privacy spent")
     for ax in axes:
         ax.grid(alpha=0.3)
-    for ax in (by_round, axes[-1]):
+    for ax in [by_round] + ([axes[2]] if any(rouge.values()) else []):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.legend(loc="lower center", ncol=min(len(results), 3), fontsize=8, frameon=False)
     if title:

@@ -29,6 +29,7 @@ class RoundRecord:
     local_seconds: dict[int, float]    # per client
     aggregate_seconds: float
     rouge_l: float | None = None       # when the caller scores generations this round
+    epsilon: float | None = None       # differential privacy spent after this round (at the run's δ)
 
 
 @dataclass(kw_only=True)
@@ -75,6 +76,8 @@ def round_lines(record: RoundRecord) -> list[dict]:
                "local_seconds": sum(record.local_seconds.values()), "aggregate_seconds": record.aggregate_seconds}
     if record.rouge_l is not None:
         overall["rouge_l"] = record.rouge_l
+    if record.epsilon is not None:
+        overall["epsilon"] = record.epsilon
     return lines + [overall]
 
 
@@ -158,7 +161,8 @@ def _record(line: dict, clients: list[dict]) -> RoundRecord:
                        dropped=line["dropped"], upload_bytes={c["client"]: c["upload_bytes"] for c in clients},
                        download_bytes=line["download_bytes"] // max(len(line["clients"]), 1),
                        local_seconds={c["client"]: c["local_seconds"] for c in clients},
-                       aggregate_seconds=line["aggregate_seconds"], rouge_l=line.get("rouge_l"))
+                       aggregate_seconds=line["aggregate_seconds"], rouge_l=line.get("rouge_l"),
+                       epsilon=line.get("epsilon"))
 
 
 def _write_lines(f, lines: list[dict]) -> None:

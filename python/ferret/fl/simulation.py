@@ -26,7 +26,8 @@ from .runtime import resolve
 def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eval_data: Encoded, *,
         rounds: int, fraction: float = 1.0, seed: int = 0, weighting: str = "examples",
         progress: bool = False, on_round=None, resume: RunResult | None = None,
-        device: str = "auto", dtype: str = "auto", backend: str = "auto") -> RunResult:
+        device: str = "auto", dtype: str = "auto", backend: str = "auto", attack: str | None = None,
+        malicious=()) -> RunResult:
     """Run rounds of ``algorithm`` over the clients' ``shards`` until ``rounds`` are done, updating
     ``model`` in place.
 
@@ -36,7 +37,8 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
 
     ``fraction`` of the clients (at least one) is sampled each round; their uploads are weighted by
     example count or equally (``weighting``). ``on_round(record)`` is called after each round, once
-    ``record`` is in the result (the ``resume`` object itself when given).
+    ``record`` is in the result (the ``resume`` object itself when given). The clients in
+    ``malicious`` run ``attack`` (:mod:`ferret.fl.attacks`) on their uploads.
     A client whose update is NaN/Inf is dropped from its round with a warning. ``resume`` (the
     records of an interrupted run, with ``model`` and ``algorithm`` restored to their state after
     its last round) continues that run: every round's randomness derives from ``(seed, round)``,
@@ -67,7 +69,7 @@ def run(algorithm: Algorithm, model: torch.nn.Module, shards: list[Encoded], eva
                   else ctx.clients):
             worker.load_state_dict(model.state_dict())
             client = protocol.client_context(seed, t, c, ctx.clients)
-            ran = protocol.run_client(algorithm, worker, shards[c], client)
+            ran = protocol.run_client(algorithm, worker, shards[c], client, protocol.attack_of(c, attack, malicious))
             error = ran.error or protocol.check_upload(algorithm, model, ran.upload, client)
             if error:
                 warnings.warn(f"round {t}: client {c} dropped: {error}", RuntimeWarning, stacklevel=2)

@@ -34,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from ..fl import privacy
 from ..fl.config import RUNTIME_KEYS, Config, ConfigError, parse_assignments
 from ..fl.experiment import prepare
 from ..fl.results import write_metrics
@@ -59,6 +60,8 @@ def config_from_run(run_config: dict, defaults: Config | None = None, flower_def
             flower[key] = value
         elif key in ("options", "columns"):  # tables, given as one "key=value,..." string
             values[key] = parse_assignments(str(value), f"run config {key}")
+        elif key == "malicious":  # a list, given as "0,3"
+            values[key] = [int(x) for x in str(value).split(",") if x.strip()]
         elif key.replace("-", "_") in fields:
             if value != "":  # "": the default (e.g. the algorithm's own local training)
                 values[key.replace("-", "_")] = value
@@ -86,10 +89,14 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
                                      min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
+        rounds = privacy.rounds_allowed(algorithm.options, config.clients, config.fraction, config.rounds)
         if flower["secagg"]:
-            run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards))
+            run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards),
+                       rounds=rounds)
         else:
-            strategy.start(grid, ArrayRecord(), num_rounds=config.rounds, timeout=float(flower["round-timeout"]))
+            strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=float(flower["round-timeout"]))
+        for record in strategy.result.rounds:
+            record.epsilon = privacy.spent(algorithm.options, config.clients, config.fraction, record.round + 1)
         if flower["out"]:
             out = Path(flower["out"])
             out.mkdir(parents=True, exist_ok=True)

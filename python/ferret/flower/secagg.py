@@ -63,11 +63,14 @@ def check_secure(algorithm) -> None:
         raise ConfigError(f"secagg: {err}") from None
 
 
-def run_secure(grid, context: Context, core: AlgorithmStrategy, config: Config, flower: dict, max_weight: float):
-    """Run ``config.rounds`` rounds of ``core``'s Ferret with SecAgg+ summing the coordinates."""
+def run_secure(grid, context: Context, core: AlgorithmStrategy, config: Config, flower: dict, max_weight: float,
+               rounds: int | None = None):
+    """Run ``rounds`` rounds (default ``config.rounds``) of ``core``'s Ferret with SecAgg+ summing
+    the coordinates."""
     check_secure(core.algorithm)
     timeout = float(flower["round-timeout"])
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=config.rounds, round_timeout=timeout),
+    rounds = config.rounds if rounds is None else rounds
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
                            strategy=SecureFerret(core, grid, float(flower["secagg-range"])))
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.5, max_weight=max_weight,
                                   clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE, timeout=timeout)

@@ -147,8 +147,18 @@ class Algorithm:
         raise ValueError(f"{self.name} uploads cannot be summed securely")
 
     def summable(self, upload: bytes) -> np.ndarray:
-        """The float64 vector a secure sum adds for this upload."""
+        """The float64 vector an upload stands for: what a secure sum adds, what robust
+        aggregation compares and what a simulated attack rewrites (:mod:`ferret.fl.attacks`)."""
         raise NotImplementedError
+
+    def from_summable(self, upload: bytes, vector: np.ndarray) -> bytes:
+        """``upload`` with its :meth:`summable` vector replaced by ``vector`` (same length)."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_vectors(cls) -> bool:
+        """Whether uploads convert to vectors and back (:meth:`summable`, :meth:`from_summable`)."""
+        return cls.from_summable is not Algorithm.from_summable
 
     def aggregate_mean(self, model: torch.nn.Module, mean: np.ndarray, ctx: RoundContext) -> None:
         """Aggregate a round from the weighted mean of the clients' :meth:`summable` vectors, as

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ... import spec
 from ..data import Encoded, batch_schedule
+from ..defences import DefenceOptions
+from ..privacy import noisy_mean
+from ..robust import bound_norms, combine
 from ..runtime import model_device
-from ..settings import Settings, positive_finite
+from ..settings import positive_finite
 from ..train import first_order_steps, trainable, zeroth_order_step
 from .base import Algorithm, ClientContext, LocalTraining, MalformedUpload, RoundContext, difference, snapshot
 from .uploads import decode_tensors, encode_tensors
 
 
 @dataclass(frozen=True)
-class FedAvgOptions(Settings):
-    """``server_lr``: the server's step on the weighted mean of the clients' updates."""
+class FedAvgOptions(DefenceOptions):
+    """``server_lr``: the server's step on the weighted mean of the clients' updates;
+    ``aggregator``, ``byzantine``, ``norm_bound``: robust aggregation of the flattened updates
+    (:mod:`ferret.fl.robust`; d numbers per client, so meant for small models)."""
 
     server_lr: float = 1.0
 
     def validate(self) -> None:
+        super().validate()
         positive_finite("server_lr", self.server_lr)
 
 
@@ -48,6 +55,16 @@ class FedAvg(Algorithm):
                 raise MalformedUpload(f"update tensor {name} {tuple(t.shape)} does not fit the model")
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
+        o = self.options
+        if o.private:  # clipped, noised, equally weighted: the DP mean of the vectors
+            self.aggregate_mean(model, noisy_mean([self.summable(u) for u in uploads], o, ctx.round_seed,
+                                                  len(ctx.clients)), ctx)
+            return
+        if o.aggregator != "mean":
+            self.aggregate_mean(model, combine([self.summable(u) for u in uploads], weights, o), ctx)
+            return
+        if o.norm_bound is not None:
+            uploads = [self.from_summable(u, bound_norms(self.summable(u)[None], o.norm_bound)[0]) for u in uploads]
         device = model_device(model)
         total: dict[str, torch.Tensor] = {}
         for upload, w in zip(uploads, weights):
@@ -58,6 +75,32 @@ class FedAvg(Algorithm):
 
     def apply(self, model, broadcast, ctx):
         self._add(model, decode_tensors(broadcast, model_device(model)))
+
+    # -- uploads as vectors: the tensors flattened in name order, float64 ----------------------------
+    def summable(self, upload):
+        tensors = decode_tensors(upload)
+        return np.concatenate([tensors[n].double().numpy().ravel() for n in sorted(tensors)])
+
+    def from_summable(self, upload, vector):
+        return encode_tensors(self._unflatten(vector, {n: t.shape for n, t in decode_tensors(upload).items()}))
+
+    def aggregate_mean(self, model, mean, ctx):
+        total = self._unflatten(mean, {n: p.shape for n, p in trainable(model)})
+        self.broadcast = encode_tensors(total)
+        self._add(model, {n: t.to(model_device(model)) for n, t in total.items()})
+
+    @staticmethod
+    def _unflatten(vector, shapes: dict) -> dict[str, torch.Tensor]:
+        """float32 tensors of ``shapes`` (name -> shape) cut from ``vector`` in name order."""
+        flat = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+        out, at = {}, 0
+        for name in sorted(shapes):
+            size = int(np.prod(shapes[name]))
+            out[name] = flat[at : at + size].reshape(shapes[name]).clone()
+            at += size
+        if at != flat.numel():
+            raise ValueError(f"a vector of {flat.numel()} numbers for tensors of {at}")
+        return out
 
     def _add(self, model, update: dict[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())

@@ -3,8 +3,11 @@ uploaded), the coordinates merged linearly and reconstructed on the server."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +18,16 @@ from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
 from ...packet import Packet, PacketError
 from ...projection import block_counts
-from ..settings import Settings, one_of, positive_finite
+from ..defences import DefenceOptions
+from ..privacy import noisy_mean
+from ..robust import bound_norms, combine
+from ..settings import one_of, positive_finite
 from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, MalformedUpload, difference, snapshot
 
 
 @dataclass(frozen=True)
-class FerretOptions(Settings):
+class FerretOptions(DefenceOptions):
     """Ferret's options.
 
     ``budget``: coordinates per client per round (at most the model's trainable parameters).
@@ -40,6 +46,13 @@ class FerretOptions(Settings):
     (``docs/bases.md``); the ``ferret-paper`` preset keeps the paper's Rademacher bases, shared.
     ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃, θ ← θ + server_lr·v).
     ``clip``: the server clips each tensor's update to this norm (the official code clips blocks at 10).
+    ``aggregator``, ``byzantine``, ``norm_bound``: robust aggregation of the coordinate vectors
+    (:mod:`ferret.fl.robust`); ``dp_clip``, ``dp_noise``, ``dp_mode``, ``dp_delta``,
+    ``target_epsilon``: client-level differential privacy on them (:mod:`ferret.fl.privacy`). A
+    robust statistic or a noisy mean combines coordinates across clients, so it needs
+    ``bases="shared"`` and ``allocation="uniform"`` (every client's k-th coordinate on the same
+    basis); with ``"client"`` or ``"disjoint"`` bases each client's coordinates live in a basis of
+    its own, and only ``norm_bound`` applies (a coordinate vector's norm is its update's, scaled).
     """
 
     budget: int = 3800
@@ -52,6 +65,15 @@ class FerretOptions(Settings):
     clip: float | None = None
 
     def validate(self) -> None:
+        super().validate()
+        aligned = self.sharing == "shared" and self.allocation == "uniform"
+        if self.aggregator != "mean" and not aligned:
+            raise ValueError(f"aggregator {self.aggregator!r} compares the clients' coordinates one by one: it needs "
+                             f"bases='shared' and allocation='uniform' (with {self.sharing!r} bases or "
+                             f"{self.allocation!r} allocation only norm_bound applies)")
+        if self.private and not aligned:
+            raise ValueError(f"differential privacy adds noise to the sum of the clients' coordinates: it needs "
+                             f"bases='shared' and allocation='uniform', not {self.sharing!r} and {self.allocation!r}")
         check_budget(self.budget)
         positive_finite("server_lr", self.server_lr)
         parse_basis(self.basis)
@@ -149,6 +171,16 @@ class Ferret(Algorithm):
             raise MalformedUpload("the coordinates hold NaN or Inf")
 
     def aggregate(self, model, uploads, weights, ctx):
+        o = self.options
+        if o.private:  # clipped, noised, equally weighted: the DP mean of the vectors
+            self.aggregate_mean(model, noisy_mean([self.summable(u) for u in uploads], o, ctx.round_seed,
+                                                  len(ctx.clients)), ctx)
+            return
+        if o.aggregator != "mean":  # a robust statistic of the aligned coordinate vectors
+            self.aggregate_mean(model, combine([self.summable(u) for u in uploads], weights, o), ctx)
+            return
+        if o.norm_bound is not None:
+            uploads = [self.from_summable(u, bound_norms(self.summable(u)[None], o.norm_bound)[0]) for u in uploads]
         merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
         self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
         self.apply(model, self.broadcast, ctx)
@@ -193,9 +225,21 @@ class Ferret(Algorithm):
         if o.sharing != "shared" or o.allocation != "uniform" or o.clip is not None:
             raise ValueError("secure aggregation needs Ferret with bases='shared', allocation='uniform' and no "
                              "clip: every client's coordinates must mean the same thing")
+        if o.robust or (o.private and o.dp_mode == "central"):
+            raise ValueError("secure aggregation hides each client's coordinates, which robust aggregation and "
+                             "central differential privacy need: use neither, or dp_mode='distributed'")
 
     def summable(self, upload):
         return Packet.from_bytes(upload).coords.astype(np.float64)
+
+    def from_summable(self, upload, vector):
+        coords = np.asarray(vector, dtype="<f4")
+        packet = Packet.from_bytes(upload)
+        if np.all(np.isfinite(coords)):
+            return dataclasses.replace(packet, coords=coords).to_bytes()
+        # a Packet refuses non-finite coordinates: a client that writes them writes the bytes itself
+        body = upload[: len(upload) - 4 - coords.nbytes] + coords.tobytes()
+        return body + struct.pack("<I", zlib.crc32(body))
 
     def aggregate_mean(self, model, mean, ctx):
         layout = self._layout(model)

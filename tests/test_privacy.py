@@ -1,0 +1,95 @@
+"""Client-level differential privacy: clipping, the noise's scale, the accountant against the
+library's own computation, the budget that ends a run, and the settings that cannot work."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from ferret.fl import experiment
+from ferret.fl.config import Config, ConfigError
+from ferret.fl.privacy import ORDERS, PrivacyOptions, client_share, clip, epsilon, noisy_mean, rounds_within
+
+SHARED = {"budget": 3800, "bases": "shared", "allocation": "uniform"}
+
+
+def test_clipping_bounds_each_clients_contribution_exactly():
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(50) * s for s in (0.01, 0.5, 3.0, 40.0)]
+    options = PrivacyOptions(dp_clip=1.0)
+    got = noisy_mean(vectors, options, round_seed=5, clients=4)
+    norms = [np.linalg.norm(v) for v in vectors]
+    want = sum(v * min(1.0, 1.0 / n) for v, n in zip(vectors, norms)) / 4
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    for v in vectors:
+        assert np.linalg.norm(clip(v, 1.0)) <= 1.0 + 1e-15
+    # one client, however large, moves the mean by at most C / m
+    without = noisy_mean(vectors[:3], options, round_seed=5, clients=4)
+    assert np.linalg.norm(got - without) <= 1.0 / 4 + 1e-15
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_the_noise_on_the_sum_has_standard_deviation_z_times_c(mode):
+    options = PrivacyOptions(dp_clip=2.0, dp_noise=1.5, dp_mode=mode)
+    zeros = [np.zeros(200_000) for _ in range(4)]
+    if mode == "distributed":
+        rng = np.random.default_rng(11)
+        zeros = [client_share(z, options, clients=4, rng=rng) for z in zeros]
+    total = 4 * noisy_mean(zeros, options, round_seed=3, clients=4)
+    assert abs(total.mean()) < 4 * 3.0 / math.sqrt(total.size)
+    assert total.std() == pytest.approx(3.0, rel=0.01)  # 200,000 draws: the std is within 0.3 % of 3.0 (4 sigma)
+    again = 4 * noisy_mean(zeros, options, round_seed=3, clients=4)
+    assert np.array_equal(total, again)  # the server's noise is a function of the round's seed
+
+
+@pytest.mark.parametrize("noise,rate,rounds", [(1.0, 0.3, 10), (0.8, 1.0, 5), (2.0, 0.01, 1000)])
+def test_epsilon_is_the_libraries_own(noise, rate, rounds):
+    event = dp_accounting.GaussianDpEvent(noise)
+    if rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(rate, event)
+    accountant = dp_accounting.rdp.RdpAccountant(orders=ORDERS)
+    accountant.compose(event, rounds)
+    assert epsilon(noise, rate, rounds, 1e-5) == accountant.get_epsilon(1e-5)
+    assert epsilon(noise, rate, rounds + 1, 1e-5) > epsilon(noise, rate, rounds, 1e-5)
+    assert epsilon(noise, rate, 0, 1e-5) == 0.0 and epsilon(0.0, rate, 1, 1e-5) == math.inf
+
+
+def test_rounds_within_a_target_are_the_most_that_stay_below_it():
+    allowed = rounds_within(8.0, 1.0, 1.0, 1e-5, 50)
+    assert epsilon(1.0, 1.0, allowed, 1e-5) <= 8.0 < epsilon(1.0, 1.0, allowed + 1, 1e-5)
+
+
+def test_target_epsilon_ends_the_run_before_the_budget_is_spent(tmp_path):
+    options = {**SHARED, "dp_clip": 0.5, "dp_noise": 1.0, "target_epsilon": 8.0}
+    config = Config(algorithm="ferret", options=options, weighting="equal", rounds=5, rouge_samples=0,
+                    synthetic_per_family=20, n_eval=20)
+    lines = []
+    result = experiment.run(config, tmp_path / "run", progress=False, echo=lines.append)
+    assert len(result.rounds) == 2
+    assert "target_epsilon 8.0 allows 2 of the 5 rounds: round 3 would spend ε = 9.09" in lines
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    spent = [r["epsilon"] for r in records if r["kind"] == "round"]
+    assert spent == [epsilon(1.0, 1.0, t, 1e-5) for t in (1, 2)] and spent[-1] <= 8.0
+    assert "ε" in (tmp_path / "run" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"algorithm": "ferret", "options": {**SHARED, "dp_clip": 1.0, "dp_noise": -1.0}},
+     "dp_noise (the noise multiplier) must be a finite number at least 0"),
+    ({"algorithm": "fedavg", "options": {"dp_clip": 1.0, "dp_delta": 1.0}}, "dp_delta must be in (0, 1)"),
+    ({"algorithm": "fedavg", "options": {"dp_noise": 1.0}}, "dp_noise and target_epsilon need dp_clip"),
+    ({"algorithm": "fedavg", "options": {"dp_clip": 1.0, "target_epsilon": 3.0}}, "target_epsilon needs dp_noise above 0"),
+    ({"algorithm": "fedavg", "options": {"dp_clip": 1.0, "dp_mode": "local"}}, "dp_mode must be one of"),
+    ({"algorithm": "fedavg", "options": {"dp_clip": 1.0}}, "differential privacy weighs every client equally"),
+    ({"algorithm": "ferret", "weighting": "equal", "options": {"dp_clip": 1.0}},
+     "differential privacy adds noise to the sum of the clients' coordinates: it needs bases='shared'"),
+    ({"algorithm": "fedavg", "weighting": "equal", "options": {"dp_clip": 1.0, "aggregator": "median"}},
+     "differential privacy calibrates its noise to the clipped sum"),
+])
+def test_bad_privacy_settings_stop_with_one_message(settings, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config(**settings)
