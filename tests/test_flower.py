@@ -220,7 +220,8 @@ CASES = {"ferret": ("ferret", {}),
                                              "attack": "scale:10", "malicious": [2]}),
          "ferret-dp-central": ("ferret", {"options": {**SHARED, "dp_clip": 0.5, "dp_noise": 0.7}, "weighting": "equal"}),
          "fedavg-dp-distributed": ("fedavg", {"options": {"dp_clip": 0.5, "dp_noise": 0.7, "dp_mode": "distributed"},
-                                              "weighting": "equal"})}
+                                              "weighting": "equal"}),
+         "flora-dp": ("flora", {"options": {"ranks": [8, 4, 2], "dp_clip": 0.05, "dp_noise": 0.5}, "weighting": "equal"})}
 
 
 def test_every_algorithm_has_a_simulation_case():

@@ -93,3 +93,43 @@ def test_target_epsilon_ends_the_run_before_the_budget_is_spent(tmp_path):
 def test_bad_privacy_settings_stop_with_one_message(settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Config(**settings)
+
+
+def test_a_lora_clients_update_is_clipped_as_a_whole_and_the_noise_lands_on_the_adapted_weights():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ferret import fl, lora
+    from ferret.fl.algorithms.base import RoundContext
+    from ferret.fl.algorithms.lora import encode_adapter, update_norm
+    from ferret.fl.models import stories260k_dir
+
+    gen = torch.Generator().manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(stories260k_dir())
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    modules = dict(model.named_modules())
+
+    def adapter(scale):
+        terms = {}
+        for n in names:
+            out, inp = modules[n].weight.shape
+            terms[n] = [lora.LoraTerm(torch.randn(4, inp, generator=gen) * scale, torch.randn(out, 4, generator=gen), 0.5)]
+        return lora.LoraAdapter(terms)
+
+    small, big = adapter(1e-4), adapter(10.0)
+    dense = sum(float((0.5 * t.B.double() @ t.A.double()).square().sum()) for ts in big.terms.values() for t in ts)
+    assert update_norm(big) == pytest.approx(math.sqrt(dense), rel=1e-9)
+    before = {n: modules[n].weight.detach().clone() for n in names}
+    algorithm = fl.FLoRA(ranks=4, target_modules=["q_proj", "down_proj"], dp_clip=1.0, dp_noise=0.0)
+    ctx = RoundContext(round=0, round_seed=7, clients=[0, 1, 2])
+    algorithm.aggregate(model, [encode_adapter(small), encode_adapter(big)], [0.5, 0.5], ctx)
+    moved = math.sqrt(sum(float((modules[n].weight - before[n]).double().square().sum()) for n in names))
+    # Σ clip(update_i) / m with m = 3: the big client contributes exactly 1/3 in norm, the small one ~0
+    assert moved == pytest.approx(1.0 / 3, abs=1e-3)
+    noisy = fl.FLoRA(ranks=4, target_modules=["q_proj", "down_proj"], dp_clip=1.0, dp_noise=2.0)
+    after_clean = {n: modules[n].weight.detach().clone() for n in names}
+    noisy.apply(model, encode_adapter(lora.LoraAdapter({n: [lora.LoraTerm(torch.zeros(1, modules[n].weight.shape[1]),
+                                                                          torch.zeros(modules[n].weight.shape[0], 1), 1.0)]
+                                                        for n in names})), ctx)
+    noise = torch.cat([(modules[n].weight - after_clean[n]).flatten() for n in names])
+    assert float(noise.std()) == pytest.approx(2.0 / 3, rel=0.02)  # z·C / m

@@ -35,6 +35,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .algorithms import ALGORITHMS, Algorithm, LocalTraining
 from .attacks import parse_attack
 from .partitions import PARTITIONS
+from .privacy import PrivacyOptions
 from .robust import RobustOptions, check_round
 from .protocol import WEIGHTINGS
 from .runtime import Runtime, resolve
@@ -144,11 +145,11 @@ class Config(Settings):
             if bad or len(set(self.malicious)) != len(self.malicious):
                 raise ValueError(f"malicious must name distinct clients in 0..{self.clients - 1}, got {self.malicious}")
         options = algorithm.options
-        if not isinstance(options, RobustOptions):
-            return
-        if options.private and self.weighting != "equal":
+        if isinstance(options, PrivacyOptions) and options.private and self.weighting != "equal":
             raise ValueError("differential privacy weighs every client equally (an example count is private too): "
                              "set weighting = 'equal'")
+        if not isinstance(options, RobustOptions):
+            return
         per_round = max(1, round(self.fraction * self.clients))
         check_round(options.aggregator, options.byzantine, per_round)
         if options.aggregator in ("trimmed-mean", "krum", "multi-krum") and len(self.malicious) > options.byzantine:

@@ -8,11 +8,13 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ... import lora
+from ..privacy import NOISE_DOMAIN, PrivacyOptions
 from ..runtime import model_device
-from ..settings import Settings, positive_finite
+from ..settings import positive_finite
 from ..train import first_order_steps
 from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate
 from .uploads import decode_tensors, encode_tensors, metadata_of
@@ -22,16 +24,24 @@ MAX_RANK = 4096
 
 
 @dataclass(frozen=True)
-class LoraOptions(Settings):
+class LoraOptions(PrivacyOptions):
     """``ranks``: every client's LoRA rank, or one per client (client c takes ``ranks[c % len]``);
     ``alpha_per_rank``: LoRA's alpha over the rank (the scaling is alpha / r); ``target_modules``:
-    the module names (or one name) the adapters wrap."""
+    the module names (or one name) the adapters wrap. ``dp_clip``, ``dp_noise``, ``dp_delta``,
+    ``target_epsilon``: client-level differential privacy (:mod:`ferret.fl.privacy`), central
+    only: each client's update Σ_modules B_i A_i is clipped to Frobenius norm ``dp_clip`` (its
+    scaling, not its factors, shrinks), and the server adds Gaussian noise of ``dp_noise`` ×
+    ``dp_clip`` / m to every adapted weight after merging the m clients' clipped updates."""
 
     ranks: int | list[int] = 8
     alpha_per_rank: float = 2.0
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def validate(self) -> None:
+        super().validate()
+        if self.private and self.dp_mode != "central":
+            raise ValueError("LoRA uploads are low-rank factors, which cannot carry dense noise shares: use "
+                             "dp_mode='central'")
         ranks = [self.ranks] if isinstance(self.ranks, int) else self.ranks
         if not ranks or any(not 1 <= r <= MAX_RANK for r in ranks):
             raise ValueError(f"ranks must be a rank or a non-empty list of ranks from 1 to {MAX_RANK}, got {self.ranks}")
@@ -104,11 +114,43 @@ class LoraAlgorithm(Algorithm):
 
     def aggregate(self, model, uploads, weights, ctx):
         device = model_device(model)
-        self.broadcast = encode_adapter(self.combine([decode_adapter(u, device) for u in uploads], weights))
+        adapters = [decode_adapter(u, device) for u in uploads]
+        if self.options.private:  # Σ clip(update_i) / m: each clipped, scaled so equal weights give the sum over m
+            share = len(adapters) / len(ctx.clients)
+            adapters = [scaled(a, share * min(1.0, self.options.dp_clip / update_norm(a))) for a in adapters]
+            weights = [1.0 / len(adapters)] * len(adapters)
+        self.broadcast = encode_adapter(self.combine(adapters, weights))
         self.apply(model, self.broadcast, ctx)
 
     def apply(self, model, broadcast, ctx):
-        lora.merge_into(model, decode_adapter(broadcast, model_device(model)), backend=self.runtime.lora_backend)
+        adapter = decode_adapter(broadcast, model_device(model))
+        lora.merge_into(model, adapter, backend=self.runtime.lora_backend)
+        o = self.options
+        if o.private and o.dp_noise:
+            modules = dict(model.named_modules())
+            std = o.dp_noise * o.dp_clip / len(ctx.clients)
+            with torch.no_grad():
+                for i, name in enumerate(sorted(adapter.modules)):  # the round's public seed: every replica adds the same
+                    weight = modules[name].weight
+                    rng = np.random.default_rng([ctx.round_seed, NOISE_DOMAIN, i])
+                    noise = torch.from_numpy(rng.standard_normal(tuple(weight.shape)).astype(np.float32))
+                    weight.add_((noise * std).to(weight.device, weight.dtype))
+
+
+def update_norm(adapter: lora.LoraAdapter) -> float:
+    """The Frobenius norm of the whole update Σ_terms coef · B @ A, over every module, computed
+    from the factors: ‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ), never forming B A."""
+    total = 0.0
+    for name in adapter.modules:
+        A, B = adapter.stacked(name)
+        total += float(((B.T.double() @ B.double()) * (A.double() @ A.T.double())).sum())
+    return math.sqrt(max(total, 0.0))
+
+
+def scaled(adapter: lora.LoraAdapter, factor: float) -> lora.LoraAdapter:
+    """``adapter`` with every term's scaling multiplied by ``factor``."""
+    return lora.LoraAdapter({name: [lora.LoraTerm(t.A, t.B, t.coef * factor) for t in terms]
+                             for name, terms in adapter.terms.items()}, fan_in_fan_out=adapter.fan_in_fan_out)
 
 
 def init_adapter(peft_model, generator: torch.Generator) -> None:
