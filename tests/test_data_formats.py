@@ -129,7 +129,8 @@ def test_the_messages_format_loads_conversations(tmp_path):
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["instruction"]},
                           {"role": "assistant", "content": r["response"]}], "task": r["category"]} for r in ROWS]
     want = [Example(e.instruction, e.response, e.category, history=(("system", "Be brief."),)) for e in EXAMPLES]
-    for path in write_formats(tmp_path, rows)[:2] + write_formats(tmp_path, rows)[3:]:  # CSV holds no lists
+    paths = write_formats(tmp_path, rows)
+    for path in paths[:2] + paths[3:]:  # CSV holds no lists
         assert load_examples(path, {"category": "task"}) == want, path.name
 
 

@@ -97,7 +97,7 @@ def test_bad_privacy_settings_stop_with_one_message(settings, message):
 
 def test_a_lora_clients_update_is_clipped_as_a_whole_and_the_noise_lands_on_the_adapted_weights():
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ferret import fl, lora
     from ferret.fl.algorithms.base import RoundContext

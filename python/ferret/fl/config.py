@@ -36,11 +36,11 @@ from .algorithms import ALGORITHMS, Algorithm, LocalTraining
 from .attacks import parse_attack
 from .partitions import PARTITIONS
 from .privacy import PrivacyOptions
-from .robust import RobustOptions, check_round
 from .protocol import WEIGHTINGS
+from .robust import RobustOptions, check_round
 from .runtime import Runtime, resolve
 from .settings import ConfigError, Settings, at_least, one_of, positive_finite
-from .sources import FIELDS
+from .sources import check_columns
 from .templates import TEMPLATES
 
 REFERENCES = ("centralized", "standalone")
@@ -116,11 +116,7 @@ class Config(Settings):
         if self.template not in TEMPLATES and not Path(self.template).is_file():
             raise ValueError(f"template must be one of {', '.join(map(repr, TEMPLATES))} or the path of a Jinja "
                              f"chat template; no file at {self.template!r}")
-        for key, column in self.columns.items():
-            if key not in FIELDS:
-                raise ValueError(f"columns: unknown field {key!r} (fields: {', '.join(FIELDS)})")
-            if not isinstance(column, str) or not column:
-                raise ValueError(f"columns: {key} must name a column, got {column!r}")
+        check_columns(self.columns)
         if self.algorithm in REFERENCES:
             if self.options:
                 raise ValueError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")

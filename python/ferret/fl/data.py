@@ -195,7 +195,7 @@ def encode(examples: list[Example], tokenizer, max_prompt: int = 128, max_length
 
     if not 0 < max_prompt < max_length:
         raise DataError(f"need 0 < max_prompt < max_length, got {max_prompt} and {max_length}")
-    fmt = prompt_format(tokenizer, template) if isinstance(template, (str, Path)) else template
+    fmt = prompt_format(tokenizer, template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [fmt.encode(ex, max_prompt, max_length) for ex in examples]
     return Encoded([ids for ids, _ in rows], [labels for _, labels in rows], pad)

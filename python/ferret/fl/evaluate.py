@@ -46,7 +46,7 @@ def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128
     of the assistant's turn or after ``max_new_tokens``."""
     from rouge_score import rouge_scorer
 
-    fmt = _format(tokenizer, template)
+    fmt = prompt_format(tokenizer, template)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     model.eval()
     device = model_device(model)
@@ -65,10 +65,6 @@ def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
     return float(np.mean(scores)) if scores else float("nan")
-
-
-def _format(tokenizer, template):
-    return prompt_format(tokenizer, str(template)) if isinstance(template, (str, Path)) else template
 
 
 LETTERS = "ABCD"
@@ -103,7 +99,7 @@ def mmlu_accuracy(model, tokenizer, questions: list[Example], *, template="auto"
     """Fraction of ``questions`` whose correct letter X among A–D gives the continuation
     ``"The answer is: X"`` of the prompt (in ``template``'s format) the highest log-likelihood
     (scored on the model's device under ``runtime.autocast()``, one host sync per question)."""
-    fmt = _format(tokenizer, template)
+    fmt = prompt_format(tokenizer, template)
     model.eval()
     device = model_device(model)
     letter_ids = [tokenizer(f"The answer is: {x}", add_special_tokens=False)["input_ids"] for x in LETTERS]

@@ -23,8 +23,8 @@ from . import checkpoint, models, privacy, references, report
 from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
 from .data import DataError, Encoded, Example, decode_utf8, encode, holdout, load_natural_instructions, read_bytes, \
     synthetic_tasks
-from .partitions import partition
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
+from .partitions import partition
 from .results import RunResult, append_metrics, read_lines, round_lines, start_extra, temporary, write_metrics
 from .runtime import Runtime
 from .simulation import run as run_rounds
@@ -86,10 +86,15 @@ def examples_of(config: Config) -> list[Example]:
     :class:`~ferret.fl.data.DataError`."""
     if config.data == "synthetic":
         return synthetic_tasks(config.synthetic_per_family, seed=config.seed)
-    path = Path(config.data)
-    if path.is_dir() and not is_saved_dataset(path):
-        return [ex for task in load_natural_instructions(path).values() for ex in task]
-    return load_examples(path, config.columns)
+    if _natural_instructions(config):
+        return [ex for task in load_natural_instructions(config.data).values() for ex in task]
+    return load_examples(config.data, config.columns)
+
+
+def _natural_instructions(config: Config) -> bool:
+    """Whether ``config.data`` is a Natural Instructions directory (a directory of task files, not
+    one written by ``save_to_disk``)."""
+    return Path(config.data).is_dir() and not is_saved_dataset(Path(config.data))
 
 
 def client_examples(config: Config, train: list[Example]) -> list[list[Example]]:
@@ -98,8 +103,7 @@ def client_examples(config: Config, train: list[Example]) -> list[list[Example]]
     categories). Raises :class:`~ferret.fl.data.DataError` when a client would hold too few."""
     how = config.partition
     if how == "auto":
-        natural_instructions = Path(config.data).is_dir() and not is_saved_dataset(Path(config.data))
-        how = "column" if natural_instructions else "dirichlet"
+        how = "column" if _natural_instructions(config) else "dirichlet"
     return partition(train, how, config.clients, config.seed, alpha=config.alpha,
                      min_per_client=config.min_per_client, shards_per_client=config.shards_per_client)
 

@@ -129,7 +129,7 @@ def rounds_within(target: float, noise: float, sample_rate: float, delta: float,
 def spent(options, clients: int, fraction: float, rounds: int) -> float | None:
     """ε after ``rounds`` rounds of a run whose algorithm has ``options`` (None when the run is
     not differentially private), with ``fraction`` of ``clients`` sampled per round."""
-    if getattr(options, "dp_clip", None) is None:
+    if not (isinstance(options, PrivacyOptions) and options.private):
         return None
     per_round = max(1, round(fraction * clients))
     return epsilon(options.dp_noise, per_round / clients, rounds, options.dp_delta)
@@ -137,7 +137,7 @@ def spent(options, clients: int, fraction: float, rounds: int) -> float | None:
 
 def rounds_allowed(options, clients: int, fraction: float, rounds: int) -> int:
     """The rounds a run may do: ``rounds``, or fewer when ``target_epsilon`` would be exceeded."""
-    if getattr(options, "target_epsilon", None) is None:
+    if not isinstance(options, PrivacyOptions) or options.target_epsilon is None:
         return rounds
     per_round = max(1, round(fraction * clients))
     return rounds_within(options.target_epsilon, options.dp_noise, per_round / clients, options.dp_delta, rounds)

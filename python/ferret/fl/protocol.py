@@ -22,7 +22,7 @@ import torch
 from ..spec import block_seed
 from .algorithms import Algorithm, ClientContext, MalformedUpload, NonFiniteUpdate, RoundContext
 from .attacks import tamper
-from .privacy import client_share
+from .privacy import PrivacyOptions, client_share
 from .data import Encoded
 
 WEIGHTINGS = ("examples", "equal")
@@ -75,7 +75,7 @@ def run_client(algorithm: Algorithm, model: torch.nn.Module, data: Encoded, ctx:
     except NonFiniteUpdate as err:
         return ClientRun(None, time.perf_counter() - start, str(err))
     options = algorithm.options
-    if getattr(options, "dp_clip", None) is not None and options.dp_mode == "distributed":
+    if isinstance(options, PrivacyOptions) and options.private and options.dp_mode == "distributed":
         upload = algorithm.from_summable(upload, client_share(algorithm.summable(upload), options,
                                                               len(ctx.clients), ctx.rng))
     if attack is not None:

@@ -88,8 +88,9 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     import matplotlib.ticker
 
     rouge = {name: rouge_points(result) for name, result in results.items()}
+    scored = any(rouge.values())
     private = any(r.epsilon is not None for result in results.values() for r in result.rounds)
-    panels = 2 + bool(any(rouge.values())) + private
+    panels = 2 + scored + private
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.6))
     by_round, by_bytes = axes[:2]
     colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
@@ -100,7 +101,7 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
         sent = np.cumsum([_mean(list(r.upload_bytes.values())) for r in result.rounds])
         if sent.size and sent[-1] > 0:
             by_bytes.plot(sent, losses[1:], **style)
-        if any(rouge.values()) and rouge[name]:
+        if scored and rouge[name]:
             axes[2].plot(*zip(*[(t, 100 * v) for t, v in rouge[name]]), **style)
         spent = [(r.epsilon, r.eval_loss) for r in result.rounds if r.epsilon is not None]
         if private and spent:
@@ -108,13 +109,13 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     by_round.set(xlabel="round", ylabel="eval loss (response tokens)", title="eval loss by round")
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
-    if any(rouge.values()):
+    if scored:
         axes[2].set(xlabel="round", ylabel="Rouge-L", title="Rouge-L of greedy answers (round 0: the start)")
     if private:
         axes[-1].set(xlabel="ε spent (at the run's δ)", ylabel="eval loss", title="eval loss against privacy spent")
     for ax in axes:
         ax.grid(alpha=0.3)
-    for ax in [by_round] + ([axes[2]] if any(rouge.values()) else []):
+    for ax in [by_round] + ([axes[2]] if scored else []):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.legend(loc="lower center", ncol=min(len(results), 3), fontsize=8, frameon=False)
     if title:

@@ -46,12 +46,7 @@ def load_examples(path: str | Path, columns: dict | None = None) -> list[Example
     """
     path = Path(path)
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(FIELDS))
-    if unknown:
-        raise DataError(f"columns: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
-    bad = next((k for k, v in columns.items() if not isinstance(v, str) or not v), None)
-    if bad:
-        raise DataError(f"columns: {bad} must name a column, got {columns[bad]!r}")
+    check_columns(columns)
     table = _read(path)
     names = list(table.column_names)
     mapping = _mapping(path, names, columns)
@@ -59,6 +54,15 @@ def load_examples(path: str | Path, columns: dict | None = None) -> list[Example
         raise DataError(f"{path} holds no records")
     read = _conversation if "messages" in mapping else _instruction
     return [read(path, i, row, mapping) for i, row in enumerate(table.select_columns(list(mapping.values())))]
+
+
+def check_columns(columns: dict) -> None:
+    """Raise :class:`DataError` unless ``columns`` maps fields of :data:`FIELDS` to column names."""
+    for field, column in columns.items():
+        if field not in FIELDS:
+            raise DataError(f"columns: unknown field {field!r} (fields: {', '.join(FIELDS)})")
+        if not isinstance(column, str) or not column:
+            raise DataError(f"columns: {field} must name a column, got {column!r}")
 
 
 def _read(path: Path):
@@ -71,7 +75,7 @@ def _read(path: Path):
         except Exception as err:  # datasets raises many kinds; all mean the same to the user
             raise DataError(f"{path}: not a readable saved dataset ({type(err).__name__}: {err})") from None
         if isinstance(loaded, datasets.DatasetDict):
-            if list(loaded) != ["train"] and len(loaded) != 1:
+            if "train" not in loaded and len(loaded) != 1:
                 raise DataError(f"{path} holds the splits {', '.join(loaded)}: save the one to train on alone, "
                                 f"or name it 'train'")
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))

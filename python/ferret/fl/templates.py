@@ -27,11 +27,14 @@ TEMPLATES = ("auto", "chat", "plain")  # or the path of a Jinja chat template
 IGNORE = -100
 
 
-def prompt_format(tokenizer, template: str = "auto") -> "PlainFormat | ChatFormat":
+def prompt_format(tokenizer, template="auto") -> "PlainFormat | ChatFormat":
     """The format ``template`` names for ``tokenizer``: ``"auto"`` (its chat template when it has
-    one, else plain), ``"chat"``, ``"plain"`` or the path of a Jinja chat template file. Raises
-    :class:`ConfigError` for ``"chat"`` on a tokenizer without a chat template, or a template file
-    that is missing, unreadable or not a usable chat template."""
+    one, else plain), ``"chat"``, ``"plain"`` or the path of a Jinja chat template file; a format
+    object is returned as it is. Raises :class:`ConfigError` for ``"chat"`` on a tokenizer without
+    a chat template, or a template file that is missing, unreadable or not a usable chat template."""
+    if isinstance(template, (PlainFormat, ChatFormat)):
+        return template
+    template = str(template)
     if template == "plain" or (template == "auto" and not getattr(tokenizer, "chat_template", None)):
         return PlainFormat(tokenizer)
     if template in ("auto", "chat"):

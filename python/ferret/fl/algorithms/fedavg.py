@@ -9,9 +9,7 @@ import torch
 
 from ... import spec
 from ..data import Encoded, batch_schedule
-from ..defences import DefenceOptions
-from ..privacy import noisy_mean
-from ..robust import bound_norms, combine
+from ..defences import DefenceOptions, defended
 from ..runtime import model_device
 from ..settings import positive_finite
 from ..train import first_order_steps, trainable, zeroth_order_step
@@ -55,16 +53,9 @@ class FedAvg(Algorithm):
                 raise MalformedUpload(f"update tensor {name} {tuple(t.shape)} does not fit the model")
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
-        o = self.options
-        if o.private:  # clipped, noised, equally weighted: the DP mean of the vectors
-            self.aggregate_mean(model, noisy_mean([self.summable(u) for u in uploads], o, ctx.round_seed,
-                                                  len(ctx.clients)), ctx)
+        uploads = defended(self, model, uploads, weights, ctx)
+        if uploads is None:  # a private mean or a robust statistic aggregated the round
             return
-        if o.aggregator != "mean":
-            self.aggregate_mean(model, combine([self.summable(u) for u in uploads], weights, o), ctx)
-            return
-        if o.norm_bound is not None:
-            uploads = [self.from_summable(u, bound_norms(self.summable(u)[None], o.norm_bound)[0]) for u in uploads]
         device = model_device(model)
         total: dict[str, torch.Tensor] = {}
         for upload, w in zip(uploads, weights):

@@ -18,9 +18,7 @@ from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
 from ...packet import Packet, PacketError
 from ...projection import block_counts
-from ..defences import DefenceOptions
-from ..privacy import noisy_mean
-from ..robust import bound_norms, combine
+from ..defences import DefenceOptions, defended
 from ..settings import one_of, positive_finite
 from ..train import first_order_steps, trainable
 from .base import Algorithm, LocalTraining, MalformedUpload, difference, snapshot
@@ -171,16 +169,9 @@ class Ferret(Algorithm):
             raise MalformedUpload("the coordinates hold NaN or Inf")
 
     def aggregate(self, model, uploads, weights, ctx):
-        o = self.options
-        if o.private:  # clipped, noised, equally weighted: the DP mean of the vectors
-            self.aggregate_mean(model, noisy_mean([self.summable(u) for u in uploads], o, ctx.round_seed,
-                                                  len(ctx.clients)), ctx)
+        uploads = defended(self, model, uploads, weights, ctx)
+        if uploads is None:  # a private mean or a robust statistic aggregated the round
             return
-        if o.aggregator != "mean":  # a robust statistic of the aligned coordinate vectors
-            self.aggregate_mean(model, combine([self.summable(u) for u in uploads], weights, o), ctx)
-            return
-        if o.norm_bound is not None:
-            uploads = [self.from_summable(u, bound_norms(self.summable(u)[None], o.norm_bound)[0]) for u in uploads]
         merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
         self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
         self.apply(model, self.broadcast, ctx)
