@@ -7,6 +7,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -64,6 +65,11 @@ ferret::Basis basis_of(int b) {
   return ferret::Basis(b);
 }
 
+// A segment's place in its block: from 0, and ending where an int64 index still reaches.
+void check_start(int64_t start, int64_t n) {
+  if (start < 0 || start > INT64_MAX - n) throw nb::value_error("start must be at least 0, with start + size in int64");
+}
+
 // The segments of one block: buffers with the block index of their first element.
 template <class A>
 std::vector<ferret::Segment> segments_of(const std::vector<A>& xs, const std::vector<int64_t>& starts,
@@ -98,6 +104,7 @@ NB_MODULE(_core, m) {
         const auto dt = dtype_of(x, "the update");
         if (gamma.dtype() != nb::dtype<double>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float64 array");
         const auto b = basis_of(basis);
+        check_start(start, int64_t(x.size()));
         nb::gil_scoped_release release;
         ferret::compress(x.data(), dt, int64_t(x.size()), start, seed, b, int(gamma.shape(0)),
                          static_cast<double*>(gamma.data()));
@@ -112,6 +119,7 @@ NB_MODULE(_core, m) {
         const auto dt = dtype_of(out, "the output");
         if (gamma.dtype() != nb::dtype<float>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float32 array");
         const auto b = basis_of(basis);
+        check_start(start, int64_t(out.size()));
         nb::gil_scoped_release release;
         ferret::reconstruct(out.data(), dt, int64_t(out.size()), start, seed, b, static_cast<const float*>(gamma.data()),
                             int(gamma.shape(0)), scale);
@@ -125,6 +133,7 @@ NB_MODULE(_core, m) {
         Output theta = output(theta_obj, "the parameters");
         const auto dt = dtype_of(theta, "the parameters");
         const auto b = basis_of(basis);
+        check_start(start, int64_t(theta.size()));
         nb::gil_scoped_release release;
         ferret::perturb(theta.data(), dt, int64_t(theta.size()), start, seed, b, eps);
       },

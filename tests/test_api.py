@@ -247,6 +247,15 @@ def test_packet_constructor_validates():
         Packet(0, "rademacher", 0, bytes(16), np.array([1]), np.array([np.nan], np.float32))
     with pytest.raises(PacketError, match="outside"):
         Packet(-1, "rademacher", 0, bytes(16), np.array([1]), np.zeros(1, np.float32))
+    # every field is checked when the packet is made, not when it is encoded
+    for changes, message in [({"round_seed": 1.5}, "round_seed is an int, got 1.5"),
+                             ({"round_seed": True}, "round_seed is an int"),
+                             ({"group_size": "7"}, "group_size is an int"), ({"group_size": -1}, "group size -1"),
+                             ({"group_size": 2**64}, "outside"), ({"fingerprint": "x" * 16}, "16 bytes")]:
+        fields = {"round_seed": 0, "basis": "rademacher", "group_size": 0, "fingerprint": bytes(16),
+                  "counts": np.array([1]), "coords": np.zeros(1, np.float32), **changes}
+        with pytest.raises(PacketError, match=message):
+            Packet(**fields)
 
 
 def test_parameters_that_require_grad():
@@ -457,3 +466,43 @@ def test_steps_too_small_to_reach_inf_leave_the_largest_values_finite(dtype):
         packet = ferret.compress(torch.randn(64), seed=0, budget=8)
         ferret.reconstruct(packet, into=target, scale=1e-3)
         assert torch.isfinite(target).all() and torch.equal(target, torch.full((64,), sign * top, dtype=dtype))
+
+
+def test_a_transform_holds_as_many_clients_as_its_smallest_block_and_the_budget_allow():
+    """Known answers of ferret.slots: blocks of 8 and 300 elements hold 8 slots of 24 coordinates
+    (the 8-element block has 8 rows); 20 clients make 3 groups of at most 7; a budget the rows
+    of two 64-element blocks hold once only, one slot; a named Hadamard size of 1024 over four
+    4096-element blocks, 20 slots of 200 (4 x 1024 / 200)."""
+    from ferret import slots
+    from ferret.spec import group_seed
+
+    assert slots.capacity([8, 300], 24) == 8
+    assert slots.grouping(8, [8, 300], 24) == (1, 8) and slots.grouping(20, [8, 300], 24) == (3, 7)
+    assert slots.capacity([64, 64], 100) == 1 and slots.capacity([4096] * 4, 200, "hadamard:1024") == 20
+    assert slots.capacity([64], 100) == 0
+    with pytest.raises(ValueError, match="a budget of 100 coordinates does not fit one client's rows"):
+        slots.grouping(3, [64], 100)
+    first, last = slots.place(77, 0, 20, [8, 300], 24), slots.place(77, 19, 20, [8, 300], 24)
+    assert (first.seed, first.slot, first.slots, first.group) == (77, 0, 7, 0)  # group 0 keeps the round's seed
+    assert (last.seed, last.slot, last.slots, last.group) == (group_seed(77, 2), 5, 7, 2)
+    assert len({slots.place(77, i, 20, [8, 300], 24).seed for i in range(20)}) == 3
+    assert last.basis == "hadamard:1024"
+    with pytest.raises(ValueError, match="place 20 is not one of a round's 20 clients"):
+        slots.place(77, 20, 20, [8, 300], 24)
+    with pytest.raises(ValueError, match="disjoint rows need the 'hadamard' basis"):
+        slots.capacity([8, 300], 24, "rademacher")
+
+
+@pytest.mark.parametrize("basis,rel", [("hadamard", 1e-5), ("srht:64", 1e-5), ("rademacher", 0.15)])
+def test_estimate_norms_are_the_norms_of_each_blocks_reconstruction(basis, rel):
+    """Exact where a block's rows are orthogonal (the Hadamard kinds on whole chunks), close for
+    Rademacher bases with fewer coordinates than elements: what a server bounds a client by."""
+    rng = np.random.default_rng(4)
+    update = {"a": torch.from_numpy(rng.standard_normal(1024).astype(np.float32)),
+              "b": torch.from_numpy(rng.standard_normal(4096).astype(np.float32) * 3)}
+    packet = ferret.compress(update, 3, 200, basis=basis)
+    rebuilt = ferret.reconstruct(packet, like=update)
+    got = ferret.estimate_norms(packet, ferret.Layout.of(update))
+    np.testing.assert_allclose(got, [float(rebuilt[n].double().norm()) for n in ("a", "b")], rtol=rel)
+    with pytest.raises(PacketError, match="another layout"):
+        ferret.estimate_norms(packet, ferret.Layout.of({"a": update["a"]}))

@@ -78,6 +78,16 @@ def test_compress_bit_identical_to_spec(portable, dtype, start, n, k):
     np.testing.assert_allclose(gamma, exact, rtol=0, atol=1e-5 * np.sqrt(n))
 
 
+@pytest.mark.parametrize("start", [-1, -65536, -100_000, -131072, 2**63 - 5])
+def test_a_start_outside_the_block_is_refused_not_a_crash(start):
+    x, gamma = np.ones(10, np.float32), np.zeros(4)
+    for call in (lambda: _core.compress(x, start, SEED, RAD, gamma),
+                 lambda: _core.reconstruct(x.copy(), start, SEED, RAD, gamma.astype(np.float32), 1.0),
+                 lambda: _core.perturb(x.copy(), start, SEED, RAD, 0.1)):
+        with pytest.raises(ValueError, match="start must be at least 0"):
+            call()
+
+
 def test_compress_accumulates_into_gamma():
     x = np.ones(100, np.float32)
     gamma = np.full(3, 10.0)

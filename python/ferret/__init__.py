@@ -7,6 +7,7 @@ The seeded projection (this release's core)::
     ferret.reconstruct(packet, into=params, scale=server_lr)           # params += lr * update
     ferret.perturb(params, seed, eps)                                  # params += eps * z(seed)
     ferret.merge_by_seed(packets, weights)                             # a server's weighted merge
+    ferret.estimate_norms(packet, layout)                              # what it adds to each block
 
 The compiled core's loops use ``torch.get_num_threads()`` threads unless ``ferret.set_num_threads``
 (or ``FERRET_NUM_THREADS``) says otherwise.
@@ -17,13 +18,13 @@ CPU tensors and NumPy arrays run on the compiled core, CUDA tensors on the Trito
 follow the basis spec in :mod:`ferret.spec` bit for bit.
 """
 
-from . import allocation, lora, spec
+from . import allocation, lora, slots, spec
 from ._core import simd_level
 from .allocation import allocate, check_budget
 from .backends import num_threads, set_num_threads
 from .layout import Layout
 from .packet import Packet, PacketError
-from .projection import compress, merge_by_seed, merge_packets, perturb, reconstruct
+from .projection import compress, estimate_norms, merge_by_seed, merge_packets, perturb, reconstruct
 from .spec import block_seed, normalize_seed
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "block_seed",
     "check_budget",
     "compress",
+    "estimate_norms",
     "lora",
     "merge_by_seed",
     "merge_packets",
@@ -46,5 +48,6 @@ __all__ = [
     "reconstruct",
     "set_num_threads",
     "simd_level",
+    "slots",
     "spec",
 ]

@@ -82,10 +82,20 @@ class Packet:
             raise PacketError(f"row slot {self.slot} of {self.slots} is not one of 0 .. slots - 1")
         if self.slots > 1 and kind != "hadamard":
             raise PacketError(f"only hadamard packets take row slots, not {kind}")
+        for name in ("round_seed", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)):
+                raise PacketError(f"{name} is an int, got {value!r}")
+            try:
+                object.__setattr__(self, name, operator.index(value))
+            except TypeError:
+                raise PacketError(f"{name} is an int, got {value!r}") from None
         if not 0 <= self.round_seed < 2**63:
             raise PacketError(f"round seed {self.round_seed} is outside [0, 2**63)")
-        if len(self.fingerprint) != 16:
-            raise PacketError("a layout fingerprint has 16 bytes")
+        if not 0 <= self.group_size < 2**64:
+            raise PacketError(f"group size {self.group_size} is outside [0, 2**64)")
+        if not isinstance(self.fingerprint, bytes) or len(self.fingerprint) != 16:
+            raise PacketError("a layout fingerprint is 16 bytes")
         if int(counts.sum(dtype=np.int64)) != coords.size:
             raise PacketError(f"counts sum to {int(counts.sum())} but the packet holds {coords.size} coordinates")
         if np.any(counts == 0):

@@ -268,6 +268,23 @@ def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
     return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, slot, slots)
 
 
+def estimate_norms(packet: Packet, layout: Layout) -> np.ndarray:
+    """The L2 norm of what reconstructing ``packet`` (scale 1) adds to each block of ``layout``,
+    from its coordinates alone: a float64 array, one per block. Exact when a block's basis vectors
+    are orthogonal (the Hadamard bases on whole chunks), close to it for Rademacher and Gaussian
+    bases with fewer coordinates than elements. A server bounds each client's influence with it.
+    Raises :class:`PacketError` if the packet was made for another layout."""
+    _check_fingerprint(packet, layout)
+    counts = packet.counts.astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(packet.counts.astype(np.int64))[:-1]])
+    squares = np.add.reduceat(np.square(packet.coords.astype(np.float64)), starts) if packet.n_blocks else np.zeros(0)
+    sizes = np.asarray(layout.block_sizes, dtype=np.float64)
+    kind, size = parse_basis(packet.basis)
+    if kind == "srht":  # alpha * n / m times an unnormalised transform of chunks of (about) `size`
+        return np.sqrt(squares) * sizes / (counts * np.sqrt(np.minimum(size, sizes)))
+    return np.sqrt(squares) * np.sqrt(sizes) / counts  # ±1 vectors of norm sqrt(n), scaled by 1/m
+
+
 def _check_slot_rows(i: int, p: Packet) -> None:
     """A Hadamard packet's counts fit its slot's rows at the basis's size (no block's is larger)."""
     kind, size = parse_basis(p.basis)

@@ -62,6 +62,9 @@ Everything a client and a server must agree on bit for bit lives here:
     slots hold disjoint rows, slot ``c`` has ``ceil((B - c) / F)`` of them, and a slot's first
     rows do not depend on how many it takes. Merging the slots of one round gives the rows
     ``P[0], P[1], ..`` of slot 0 of 1 (:func:`dense_rows`).
+  - *Groups.* A transform holds only so many slots (:mod:`ferret.slots`); the clients of a round
+    beyond that are split into groups, each taking disjoint rows of a transform of its own seed,
+    :func:`group_seed` (group 0 keeps the round's seed), so each group merges into one packet.
   - *Coordinates.* The fold ``y[l] = sum over chunks c of d_i * x_i`` at ``i = cB + (l xor s_c)``
     (fp32, the pairwise tree over the chunk index; past the block's end and outside the segment,
     elements count as 0, so the last chunk is padded only virtually; the block's segments' folds
@@ -110,6 +113,7 @@ SEED_MODULUS = 1 << 63
 BLOCK_SEED_DOMAIN = 0x0B10C5ED
 SRHT_ROW_DOMAIN = 0x5247A4D5
 DENSE_LANE_DOMAIN = 0x4C414E45  # 'LANE'
+GROUP_SEED_DOMAIN = 0x47525550  # 'GRUP'
 
 _M32 = np.uint64(0xFFFFFFFF)
 _PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -174,6 +178,20 @@ def block_seeds(round_seed: int, count: int) -> list[int]:
     w = philox4x32(b & 0xFFFFFFFF, b >> 32, BLOCK_SEED_DOMAIN, 0, s & 0xFFFFFFFF, s >> 32)
     joined = w[0].astype(np.uint64) | (w[1].astype(np.uint64) << np.uint64(32))
     return (joined % np.uint64(SEED_MODULUS)).astype(np.int64).tolist()
+
+
+def group_seed(round_seed: int, group: int) -> int:
+    """The seed group ``group`` of a round's clients projects with when they take disjoint rows in
+    groups (:mod:`ferret.slots`): the round's own seed for group 0, else one Philox call keyed by
+    the round seed with counter ``(group lo32, group hi32, GROUP_SEED_DOMAIN, 0)``, joined and
+    masked as :func:`block_seed`'s. In ``[0, 2**63)``."""
+    if group < 0:
+        raise ValueError(f"group must be >= 0, got {group}")
+    s = normalize_seed(round_seed)
+    if group == 0:
+        return s
+    w = philox4x32(group & 0xFFFFFFFF, group >> 32, GROUP_SEED_DOMAIN, 0, s & 0xFFFFFFFF, s >> 32)
+    return (int(w[0]) | (int(w[1]) << 32)) % SEED_MODULUS
 
 
 def rademacher(seed: int, k: int, n: int, start: int = 0) -> np.ndarray:
