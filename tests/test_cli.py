@@ -228,6 +228,18 @@ def _refused_up_front(tmp_path: Path):
             (tmp_path / out / name).write_text("mine\n")
     (tmp_path / "cmp").mkdir()
     (tmp_path / "cmp" / "compare.json").write_text("[]\n")
+    ni_good = tmp_path / "ni-good"
+    ni_good.mkdir()
+    (ni_good / "t1.json").write_text(json.dumps(task))
+    saved = tmp_path / "saved-run"  # a run killed before its first checkpoint, its settings edited by hand
+    saved.mkdir()
+    (saved / "config.toml").write_text('epochs = 3\n')
+    (saved / "run.log").write_text("started\n")
+    dup = tmp_path / "dup.csv"
+    dup.write_text("instruction,response,response\n" + "".join(f"q{i},a{i},b{i}\n" for i in range(30)))
+    five = tmp_path / "five.jsonl"
+    five.write_text("".join(json.dumps({"instruction": f"q{i}", "response": f"a{i}", "category": f"c{i % 5}"}) + "\n"
+                            for i in range(60)))
     return [
         (["run", "--min-per-client", "0", "--clients", "20", "--alpha", "0.01"],
          ("split gave all 20 clients", "min_per_client must be at least 1")),  # the split's floor, or the config's
@@ -239,8 +251,29 @@ def _refused_up_front(tmp_path: Path):
         (["run", "--out", "/sys/x"], "cannot write to output directory /sys/x"),
         *[(["run", "--out", tmp_path / out], f"already holds {name.rstrip('/')}") for out, name in clashes.items()],
         (["compare", "fedavg", "--out", tmp_path / "cmp"], "already holds compare.json"),
-        (["run", "--threads", "0"], "--threads must be at least 1, got 0"),
-        (["compare", "fedavg", "--threads", "-1"], "--threads must be at least 1, got -1"),
+        (["run", "--threads", "0"], "--threads must be from 1 to this machine's"),
+        (["compare", "fedavg", "--threads", "-1"], "--threads must be from 1 to this machine's"),
+        (["run", "--threads", "10000"], "--threads must be from 1 to this machine's"),
+        # settings checked together, and against the model and data, before anything is written
+        (["run", "--algorithm", "fedavg", "--weighting", "equal", "--option", "dp_clip=1e300", "--option", "dp_noise=1e10"],
+         "dp_noise × dp_clip = inf is the noise's standard deviation"),
+        (["run", "--weighting", "equal", "--option", "dp_clip=0.5", "--option", "dp_noise=1e308"],
+         "dp_noise × dp_clip = 5e+307"),
+        (["run", "--option", "norm_bound=1e-300"], "norm_bound must be a finite number of at least 1e-06"),
+        (["run", "--algorithm", "flora", "--option", "target_modules=['nope']"],
+         "target_modules ['nope'] match no linear module of the model"),
+        (["run", "--column", "instruction=question"], "columns map a data file's columns, and the synthetic data has none"),
+        (["run", "--data", ni_good, "--column", "instruction=question", "--clients", "1", "--n-eval", "5"],
+         "is a Natural Instructions directory, whose fields are fixed: columns (instruction)"),
+        (["run", "--resume", saved], f"the settings saved in {saved}: unknown key 'epochs'"),
+        (["run", "--data", dup, "--n-eval", "5"], "dup.csv: the header names column 'response' twice"),
+        (["run", "--data", five, "--partition", "column", "--clients", "3", "--n-eval", "5"],
+         "set clients to 5 (3 would leave out 2 categories)"),
+        (["run", "--max-examples", "0"], "max_examples must be at least 1"),
+        (["run", "--max-examples", "3"], "examples, above max_examples=3: raise it"),
+        (["run", "--attack", "group-size", "--malicious", "0", "--algorithm", "fedavg"],
+         "attack 'group-size' edits a Ferret packet's header: fedavg sends none"),
+        (["run", "--attack", "huge,short", "--malicious", "0"], "attack names 2 kinds for 1 malicious clients"),
     ]
 
 

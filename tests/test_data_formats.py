@@ -39,6 +39,17 @@ def test_auto_takes_the_plain_template_without_a_chat_template(tokenizer):
         Config(template="no/such/template.jinja")
 
 
+def test_a_template_that_loops_for_hours_is_refused_in_seconds(tokenizer, tmp_path, monkeypatch):
+    from ferret.fl import templates
+
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.3)
+    looping = tmp_path / "loop.jinja"
+    looping.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                       + TEMPLATE.read_text())
+    with pytest.raises(ConfigError, match="loop.jinja' took more than 0.3 s to render one conversation"):
+        prompt_format(tokenizer, str(looping))
+
+
 def test_chat_template_masks_exactly_the_non_assistant_tokens(tokenizer):
     fmt = prompt_format(tokenizer, str(TEMPLATE))
     ex = Example("Spell cat backwards.", "tac", "reverse")
@@ -146,12 +157,23 @@ def test_the_messages_format_loads_conversations(tmp_path):
     ({}, [{"messages": [{"role": "user", "content": "hi"}]}], r"d.jsonl: record 0: messages must end with a user "
                                                               r"message and the assistant's answer"),
     ({}, [{"messages": [{"role": "pirate", "content": "arr"}]}], r"d.jsonl: record 0: messages\[0\] must be \{role"),
+    ({"messages": "messages", "instruction": "q"},
+     [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "q": "x"}],
+     r"d.jsonl: the records are conversations \(column 'messages'\); columns also maps instruction, which "
+     r"conversations do not use: drop it"),
 ])
 def test_bad_columns_and_records_give_one_clear_error(tmp_path, columns, rows, message):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=message):
         load_examples(path, columns)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("instruction,response,response\nq,a,b\n")
+    with pytest.raises(DataError, match="dup.csv: the header names column 'response' twice: rename one"):
+        load_examples(path)
 
 
 def test_unreadable_files_are_named(tmp_path):
@@ -196,10 +218,19 @@ def test_every_partition_is_deterministic_and_covers_every_example_once(how):
         assert parts != partition(examples, how, 5, seed=4, alpha=0.5, min_per_client=2, shards_per_client=2)
 
 
+@pytest.mark.parametrize("how", PARTITIONS)
+def test_partitions_draw_no_progress_bar(how, capfd):
+    partition(fl.synthetic_tasks(30, seed=1), how, 5, seed=3)
+    assert capfd.readouterr().err == ""
+
+
 def test_partitions_refuse_what_they_cannot_give():
     examples = fl.synthetic_tasks(4, seed=1)
-    with pytest.raises(DataError, match="6 clients asked for, but the data holds 5 distinct categories"):
+    with pytest.raises(DataError, match=r"one client per distinct category, and the data holds 5: set clients to 5 "
+                                        r"\(6 would need 1 more\)"):
         partition(examples, "column", 6, seed=0)
+    with pytest.raises(DataError, match=r"set clients to 5 \(3 would leave out 2 categories\)"):
+        partition(examples, "column", 3, seed=0)
     with pytest.raises(DataError, match="20 examples cannot give 30 clients 1 each"):
         partition(examples, "iid", 30, seed=0)
     with pytest.raises(DataError, match="no dirichlet partition of 20 examples over 8 clients gives each 2"):

@@ -136,7 +136,7 @@ def test_a_data_owner_trains_on_its_own_file(tmp_path):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data": str(own)}, state=RecordDict(),
                       run_config={})
     round_seed = ferret.block_seed(config.seed, 0)
-    info = {"round": 0, "round-seed": round_seed, "partition": 0, "since": 0}
+    info = {"round": 0, "round-seed": round_seed, "client": 0, "since": 0}
     upload, examples, _ = local_update(info, {}, context, config, dict(FLOWER_KEYS))
     assert examples == 7
     assert ferret.Packet.from_bytes(upload).round_seed == round_seed
@@ -155,9 +155,7 @@ mods = []
 if spec.get("faulty"):
     from flwr.app import Message
     def faulty(msg, context, call_next):  # client 1 sends bytes that are no packet; client 2 fails in round 1
-        c = int(context.node_config["partition-id"])
-        if "round" not in msg.content:  # the partition-id query
-            return call_next(msg, context)
+        c = int(msg.content["round"]["client"])  # the server's number for this node
         if c == 2 and int(msg.content["round"]["round"]) == 1:
             raise RuntimeError("client 2 crashed")
         reply = call_next(msg, context)
@@ -169,8 +167,7 @@ if spec.get("faulty"):
 if spec.get("late"):
     import time
     def late(msg, context, call_next):  # client 2 answers round 1 after the server stopped waiting
-        if int(context.node_config["partition-id"]) == 2 and "round" in msg.content \
-                and int(msg.content["round"]["round"]) == 0:
+        if int(msg.content["round"]["client"]) == 2 and int(msg.content["round"]["round"]) == 0:
             time.sleep(spec["late"])
         return call_next(msg, context)
     mods = [late]
@@ -188,7 +185,7 @@ flower = spec.get("flower", {})
 run_simulation(server_app(config, out=spec["out"], threads=1, **flower),
                client_app(config, threads=1, mods=mods, **flower), num_supernodes=config.clients,
                backend_config={"client_resources": {"num_cpus": 1},
-                               "init_args": {"num_cpus": 2, "include_dashboard": False}})
+                               "init_args": {"num_cpus": spec.get("slots", 2), "include_dashboard": False}})
 """
 
 
@@ -211,14 +208,16 @@ CASES = {"ferret": ("ferret", {}),
          "flora": ("flora", {}), "fedit": ("fedit", {"options": {"ranks": 4}}),
          "zeropad": ("zeropad", {"options": {"ranks": [4, 2, 2]}}),
          # every partition gives each client the same examples in both engines; a chat template too
-         "fedavg-iid": ("fedavg", {"partition": "iid"}), "fedavg-column": ("fedavg", {"partition": "column"}),
+         "fedavg-iid": ("fedavg", {"partition": "iid"}), "fedavg-column": ("fedavg", {"partition": "column", "clients": 5}),
          "fedavg-shards-chat": ("fedavg", {"partition": "shards", "template": str(CHAT_TEMPLATE)}),
          # defences and attacks: the same weights in both engines
          "ferret-trimmed-sign-flip": ("ferret", {"options": {**SHARED, "aggregator": "trimmed-mean", "byzantine": 1},
                                                  "attack": "sign-flip", "malicious": [1]}),
          "fedavg-median-scaled": ("fedavg", {"options": {"aggregator": "median", "norm_bound": 1.0},
                                              "attack": "scale:10", "malicious": [2]}),
-         "ferret-dp-central": ("ferret", {"options": {**SHARED, "dp_clip": 0.5, "dp_noise": 0.7}, "weighting": "equal"}),
+         # DP with the default bases: each client's rows its own, noise on every row
+         "ferret-dp-central": ("ferret", {"options": {"budget": 500, "dp_clip": 0.5, "dp_noise": 0.7},
+                                          "weighting": "equal"}),
          "fedavg-dp-distributed": ("fedavg", {"options": {"dp_clip": 0.5, "dp_noise": 0.7, "dp_mode": "distributed"},
                                               "weighting": "equal"}),
          "flora-dp": ("flora", {"options": {"ranks": [8, 4, 2], "dp_clip": 0.05, "dp_noise": 0.5}, "weighting": "equal"})}
@@ -264,16 +263,89 @@ def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_pa
     assert [r["dropped"] for r in rounds] == [[1], [1, 2]]
     assert all(np.isfinite(r["eval_loss"]) for r in rounds)
     log = proc.stdout + proc.stderr
-    assert "client 1 sent an upload the server refuses" in log and "client 2 failed" in log
+    assert "round 0: client 1 dropped: not a Ferret packet" in log and "round 1: client 2 dropped: it failed" in log
     # the rounds aggregated what arrived: the model moved in both rounds
     start = next(m for m in metrics(tmp_path) if m["kind"] == "start")["eval_loss"]
     assert rounds[0]["eval_loss"] != start and rounds[1]["eval_loss"] != rounds[0]["eval_loss"]
 
 
+HOSTILE = "huge,scale:1e6,scale:-100,concentrate,group-size,short,examples:1e15"  # tests/test_hostile.py's uploads
+
+
+def test_hostile_clients_are_dropped_or_bounded_alike_on_flower_and_in_the_embedded_loop(tmp_path):
+    config = small_config("ferret", clients=9, attack=HOSTILE, malicious=[1, 2, 3, 4, 5, 6, 7])
+    simulate(config, tmp_path)
+    want = embedded_weights(config)
+    got = flower_weights(tmp_path, config)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
+    assert all(r["dropped"] == [1, 5, 6, 7] and r["bounded"] >= 2 for r in rounds), rounds
+    assert all(np.isfinite(r["eval_loss"]) for r in rounds)
+
+
+class _Grid:
+    """The SuperLink's view that the strategy asks: which nodes are connected."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _reply(node: int, upload: bytes | None, examples, seconds=0.5, error: bool = False):
+    from flwr.app import Error, Message, MessageType, Metadata, MetricRecord
+
+    metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="train", group_id="0", created_at=0.0, ttl=60.0,
+                        message_type=MessageType.TRAIN)
+    if error:
+        return Message(metadata=metadata, error=Error(code=0, reason="the client crashed"))
+    content = to_record(upload)
+    content["metrics"] = MetricRecord({"num-examples": examples, "local-seconds": seconds})
+    return Message(metadata=metadata, content=content)
+
+
+def test_clients_are_the_nodes_the_superlink_knows_and_their_claims_are_checked(monkeypatch):
+    """Client c is the c-th smallest node id; a reply counts only from the node the round sent to,
+    once, with an example count from 1 to max_examples and finite seconds; the rest are dropped."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from ferret.fl.algorithms.uploads import encode_tensors
+    from ferret.fl.models import load
+    from ferret.flower.strategy import AlgorithmStrategy
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp's process is told
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+    model, _ = load("stories260k")
+    strategy = AlgorithmStrategy(fl.FedAvg(), model, clients=3, seed=1, max_examples=1000, discovery_timeout=1.0)
+    messages = list(strategy.configure_train(1, None, None, _Grid([30, 10, 20, 40])))
+    assert strategy.nodes == {0: 10, 1: 20, 2: 30}  # node 40 connected late: no client
+    assert [(m.metadata.dst_node_id, m.content["round"]["client"]) for m in messages] == [(10, 0), (20, 1), (30, 2)]
+    upload = encode_tensors({n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replies = [_reply(10, upload, 5), _reply(10, upload, 5),  # a second upload from client 0: dropped
+               _reply(20, upload, 10**15), _reply(30, upload, -5), _reply(40, upload, 5), _reply(50, upload, 5)]
+    strategy.aggregate_train(1, replies)
+    record = strategy.result.rounds[-1]
+    assert list(record.upload_bytes) == [0] and record.dropped == [1, 2] and record.skipped is None
+    assert all(torch.allclose(p.detach(), before[n] + 1e-3) for n, p in model.named_parameters())
+    messages = list(strategy.configure_train(2, None, None, _Grid([30, 10, 20, 40])))
+    for claim in (float("inf"), float("nan"), 2.5, 1001):
+        strategy.configure_train(2, None, None, _Grid([]))
+        strategy.aggregate_train(2, [_reply(20, upload, claim), _reply(30, upload, 3, float("inf")),
+                                     _reply(10, None, 3, error=True)])
+        record = strategy.result.rounds[-1]
+        assert not record.upload_bytes and record.dropped == [0, 1, 2] and record.skipped is not None
+
+
 def test_secagg_mean_equals_the_plain_mean_within_the_documented_bound(tmp_path):
     from ferret.flower.secagg import QUANTIZATION_RANGE, error_bound
 
-    config = small_config("ferret", options={"budget": 500, "allocation": "uniform", "bases": "shared"})
+    # the plain run unbounded, as the secure sum must be: the server sees no single client's coordinates
+    config = small_config("ferret", options={"budget": 500, "allocation": "uniform", "bases": "shared",
+                                             "relative_bound": float("inf")})
     proc = simulate(config, tmp_path, flower={"secagg": True, "secagg_range": 16.0})
     assert "coordinates into SecAgg+" in proc.stdout + proc.stderr
     secure = ferret.Packet.from_bytes((tmp_path / "broadcast-0.bin").read_bytes())
@@ -303,7 +375,7 @@ def test_secagg_refuses_what_cannot_be_summed():
     from ferret.flower.secagg import check_secure
 
     with pytest.raises(ConfigError, match="allocation='uniform'"):
-        check_secure(fl.Ferret(budget=500))
+        check_secure(fl.Ferret(budget=500, bases="shared"))
     with pytest.raises(ConfigError, match="cannot be summed"):
         check_secure(fl.FLoRA(ranks=[4]))
     with pytest.raises(ConfigError, match="bases='shared'"):
@@ -312,11 +384,11 @@ def test_secagg_refuses_what_cannot_be_summed():
 
 
 def test_a_late_reply_is_left_out_and_the_client_rejoins(tmp_path):
-    config = small_config("ferret")
-    proc = simulate(config, tmp_path, late=25.0, flower={"round_timeout": 12.0})
+    config = small_config("ferret")  # a slot per client: the sleeper must not keep another client from starting
+    proc = simulate(config, tmp_path, late=45.0, slots=3, flower={"round_timeout": 25.0})
     rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
     assert [r["dropped"] for r in rounds] == [[2], []], proc.stdout[-2000:]
-    assert "no usable reply from clients [2]" in proc.stdout + proc.stderr
+    assert "round 0: no reply from clients [2]" in proc.stdout + proc.stderr
 
 
 # -- deployment --------------------------------------------------------------------------------
@@ -334,9 +406,9 @@ class Deployment:
             assert time.monotonic() < deadline, (root / "superlink.log").read_text()[-2000:]
             time.sleep(0.5)
         for i in range(nodes):
-            self.start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure",
-                                         "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-                                         "--node-config", f"partition-id={i} num-partitions={nodes}"])
+            self.start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure",  # no partition-id: the
+                                         "--superlink", f"127.0.0.1:{self.port}",   # server numbers the nodes
+                                         "--port", str(_free_port())])
         cli = root / "cli"
         cli.mkdir()
         (cli / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -423,5 +495,6 @@ def test_a_supernode_killed_mid_run_leaves_the_others_finishing(tmp_path):
         deployment.stop()
     rounds = [m for m in metrics(tmp_path / "out") if m["kind"] == "round"]
     assert len(rounds) == 3 and not rounds[0]["dropped"]
-    assert all(r["dropped"] == [2] for r in rounds[1:]), [r["dropped"] for r in rounds]
-    assert "no usable reply from clients [2]" in output
+    killed = rounds[1]["dropped"]  # the client the server numbered that node (clients follow node ids)
+    assert len(killed) == 1 and rounds[2]["dropped"] == killed, [r["dropped"] for r in rounds]
+    assert f"round 1: no reply from clients {killed}" in output

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ferret import fl
-from ferret.fl import simulation
+from ferret.fl import server, simulation
 from ferret.fl.results import (RoundRecord, RunResult, append_metrics, from_json, read_metrics, round_lines,
                                start_extra, to_json, write_metrics)
 
@@ -44,7 +44,7 @@ def test_checkpoint_json_round_trips():
 
 
 def test_records_live_in_one_module_and_are_built_with_keywords():
-    assert simulation.RoundRecord is fl.RoundRecord is RoundRecord
-    assert simulation.RunResult is fl.RunResult is RunResult
+    assert server.RoundRecord is fl.RoundRecord is RoundRecord
+    assert server.RunResult is simulation.RunResult is fl.RunResult is RunResult
     with pytest.raises(TypeError):
         RunResult(7.25)

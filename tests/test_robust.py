@@ -1,7 +1,9 @@
-"""Robust aggregation and simulated attacks: each aggregator against its definition written out,
-norm bounding, the attacks, the settings that cannot work, and small runs under attack."""
+"""Robust aggregation, influence bounds and simulated attacks: each aggregator and bound against
+its definition written out, the attacks, the settings that cannot work, and small runs under attack."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from ferret import fl
 from ferret.fl.attacks import parse_attack, tamper
 from ferret.fl.config import Config, ConfigError
 from ferret.fl.models import stories260k_dir
-from ferret.fl.robust import AGGREGATORS, RobustOptions, bound_norms, combine
+from ferret.fl.bounds import BoundOptions, factors, lower_median
+from ferret.fl.robust import AGGREGATORS, RobustOptions, combine
 
 RNG = np.random.default_rng(7)
 VECTORS = [RNG.standard_normal(6) for _ in range(7)]
@@ -50,16 +53,27 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
     assert got.tolist() == [3.5]
 
 
-def test_norm_bounding_cuts_long_vectors_to_the_bound_and_leaves_the_rest():
-    x = np.stack(VECTORS) * np.arange(1, 8)[:, None]
-    bounded = bound_norms(x, 3.0)
-    norms = np.linalg.norm(x, axis=1)
-    for row, orig, n in zip(bounded, x, norms):
-        if n > 3.0:
-            assert np.linalg.norm(row) == pytest.approx(3.0, rel=1e-12)
-            np.testing.assert_allclose(row / np.linalg.norm(row), orig / n, rtol=1e-12)
-        else:
-            assert np.array_equal(row, orig)
+def test_relative_bound_cuts_each_block_to_a_factor_of_its_lower_median():
+    norms = np.abs(np.stack(VECTORS)) + 0.1  # 7 clients x 6 blocks
+    norms[2, 4] = 50.0
+    cut = factors(norms, BoundOptions(relative_bound=2.0))
+    for b in range(norms.shape[1]):
+        limit = 2.0 * sorted(norms[:, b])[3]  # 7 values: the 4th smallest
+        for i in range(norms.shape[0]):
+            want = limit / norms[i, b] if norms[i, b] > limit else 1.0
+            assert cut[i, b] == pytest.approx(want, rel=1e-12)
+    assert cut[2, 4] < 1 and np.all(cut[[0, 1, 3, 4, 5, 6], 4] <= 1)
+    pair = np.array([[1.0], [100.0]])  # of two clients the lower median is the smaller: one cannot raise its bound
+    assert lower_median(pair)[0] == 1.0 and factors(pair, BoundOptions(relative_bound=3.0))[1, 0] == pytest.approx(0.03)
+
+
+def test_norm_bound_cuts_each_upload_over_every_block_after_the_relative_bound():
+    norms = np.array([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0]])
+    cut = factors(norms, BoundOptions(relative_bound=math.inf, norm_bound=1.0))
+    np.testing.assert_allclose(cut, [[0.2, 0.2], [1.0, 1.0], [0.1, 0.1]])
+    both = factors(norms, BoundOptions(relative_bound=1.0, norm_bound=1.0))  # medians 3 and 4, then the norm bound
+    np.testing.assert_allclose(both, [[0.2, 0.2], [1.0, 1.0], [0.1, 0.1]])
+    assert np.array_equal(factors(norms, BoundOptions(relative_bound=math.inf)), np.ones((3, 2)))
 
 
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
@@ -86,8 +100,10 @@ def test_attacks_are_what_they_say():
     noise = tamper(x, "noise", np.random.default_rng(3))
     assert np.linalg.norm(noise) == pytest.approx(5.0)
     assert noise.tolist() == tamper(x, "noise", np.random.default_rng(3)).tolist()  # the client's own generator
-    for bad, message in [("flip", "unknown attack 'flip'"), ("scale:big", "the scale must be a number"),
-                         ("noise:2", "takes no argument")]:
+    assert tamper(np.array([3.0, -4.0, 0.0]), "huge", rng).tolist() == [3.4028234663852886e38, -3.4028234663852886e38,
+                                                                         3.4028234663852886e38]
+    for bad, message in [("flip", "unknown attack 'flip'"), ("scale:big", "the argument must be a number"),
+                         ("noise:2", "takes no argument"), ("short:3", "takes no argument")]:
         with pytest.raises(ValueError, match=message):
             parse_attack(bad)
 
@@ -109,7 +125,11 @@ ROBUST_FERRET = {"budget": 3800, "bases": "shared", "allocation": "uniform"}
     ({"algorithm": "fedavg", "attack": "noise", "malicious": [5]}, "malicious must name distinct clients in 0..4"),
     ({"algorithm": "fedavg", "attack": "noise"}, "attack and malicious go together"),
     ({"algorithm": "fedavg", "attack": "boom", "malicious": [1]}, "unknown attack 'boom'"),
-    ({"algorithm": "fedavg", "options": {"norm_bound": -1.0}}, "norm_bound must be a finite number above 0"),
+    ({"algorithm": "fedavg", "options": {"norm_bound": -1.0}}, "norm_bound must be a finite number of at least 1e-06"),
+    ({"algorithm": "fedavg", "options": {"norm_bound": 1e-300}}, "norm_bound must be a finite number of at least 1e-06"),
+    ({"algorithm": "ferret", "options": {"relative_bound": 0.5}}, "relative_bound must be a factor of at least 1 over the round"),
+    ({"algorithm": "ferret", "options": {"aggregator": "median", "allocation": "norm", "bases": "shared"}},
+     "aggregator 'median' needs every client's block counts fixed in advance: use allocation='uniform' or 'auto'"),
 ])
 def test_settings_that_cannot_defend_stop_with_one_message(settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -135,12 +155,14 @@ def final_loss(data, attack, malicious, **options):
     return result.initial_eval_loss, result.final_eval_loss
 
 
-def test_robust_ferret_withstands_clients_scaling_their_updates_where_the_mean_diverges(data):
+def test_robust_ferret_withstands_clients_scaling_their_updates_where_the_unbounded_mean_diverges(data):
     start, clean = final_loss(data, None, ())
-    _, plain = final_loss(data, "scale:10", [0, 1])
-    assert clean < start - 3.0 and plain > start  # 2 of 7 clients sending 10x their update wreck the mean
+    _, plain = final_loss(data, "scale:10", [0, 1], relative_bound=math.inf)
+    assert clean < start - 3.0 and plain > start  # 2 of 7 clients sending 10x their update wreck an unbounded mean
+    _, bounded = final_loss(data, "scale:10", [0, 1])  # the default bound: each block at most 3x its median
+    assert bounded < start - 2.0, (bounded, clean)  # 2 of 7 at 3x the median each: slower, but learning
     for aggregator, f in [("median", 0), ("trimmed-mean", 2), ("multi-krum", 2)]:
-        _, robust = final_loss(data, "scale:10", [0, 1], aggregator=aggregator, byzantine=f)
+        _, robust = final_loss(data, "scale:10", [0, 1], aggregator=aggregator, byzantine=f, relative_bound=math.inf)
         assert robust < clean + 1.5, (aggregator, robust, clean)
 
 
@@ -152,11 +174,11 @@ def test_sign_flipping_clients_slow_the_mean_down_without_wrecking_it(data):
     assert clean < plain < start - 2.0
 
 
-def test_nan_attackers_are_dropped_and_norm_bounding_caps_a_scaled_client(data):
+def test_nan_attackers_are_dropped_and_the_default_bound_caps_a_scaled_client(data):
     start, _ = final_loss(data, None, ())
     with pytest.warns(RuntimeWarning, match="client 0 dropped: not a Ferret packet: the packet holds NaN"):
         _, dropped = final_loss(data, "nan", [0])
     assert dropped < start - 1.0
-    _, bounded = final_loss(data, "scale:100", [3], norm_bound=1.0)
-    _, unbounded = final_loss(data, "scale:100", [3])
-    assert bounded < unbounded
+    _, bounded = final_loss(data, "scale:100", [3])
+    _, unbounded = final_loss(data, "scale:100", [3], relative_bound=math.inf)
+    assert bounded < start - 1.0 < start < unbounded

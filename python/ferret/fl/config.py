@@ -32,13 +32,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .algorithms import ALGORITHMS, Algorithm, LocalTraining
-from .attacks import parse_attack
+from .algorithms import ALGORITHMS, Algorithm, Ferret, LocalTraining
+from .attacks import PACKET_KINDS, VECTOR_KINDS, parse_attack, split_attacks
 from .partitions import PARTITIONS
 from .privacy import PrivacyOptions
-from .protocol import WEIGHTINGS
 from .robust import RobustOptions, check_round
 from .runtime import Runtime, resolve
+from .server import MAX_EXAMPLES, WEIGHTINGS
 from .settings import ConfigError, Settings, at_least, one_of, positive_finite
 from .sources import check_columns
 from .templates import TEMPLATES
@@ -82,7 +82,8 @@ class Config(Settings):
     max_new_tokens: int = 64
     mmlu: str | None = None      # path of an MMLU json file, scored at the start and the end
     mmlu_questions: int = 0      # 0: all
-    attack: str | None = None    # simulated hostile clients: "sign-flip", "scale:S", "noise", "nan" (ferret.fl.attacks)
+    max_examples: int = MAX_EXAMPLES  # the most examples a client may claim (more: its upload is dropped)
+    attack: str | None = None    # simulated hostile clients: "sign-flip", "scale:S", "huge", ... (ferret.fl.attacks)
     malicious: list[int] = field(default_factory=list)  # the clients that run it
     device: str = "auto"         # see ferret.fl.runtime
     dtype: str = "auto"
@@ -104,7 +105,7 @@ class Config(Settings):
         if self.algorithm not in names:
             raise ValueError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(names)}")
         for name in ("clients", "rounds", "n_eval", "max_prompt", "max_length", "min_per_client",
-                     "synthetic_per_family", "max_new_tokens", "shards_per_client"):
+                     "synthetic_per_family", "max_new_tokens", "shards_per_client", "max_examples"):
             at_least(name, getattr(self, name), 1)
         for name in ("seed", "rouge_samples", "rouge_every", "mmlu_questions"):
             at_least(name, getattr(self, name), 0)
@@ -117,6 +118,9 @@ class Config(Settings):
             raise ValueError(f"template must be one of {', '.join(map(repr, TEMPLATES))} or the path of a Jinja "
                              f"chat template; no file at {self.template!r}")
         check_columns(self.columns)
+        if self.columns and self.data == "synthetic":
+            raise ValueError(f"columns map a data file's columns, and the synthetic data has none: drop "
+                             f"{', '.join(sorted(self.columns))}, or set data to a file")
         if self.algorithm in REFERENCES:
             if self.options:
                 raise ValueError(f"{self.algorithm} takes no options, got {', '.join(self.options)}")
@@ -133,10 +137,16 @@ class Config(Settings):
         if (self.attack is None) != (not self.malicious):
             raise ValueError("attack and malicious go together: name the attack and the clients that run it")
         if self.attack is not None:
-            parse_attack(self.attack)
-            if not algorithm.has_vectors():
-                raise ValueError(f"attack: {self.algorithm}'s uploads are not vectors a simulated client can "
-                                 f"rewrite (use ferret, ferret-paper, fedavg or fedzo)")
+            kinds = split_attacks(self.attack)
+            if len(kinds) > 1 and len(kinds) != len(self.malicious):
+                raise ValueError(f"attack names {len(kinds)} kinds for {len(self.malicious)} malicious clients: name one "
+                                 f"kind for all, or one per malicious client")
+            for kind in (parse_attack(k)[0] for k in kinds):
+                if kind in VECTOR_KINDS and not algorithm.has_vectors():
+                    raise ValueError(f"attack {kind!r}: {self.algorithm}'s uploads are not vectors a simulated client "
+                                     f"can rewrite (use ferret, ferret-paper, fedavg, fedzo or fedkseed)")
+                if kind in PACKET_KINDS and not isinstance(algorithm, Ferret):
+                    raise ValueError(f"attack {kind!r} edits a Ferret packet's header: {self.algorithm} sends none")
             bad = [c for c in self.malicious if not 0 <= c < self.clients]
             if bad or len(set(self.malicious)) != len(self.malicious):
                 raise ValueError(f"malicious must name distinct clients in 0..{self.clients - 1}, got {self.malicious}")

@@ -27,6 +27,7 @@ from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
 from .partitions import partition
 from .results import RunResult, append_metrics, read_lines, round_lines, start_extra, temporary, write_metrics
 from .runtime import Runtime
+from .server import check_shards
 from .simulation import run as run_rounds
 from .sources import is_saved_dataset, load_examples
 from .templates import prompt_format
@@ -75,7 +76,9 @@ def prepare(config: Config) -> Setup:
     fmt = prompt_format(tokenizer, config.template)
     runtime.place(model)
     enc = dict(max_prompt=config.max_prompt, max_length=config.max_length, template=fmt)
-    return Setup(config=config, model=model, tokenizer=tokenizer, shards=[encode(p, tokenizer, **enc) for p in parts],
+    shards = [encode(p, tokenizer, **enc) for p in parts]
+    check_shards(shards, config.max_examples)
+    return Setup(config=config, model=model, tokenizer=tokenizer, shards=shards,
                  eval_data=encode(held, tokenizer, **enc), eval_examples=held, mmlu=mmlu, runtime=runtime,
                  prompt_format=fmt)
 
@@ -87,6 +90,9 @@ def examples_of(config: Config) -> list[Example]:
     if config.data == "synthetic":
         return synthetic_tasks(config.synthetic_per_family, seed=config.seed)
     if _natural_instructions(config):
+        if config.columns:
+            raise DataError(f"{config.data} is a Natural Instructions directory, whose fields are fixed: columns "
+                            f"({', '.join(sorted(config.columns))}) map a data file's columns; drop them")
         return [ex for task in load_natural_instructions(config.data).values() for ex in task]
     return load_examples(config.data, config.columns)
 
@@ -252,7 +258,6 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
             f"{privacy.spent(algorithm.options, config.clients, config.fraction, rounds + 1):.3g}")
 
     def on_round(record) -> None:
-        record.epsilon = privacy.spent(algorithm.options, config.clients, config.fraction, record.round + 1)
         if config.rouge_every and (record.round + 1) % config.rouge_every == 0:
             record.rouge_l = _rouge(setup)
         checkpoint.save(ckpt, setup.model, algorithm, so_far, config_toml)
@@ -264,7 +269,8 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
     return run_rounds(algorithm, setup.model, setup.shards, setup.eval_data, rounds=rounds,
                       fraction=config.fraction, seed=config.seed, weighting=config.weighting,
                       progress=progress, on_round=on_round, resume=so_far, device=config.device, dtype=config.dtype,
-                      backend=config.backend, attack=config.attack, malicious=config.malicious)
+                      backend=config.backend, attack=config.attack, malicious=config.malicious,
+                      max_examples=config.max_examples)
 
 
 def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
@@ -320,6 +326,10 @@ def _round_line(record, rounds: int) -> str:
             f"local {local:.1f} s (slowest client), aggregation {record.aggregate_seconds:.2f} s")
     if record.dropped:
         line += f", dropped clients {record.dropped}"
+    if record.bounded:
+        line += f", {record.bounded} bounded"
+    if record.skipped is not None:
+        line += f"; the model was left as it was ({record.skipped})"
     if record.rouge_l is not None:
         line += f", Rouge-L {100 * record.rouge_l:.2f}"
     if record.epsilon is not None:

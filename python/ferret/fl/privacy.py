@@ -14,6 +14,17 @@ seed: everything the server does afterwards (the reconstruction V·mean, the mod
 post-processing of the noisy sum, so the round is as private as that sum. The noise lives in K
 dimensions, not d. Clients are weighed equally (an example count would be private data too).
 
+**Disjoint rows** (Ferret's default bases). With ``bases="disjoint"`` every client's coordinates
+sit in rows of the round's transforms that no other client uses; its vector x_i places them there
+in the round's common vector of every row (every group's, every slot's), zeros elsewhere. Adding
+or removing a client changes Σ_i clip(x_i, C) only in that client's own rows, by a vector of norm
+at most C: the same sensitivity, so noise z·C on every row (every slot's, those of clients that
+dropped out included) is the same Gaussian mechanism and gives the same ε. The noise now lives in
+m·K dimensions rather than K, so in the model it is √m times longer than with shared bases at the
+same ε; in exchange the clients' directions are orthogonal. The block counts must not depend on
+the data, as they travel unnoised: this needs ``allocation="uniform"``. Each client's noise share
+would have to cover every other client's rows, so the distributed mode needs shared bases.
+
 **Where the noise is added.** ``dp_mode="central"``: the server clips and adds the noise.
 ``"distributed"``: each client clips its own vector and adds N(0, z²C²/m), so the sum of the m
 shares carries N(0, z²C²); the server must then see only the sum (Flower's SecAgg+, ``secagg``),
@@ -33,10 +44,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bounds import MIN_BOUND
 from .settings import Settings, one_of, positive_finite
 
 MODES = ("central", "distributed")
 ORDERS = list(range(2, 257))  # integer RDP orders: closed forms, no numerical integration
+MAX_NOISE_STD = 1e6  # dp_noise × dp_clip above this swamps any model's weights: refused as a mistake
 NOISE_DOMAIN = 0x4450  # the server's noise generator: default_rng([round_seed, NOISE_DOMAIN])
 
 
@@ -54,10 +67,14 @@ class PrivacyOptions(Settings):
 
     def validate(self) -> None:
         super().validate()
-        if self.dp_clip is not None:
-            positive_finite("dp_clip", self.dp_clip)
+        if self.dp_clip is not None and not (math.isfinite(self.dp_clip) and self.dp_clip >= MIN_BOUND):
+            raise ValueError(f"dp_clip must be a finite number of at least {MIN_BOUND:g} (a smaller clip leaves "
+                             f"nothing of any update), got {self.dp_clip}")
         if not (math.isfinite(self.dp_noise) and self.dp_noise >= 0):
             raise ValueError(f"dp_noise (the noise multiplier) must be a finite number at least 0, got {self.dp_noise}")
+        if self.dp_clip is not None and self.dp_noise * self.dp_clip > MAX_NOISE_STD:
+            raise ValueError(f"dp_noise × dp_clip = {self.dp_noise * self.dp_clip:.3g} is the noise's standard "
+                             f"deviation: above {MAX_NOISE_STD:g} it swamps any model's weights; lower either")
         one_of("dp_mode", self.dp_mode, MODES)
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")

@@ -1,6 +1,6 @@
 """One federated round, as every engine runs it: which clients take part, what each client is
-told (its seeds and generators), how a client's round is run and timed, which uploads are
-accepted, and how they are weighted.
+told (its seeds and generators), and how a client's round is run and timed. What the server does
+with the uploads is :mod:`ferret.fl.server`'s.
 
 The embedded loop (:func:`ferret.fl.run`) and the Flower strategy and client call these
 functions, and nothing else, for these steps: with the same settings they reach the same global
@@ -12,7 +12,6 @@ its torch randomness (a fresh adapter's weights) from a CPU generator seeded wit
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -20,12 +19,10 @@ import numpy as np
 import torch
 
 from ..spec import block_seed
-from .algorithms import Algorithm, ClientContext, MalformedUpload, NonFiniteUpdate, RoundContext
-from .attacks import tamper
+from .algorithms import Algorithm, ClientContext, NonFiniteUpdate, RoundContext
+from .attacks import claimed_examples, split_attacks, tamper_upload
 from .privacy import PrivacyOptions, client_share
 from .data import Encoded
-
-WEIGHTINGS = ("examples", "equal")
 
 
 def sample(seed: int, round_index: int, n_clients: int, fraction: float) -> list[int]:
@@ -54,62 +51,41 @@ def client_context(seed: int, round_index: int, client: int, clients=()) -> Clie
 
 @dataclass
 class ClientRun:
-    """A client's round: its upload (None when it was dropped, with ``error`` saying why) and
-    its local seconds."""
+    """A client's round: its upload (None when it was dropped, with ``error`` saying why), its
+    local seconds and the example count it claims."""
 
     upload: bytes | None
     seconds: float
     error: str | None = None
+    examples: float = 0
 
 
 def run_client(algorithm: Algorithm, model: torch.nn.Module, data: Encoded, ctx: ClientContext,
                attack: str | None = None) -> ClientRun:
     """Run ``algorithm``'s client side on ``model`` (a working copy holding the global weights) and
     ``data``; a non-finite update drops the client (``error``). A malicious client's ``attack``
-    (:mod:`ferret.fl.attacks`) rewrites its upload, with noise from the client's own generator; with
-    distributed differential privacy the client clips its vector and adds its share of the noise
-    (:mod:`ferret.fl.privacy`) first."""
+    (:mod:`ferret.fl.attacks`) rewrites its upload or its claim, with noise from the client's own
+    generator; with distributed differential privacy the client clips its vector and adds its
+    share of the noise (:mod:`ferret.fl.privacy`) first."""
     start = time.perf_counter()
     try:
         upload = algorithm.client_update(model, data, ctx)
     except NonFiniteUpdate as err:
-        return ClientRun(None, time.perf_counter() - start, str(err))
+        return ClientRun(None, time.perf_counter() - start, str(err), len(data))
     options = algorithm.options
     if isinstance(options, PrivacyOptions) and options.private and options.dp_mode == "distributed":
-        upload = algorithm.from_summable(upload, client_share(algorithm.summable(upload), options,
-                                                              len(ctx.clients), ctx.rng))
+        upload = algorithm.from_vector(upload, client_share(algorithm.vector(upload), options, len(ctx.clients),
+                                                            ctx.rng))
     if attack is not None:
-        upload = algorithm.from_summable(upload, tamper(algorithm.summable(upload), attack, ctx.rng))
+        upload = tamper_upload(algorithm, model, upload, attack, ctx.rng)
     algorithm.runtime.synchronize()
-    return ClientRun(upload, time.perf_counter() - start)
+    return ClientRun(upload, time.perf_counter() - start, examples=claimed_examples(attack, len(data)))
 
 
 def attack_of(client: int, attack: str | None, malicious) -> str | None:
-    """The attack client ``client`` runs: ``attack`` when it is among ``malicious``, else None."""
-    return attack if attack is not None and client in malicious else None
-
-
-def check_upload(algorithm: Algorithm, model: torch.nn.Module, upload, ctx: ClientContext) -> str | None:
-    """Why the server must not aggregate ``upload`` from client ``ctx.client`` (None: it may)."""
-    if not isinstance(upload, (bytes, bytearray)):
-        return f"the upload is a {type(upload).__name__}, not bytes"
-    try:
-        algorithm.check_upload(bytes(upload), model, ctx)
-    except MalformedUpload as err:
-        return str(err)
-    return None
-
-
-def client_weight(n_examples: int, weighting: str) -> float:
-    """A client's aggregation weight before normalisation: its example count, or 1 (``"equal"``)."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    return float(n_examples) if weighting == "examples" else 1.0
-
-
-def normalized(weights: list[float]) -> list[float]:
-    """``weights`` scaled to sum to 1; ``ValueError`` unless they are finite, non-negative, not all 0."""
-    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"client weights must be finite, non-negative and not all zero, got {weights}")
-    total = math.fsum(weights)
-    return [w / total for w in weights]
+    """The attack client ``client`` runs: ``attack`` when it is among ``malicious``, else None; an
+    ``attack`` of several comma-separated kinds gives the i-th malicious client the i-th kind."""
+    if attack is None or client not in malicious:
+        return None
+    kinds = split_attacks(attack)
+    return kinds[0] if len(kinds) == 1 else kinds[list(malicious).index(client)]

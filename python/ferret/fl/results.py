@@ -30,6 +30,8 @@ class RoundRecord:
     aggregate_seconds: float
     rouge_l: float | None = None       # when the caller scores generations this round
     epsilon: float | None = None       # differential privacy spent after this round (at the run's δ)
+    bounded: int = 0                   # uploads a bound or a clip cut (ferret.fl.bounds)
+    skipped: str | None = None         # why the model was left as it was this round (None: it was updated)
 
 
 @dataclass(kw_only=True)
@@ -73,7 +75,10 @@ def round_lines(record: RoundRecord) -> list[dict]:
     overall = {"kind": "round", "round": record.round + 1, "eval_loss": record.eval_loss, "clients": record.clients,
                "dropped": record.dropped, "upload_bytes": sum(record.upload_bytes.values()),
                "download_bytes": record.download_bytes * len(record.clients),
-               "local_seconds": sum(record.local_seconds.values()), "aggregate_seconds": record.aggregate_seconds}
+               "local_seconds": sum(record.local_seconds.values()), "aggregate_seconds": record.aggregate_seconds,
+               "bounded": record.bounded}
+    if record.skipped is not None:
+        overall["skipped"] = record.skipped
     if record.rouge_l is not None:
         overall["rouge_l"] = record.rouge_l
     if record.epsilon is not None:
@@ -162,7 +167,7 @@ def _record(line: dict, clients: list[dict]) -> RoundRecord:
                        download_bytes=line["download_bytes"] // max(len(line["clients"]), 1),
                        local_seconds={c["client"]: c["local_seconds"] for c in clients},
                        aggregate_seconds=line["aggregate_seconds"], rouge_l=line.get("rouge_l"),
-                       epsilon=line.get("epsilon"))
+                       epsilon=line.get("epsilon"), bounded=line.get("bounded", 0), skipped=line.get("skipped"))
 
 
 def _write_lines(f, lines: list[dict]) -> None:

@@ -14,9 +14,8 @@ robust statistic of the vectors. Each statistic is written as its definition:
 - ``multi-krum``: the mean of the n − f vectors of smallest Krum score.
 
 ``f`` (the ``byzantine`` option) is how many hostile clients a round must withstand. The robust
-statistics weigh every client equally: an example count is the client's own claim. ``norm_bound``
-first scales every vector whose norm exceeds it down to that norm (it may be combined with any
-statistic, the mean included).
+statistics weigh every client equally: an example count is the client's own claim. The uploads
+are bounded first (:mod:`ferret.fl.bounds`), whatever the statistic.
 """
 
 from __future__ import annotations
@@ -26,20 +25,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .settings import Settings, at_least, one_of, positive_finite
+from .bounds import BoundOptions
+from .settings import at_least, one_of
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 
 
 @dataclass(frozen=True)
-class RobustOptions(Settings):
-    """The robust-aggregation options an algorithm inherits: ``aggregator`` (one of
-    :data:`AGGREGATORS`), ``byzantine`` (the hostile clients per round it must withstand) and
-    ``norm_bound`` (each upload vector's norm is cut to this before aggregating; None: not)."""
+class RobustOptions(BoundOptions):
+    """The robust-aggregation options an algorithm inherits, with the influence bounds:
+    ``aggregator`` (one of :data:`AGGREGATORS`) and ``byzantine`` (the hostile clients per round
+    it must withstand)."""
 
     aggregator: str = "mean"
     byzantine: int = 0
-    norm_bound: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -48,13 +47,11 @@ class RobustOptions(Settings):
         if self.byzantine and self.aggregator in ("mean", "median"):
             raise ValueError(f"byzantine={self.byzantine} is read by trimmed-mean, krum and multi-krum only, "
                              f"not by {self.aggregator!r}")
-        if self.norm_bound is not None:
-            positive_finite("norm_bound", self.norm_bound)
 
     @property
     def robust(self) -> bool:
-        """Whether the round's mean is replaced or its inputs bounded."""
-        return self.aggregator != "mean" or self.norm_bound is not None
+        """Whether a robust statistic replaces the round's mean."""
+        return self.aggregator != "mean"
 
 
 def min_clients(aggregator: str, f: int) -> int:
@@ -70,20 +67,11 @@ def check_round(aggregator: str, f: int, n: int) -> None:
                          f"got {n}")
 
 
-def bound_norms(x: np.ndarray, bound: float | None) -> np.ndarray:
-    """``x`` (n × K) with every row whose norm exceeds ``bound`` scaled to norm ``bound``."""
-    if bound is None:
-        return x
-    norms = np.linalg.norm(x, axis=1)
-    scale = np.where(norms > bound, bound / np.maximum(norms, np.finfo(np.float64).tiny), 1.0)
-    return x * scale[:, None]
-
-
 def combine(vectors: list[np.ndarray], weights: list[float], options: RobustOptions) -> np.ndarray:
     """The robust aggregate (float64, length K) of the clients' ``vectors`` (each length K) with
     normalised ``weights`` (read by ``mean`` alone), as ``options`` says. Raises ``ValueError``
     when the round has too few clients for the aggregator (see :func:`check_round`)."""
-    x = bound_norms(np.stack([np.asarray(v, dtype=np.float64) for v in vectors]), options.norm_bound)
+    x = np.stack([np.asarray(v, dtype=np.float64) for v in vectors])
     n, f, how = x.shape[0], options.byzantine, options.aggregator
     check_round(how, f, n)
     if how == "mean":

@@ -81,6 +81,22 @@ def resolve(device: str = "auto", dtype: str = "auto", backend: str = "auto") ->
     return Runtime(on, _dtype(dtype, on), _backend(backend, on))
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(n: int) -> int:
+    """``n`` CPU threads, checked: from 1 to the CPUs this process may run on. Raises
+    :class:`ConfigError` otherwise (more threads than CPUs only slow a run down)."""
+    if n < 1 or n > cpu_count():
+        raise ConfigError(f"threads must be from 1 to this machine's {cpu_count()} CPUs, got {n}")
+    return n
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of ``model``'s parameters."""
     return next(model.parameters()).device

@@ -17,6 +17,8 @@ file and the record (its 0-based row). Nothing is cached on disk.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import logging
 import tempfile
 import warnings
@@ -87,7 +89,9 @@ def _read(path: Path):
         raise DataError(f"{path}: unknown data format {path.suffix or '(no suffix)'!r}: use a .json, .jsonl, .csv or "
                         f".parquet file, or a directory written by save_to_disk")
     if builder in ("json", "csv"):  # pyarrow reads any bytes, and fails on them only row by row
-        decode_utf8(read_bytes(path), str(path))
+        text = decode_utf8(read_bytes(path), str(path))
+        if builder == "csv":
+            _check_header(path, text)
     try:
         with quiet_datasets(), tempfile.TemporaryDirectory(prefix="ferret-datasets-") as cache:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
@@ -95,6 +99,17 @@ def _read(path: Path):
     except Exception as err:  # pyarrow and datasets raise many kinds; all mean a file we cannot read
         cause = err.__cause__ or err.__context__ or err
         raise DataError(f"{path}: cannot be read as {path.suffix[1:].upper()} ({type(cause).__name__}: {cause})") from None
+
+
+def _check_header(path: Path, text: str) -> None:
+    """Raise :class:`DataError` for a CSV header that names a column twice (a reader would keep
+    one of them, silently)."""
+    header = next(csv.reader(io.StringIO(text)), [])
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: the header names column {name!r} twice: rename one")
+        seen.add(name)
 
 
 @contextlib.contextmanager
@@ -122,6 +137,11 @@ def _mapping(path: Path, names: list[str], columns: dict) -> dict:
         if column not in names:
             raise DataError(f"{path}: no column {column!r} for {field} (columns: {', '.join(names)})")
     conversational = "messages" in columns or ("messages" in names and not set(columns) & {"instruction", "response"})
+    unused = sorted(set(columns) & {"instruction", "response", "context"}) if conversational else []
+    if unused:
+        raise DataError(f"{path}: the records are conversations (column {columns.get('messages', 'messages')!r}); "
+                        f"columns also maps {' and '.join(unused)}, which conversations do not use: drop "
+                        f"{'it' if len(unused) == 1 else 'them'}")
     wanted = ("messages", "category") if conversational else ("instruction", "response", "context", "category")
     mapping = {f: columns.get(f, f) for f in wanted if columns.get(f, f) in names}
     for field in ("messages",) if conversational else REQUIRED:

@@ -17,7 +17,10 @@ its user text, never the header that opens the answer.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import signal
+import threading
 from pathlib import Path
 
 from .data import DataError, Example
@@ -25,6 +28,7 @@ from .settings import ConfigError
 
 TEMPLATES = ("auto", "chat", "plain")  # or the path of a Jinja chat template
 IGNORE = -100
+RENDER_SECONDS = 5.0  # one conversation renders in well under a millisecond; a template slower than this loops
 
 
 def prompt_format(tokenizer, template="auto") -> "PlainFormat | ChatFormat":
@@ -89,6 +93,8 @@ class ChatFormat:
         probe = Example("PROBE-QUESTION", "PROBE-ANSWER", "")
         try:
             segments = self._segments(probe)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
         except Exception as err:  # jinja2 and transformers raise many kinds; all mean a template we cannot use
             raise ConfigError(f"template {name!r} does not render a conversation: {type(err).__name__}: {err}") from None
         answer = next((text for text, labelled in segments if labelled), "")
@@ -162,11 +168,34 @@ class ChatFormat:
         return pieces
 
     def _render(self, turns: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(turns, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        with _time_limit(RENDER_SECONDS, f"template {self.name!r} took more than {RENDER_SECONDS:g} s to render "
+                                         f"one conversation: it loops too much to train on"):
+            return self.tokenizer.apply_chat_template(turns, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, message: str):
+    """Raise :class:`DataError` with ``message`` if the body runs longer than ``seconds`` (a
+    Jinja template is a program: a loop in it can run for hours). Bounded in the main thread,
+    where signals arrive; elsewhere the body runs unbounded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise DataError(message)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _cut(ids: list, max_prompt: int | None, tail: int) -> list:

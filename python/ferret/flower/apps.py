@@ -13,11 +13,12 @@ string (``options = "budget=3800,bases='client'"``), the data's column mapping l
 * ``secagg`` (Ferret only): sum the coordinates with Flower's SecAgg+, and ``secagg-range``,
   the largest coordinate magnitude it carries unclipped (see :mod:`ferret.flower.secagg`).
 
-A SuperNode's node config names its ``partition-id`` (its shard of the configured data, the
-embedded loop's client index) or, for a data owner with its own file, ``data`` (any file
-``ferret run`` reads, with the run's ``columns``; then ``partition-id`` only names the client).
-Its ``device``, ``dtype`` and ``backend`` override the run config's for that node (each data
-owner picks its own GPU).
+The server numbers the SuperNodes by their node ids (:mod:`ferret.flower.strategy`: a node's
+own claims never say who it is) and tells each its client number; a node trains on that client's
+share of the configured data, or, for a data owner with its own file, on the ``data`` its node
+config names (any file ``ferret run`` reads, with the run's ``columns``). A node config's
+``device``, ``dtype`` and ``backend`` override the run config's for that node (each data owner
+picks its own GPU); ``partition-id`` and other keys Flower sets are not read.
 
 A client keeps its replica of the global model (and of the server's state, e.g. momentum) in its
 node's ``context.state`` and brings it up to date by replaying the broadcasts the server sends
@@ -30,12 +31,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from ..fl import privacy
 from ..fl.config import RUNTIME_KEYS, Config, ConfigError, parse_assignments
+from ..fl.runtime import check_threads
 from ..fl.experiment import prepare
 from ..fl.results import write_metrics
 from .client import local_update, threads
@@ -68,6 +69,8 @@ def config_from_run(run_config: dict, defaults: Config | None = None, flower_def
         else:
             raise ConfigError(f"run config: unknown key {key!r}")
     values.update({k: v for k, v in (node_config or {}).items() if k in RUNTIME_KEYS and v != ""})
+    if int(flower["threads"]) > 0:
+        check_threads(int(flower["threads"]))
     if values.get("algorithm") in ("centralized", "standalone"):
         raise ConfigError(f"{values['algorithm']} is a reference run, not a federated one: use ferret run")
     return Config.from_dict(values, "run config"), flower
@@ -88,15 +91,14 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         algorithm.runtime = setup.runtime
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
                                      fraction=config.fraction, weighting=config.weighting,
-                                     min_replies=int(flower["min-replies"]), eval_data=setup.eval_data)
-        rounds = privacy.rounds_allowed(algorithm.options, config.clients, config.fraction, config.rounds)
+                                     max_examples=config.max_examples, min_replies=int(flower["min-replies"]),
+                                     eval_data=setup.eval_data)
+        rounds = strategy.server.rounds_allowed(config.rounds)
         if flower["secagg"]:
             run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards),
                        rounds=rounds)
         else:
             strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=float(flower["round-timeout"]))
-        for record in strategy.result.rounds:
-            record.epsilon = privacy.spent(algorithm.options, config.clients, config.fraction, record.round + 1)
         if flower["out"]:
             out = Path(flower["out"])
             out.mkdir(parents=True, exist_ok=True)
@@ -113,15 +115,10 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
 
 def client_app(defaults: Config | None = None, *, mods=None, **flower_defaults) -> ClientApp:
     """A ClientApp running ``defaults`` overridden by the run config (``flower_defaults`` as for
-    :func:`server_app`; ``mods``: Flower client mods); its node config names its ``partition-id``
-    (the embedded loop's client index) and may set the node's ``device``, ``dtype`` and ``backend``."""
+    :func:`server_app`; ``mods``: Flower client mods); its node config may name its own ``data``
+    and set the node's ``device``, ``dtype`` and ``backend``."""
     flower_defaults = {k.replace("_", "-"): v for k, v in flower_defaults.items()}
     app = ClientApp(mods=[secagg_when_asked, *(mods or [])])
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        partition = int(context.node_config["partition-id"])
-        return Message(RecordDict({"partition": ConfigRecord({"partition-id": partition})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

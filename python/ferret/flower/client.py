@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from ..fl import protocol
 from ..fl.config import Config
 from ..fl.experiment import prepare
-from ..fl.runtime import model_device
+from ..fl.runtime import check_threads, model_device
 
 _REPLICA, _STATE, _SYNC = "ferret-replica", "ferret-algorithm", "ferret-sync"  # keys in context.state
 _PROCESS: dict[str, tuple] = {}  # config -> (model, base state, shards, algorithm, tokenizer): once per process
@@ -21,18 +21,20 @@ _NODE_DATA: dict[tuple, object] = {}  # a node's own data file, encoded once per
 
 
 def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, config: Config,
-                 flower: dict) -> tuple[bytes, int, float]:
+                 flower: dict) -> tuple[bytes, float, float]:
     """One client's round: bring the node's replica up to date with the missed ``broadcasts``
-    (round -> bytes), keep it in ``context.state``, train on the node's partition as the embedded
-    loop would (:mod:`ferret.fl.protocol`); returns (upload bytes, the node's example count,
-    seconds). ``info``: round, round-seed, partition and since (the first broadcast sent). Raises
-    ``RuntimeError`` when the message does not fit this node or the client's update is not finite."""
+    (round -> bytes), keep it in ``context.state``, train as the embedded loop trains the client
+    the server says this node is (:mod:`ferret.fl.protocol`), on the node's own data file when
+    its node config names one, else on that client's share of the configured data; returns
+    (upload bytes, the example count it claims, seconds). ``info``: round, round-seed, client and
+    since (the first broadcast sent). Raises ``RuntimeError`` when the message does not fit this
+    run or replica, or the client's update is not finite."""
     threads(flower)
     model, base, shards, algorithm = process_setup(config)
-    t, round_seed, c = info["round"], info["round-seed"], info["partition"]
+    t, round_seed, c = info["round"], info["round-seed"], info["client"]
+    if not 0 <= c < len(shards):
+        raise RuntimeError(f"the server names client {c}, but this run has {len(shards)}")
     data = _node_data(context, config) or shards[c]
-    if c != int(context.node_config["partition-id"]):
-        raise RuntimeError(f"message for client {c} reached client {context.node_config['partition-id']}")
     synced = int(context.state[_SYNC]["synced"]) if _SYNC in context.state else 0
     if info["since"] > synced:
         raise RuntimeError(f"the server sent broadcasts from round {info['since']}, this replica stops at {synced}")
@@ -56,7 +58,7 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
     ran = protocol.run_client(algorithm, model, data, client, protocol.attack_of(c, config.attack, config.malicious))
     if ran.error:
         raise RuntimeError(f"client {c} dropped: {ran.error}")
-    return ran.upload, len(data), ran.seconds
+    return ran.upload, ran.examples, ran.seconds
 
 
 def process_setup(config: Config):
@@ -97,6 +99,6 @@ def _node_data(context: Context, config: Config):
 
 
 def threads(flower: dict) -> None:
-    """Set torch's thread count when the run config asks for one."""
+    """Set torch's thread count when the run config asks for one (refused above the machine's)."""
     if int(flower["threads"]) > 0:
-        torch.set_num_threads(int(flower["threads"]))
+        torch.set_num_threads(check_threads(int(flower["threads"])))

@@ -40,7 +40,6 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from ..fl import protocol
 from ..fl.config import Config, ConfigError
 from .client import local_update, process_algorithm
 from .strategy import AlgorithmStrategy
@@ -101,20 +100,15 @@ class SecureFerret(LegacyStrategy):
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
-        ctx = self.core.round_context
+        this = self.core.round
         for failure in failures:
-            log(WARNING, "round %d: a client failed: %s", ctx.round, failure)
-        clients = {self.core.partition_of(proxy.node_id): res for proxy, res in results}
-
-        def aggregate() -> bytes | None:
-            if len(clients) < self.core.min_replies:
-                return None
-            mean = parameters_to_ndarrays(next(iter(clients.values())).parameters)[0]
-            self.core.algorithm.aggregate_mean(self.core.model, mean * (self.coordinate_range / CLIPPING_RANGE), ctx)
-            return self.core.algorithm.broadcast
-
-        self.core.conclude_round({c: int(r.metrics["upload-bytes"]) for c, r in clients.items()},
-                                 {c: float(r.metrics["local-seconds"]) for c, r in clients.items()}, aggregate)
+            log(WARNING, "round %d: a client failed: %s", this.ctx.round, failure)
+        mean = None
+        for proxy, res in results:
+            this.accept_secure(self.core.client_of(int(proxy.node_id)), int(res.metrics["upload-bytes"]),
+                               float(res.metrics["local-seconds"]))
+            mean = parameters_to_ndarrays(res.parameters)[0] * (self.coordinate_range / CLIPPING_RANGE)
+        self.core.conclude(this, secure_mean=mean)
         return None, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -137,16 +131,16 @@ def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
 def secure_train(msg: Message, context: Context, config: Config, flower: dict) -> Message:
     """The client's round under SecAgg+: train, then hand SecAgg+ the scaled coordinates."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    info = {k: int(fitins.config[k]) for k in ("round", "round-seed", "partition", "since")}
+    info = {k: int(fitins.config[k]) for k in ("round", "round-seed", "client", "since")}
     broadcasts = {int(k.split("-", 1)[1]): bytes(v) for k, v in fitins.config.items() if k.startswith("broadcast-")}
     upload, n_examples, seconds = local_update(info, broadcasts, context, config, flower)
-    weight = protocol.client_weight(n_examples, config.weighting)
-    coords = process_algorithm(config).summable(upload)
+    weight = n_examples if config.weighting == "examples" else 1
+    coords = process_algorithm(config).vector(upload)  # shared bases: the coordinates are the summable vector
     limit = float(flower["secagg-range"])
     if np.any(np.abs(coords) > limit):
-        log(WARNING, "client %d: %d coordinates beyond secagg-range %g are clipped (largest %g)", info["partition"],
+        log(WARNING, "client %d: %d coordinates beyond secagg-range %g are clipped (largest %g)", info["client"],
             int(np.sum(np.abs(coords) > limit)), limit, float(np.max(np.abs(coords))))
-    log(INFO, "client %d: %d coordinates into SecAgg+", info["partition"], coords.size)
+    log(INFO, "client %d: %d coordinates into SecAgg+", info["client"], coords.size)
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([coords * (CLIPPING_RANGE / limit)]), int(weight),
                     {"local-seconds": seconds, "upload-bytes": len(upload)})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

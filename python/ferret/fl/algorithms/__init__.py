@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .base import (Algorithm, ClientContext, LocalTraining, MalformedUpload, NonFiniteUpdate, RoundContext)
+from .base import (Algorithm, ClientContext, LocalTraining, MalformedUpload, NonFiniteUpdate, RoundContext,
+                   UnsafeUpdate)
 from .fedavg import FedAvg, FedZO
 from .fedkseed import FedKSeed
 from .ferret import Ferret
@@ -65,8 +66,8 @@ for _cls in (Ferret, FedAvg, FedZO, FedKSeed, FLoRA, FedIT, ZeroPadding):
 # allocation, updates clipped to norm 10. Its server learning rate (3 to 10) compensates a reconstruction that
 # is about Δ/3 in expectation; ours is unbiased, so 1 matches it.
 register("ferret-paper", Ferret, "Ferret as the official code runs it", basis="rademacher", bases="shared",
-         grouping="paper", allocation="norm", clip=10.0)
+         grouping="paper", allocation="auto", clip=10.0)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "Entry", "FLoRA", "FedAvg", "FedIT", "FedKSeed", "FedZO",
-           "Ferret", "LocalTraining", "MalformedUpload", "NonFiniteUpdate", "RoundContext", "ZeroPadding", "build",
-           "register"]
+           "Ferret", "LocalTraining", "MalformedUpload", "NonFiniteUpdate", "RoundContext", "UnsafeUpdate", "ZeroPadding",
+           "build", "register"]

@@ -28,6 +28,11 @@ class MalformedUpload(ValueError):
     """An upload the server must not aggregate (wrong format, another model or round, NaN/Inf)."""
 
 
+class UnsafeUpdate(ValueError):
+    """A round's aggregate that would write non-finite weights; nothing of it was written, and the
+    server leaves the model as it was for that round."""
+
+
 @dataclass(frozen=True)
 class LocalTraining(Settings):
     """First-order local training: ``steps`` optimiser steps (``"sgd"`` or ``"adamw"``) of
@@ -118,12 +123,26 @@ class Algorithm:
 
     def check_upload(self, upload: bytes, model: torch.nn.Module, ctx: ClientContext) -> None:
         """Raise :class:`MalformedUpload` unless ``upload`` is what client ``ctx.client`` of the round
-        may send for the global ``model``: the right format, shapes, seed, finite values."""
+        may send for the global ``model``: the right format, shapes, seed, finite values of bounded
+        magnitude. The check is total: any upload it accepts aggregates with any other accepted
+        ones, under any weights, without an error or an overflow."""
+        raise NotImplementedError
+
+    def block_norms(self, upload: bytes, model: torch.nn.Module) -> np.ndarray:
+        """The norm of what a checked ``upload`` adds to each block of the global ``model`` before
+        weighting (float64, finite, one per block, the same blocks for every client of a round):
+        what the server bounds (:mod:`ferret.fl.bounds`)."""
+        raise NotImplementedError
+
+    def scale_blocks(self, upload: bytes, factors: np.ndarray) -> bytes:
+        """A checked ``upload`` with what it adds to block ``b`` scaled by ``factors[b]`` (in [0, 1])."""
         raise NotImplementedError
 
     def aggregate(self, model: torch.nn.Module, uploads: list[bytes], weights: list[float], ctx: RoundContext) -> None:
-        """Apply the clients' checked uploads (weights normalised to sum to 1) to the global ``model``
-        in place; sets :attr:`broadcast`."""
+        """Apply the weighted combination of the clients' accepted uploads (``weights`` normalised to
+        sum to 1) to the global ``model`` in place; sets :attr:`broadcast`.
+        The server has checked and bounded the uploads; raises :class:`UnsafeUpdate`, with nothing
+        written, when the result would still make a weight non-finite."""
         raise NotImplementedError
 
     def apply(self, model: torch.nn.Module, broadcast: bytes, ctx: RoundContext) -> None:
@@ -139,31 +158,57 @@ class Algorithm:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    # -- secure aggregation: an algorithm whose aggregate needs only the weighted sum of vectors the
-    # clients derive from their uploads can run under a secure sum (Flower's SecAgg+) --------------
-    def check_summable(self) -> None:
-        """Raise ``ValueError`` unless a round can be aggregated from the weighted mean of
-        :meth:`summable` vectors (the default: it cannot)."""
-        raise ValueError(f"{self.name} uploads cannot be summed securely")
-
-    def summable(self, upload: bytes) -> np.ndarray:
-        """The float64 vector an upload stands for: what a secure sum adds, what robust
-        aggregation compares and what a simulated attack rewrites (:mod:`ferret.fl.attacks`)."""
+    # -- uploads as vectors: the numbers an upload carries (what a simulated attack rewrites) -------
+    def vector(self, upload: bytes) -> np.ndarray:
+        """The float64 numbers ``upload`` carries (what a simulated attack rewrites,
+        :mod:`ferret.fl.attacks`)."""
         raise NotImplementedError
 
-    def from_summable(self, upload: bytes, vector: np.ndarray) -> bytes:
-        """``upload`` with its :meth:`summable` vector replaced by ``vector`` (same length)."""
+    def from_vector(self, upload: bytes, vector: np.ndarray) -> bytes:
+        """``upload`` with its :meth:`vector` replaced by ``vector`` (same length)."""
         raise NotImplementedError
 
     @classmethod
     def has_vectors(cls) -> bool:
-        """Whether uploads convert to vectors and back (:meth:`summable`, :meth:`from_summable`)."""
-        return cls.from_summable is not Algorithm.from_summable
+        """Whether uploads convert to vectors and back (:meth:`vector`, :meth:`from_vector`)."""
+        return cls.from_vector is not Algorithm.from_vector
+
+    # -- the round as a mean of vectors: an algorithm whose round needs only the weighted mean of
+    # vectors in one space common to the round's clients can run under a differentially private
+    # mean, a robust statistic or a secure sum (Flower's SecAgg+) -----------------------------------
+    def check_summable(self) -> None:
+        """Raise ``ValueError`` unless a round can be aggregated from the weighted mean of
+        :meth:`summable` vectors computed by a secure sum (the default: it cannot)."""
+        raise ValueError(f"{self.name} uploads cannot be summed securely")
+
+    def summable(self, upload: bytes, model: torch.nn.Module, ctx: ClientContext) -> np.ndarray:
+        """The float64 vector client ``ctx.client``'s checked upload stands for in the round's
+        common space, where a sum over clients means something: what a secure sum adds, what DP
+        clips and noises, what a robust statistic compares. The default: :meth:`vector`."""
+        return self.vector(upload)
 
     def aggregate_mean(self, model: torch.nn.Module, mean: np.ndarray, ctx: RoundContext) -> None:
         """Aggregate a round from the weighted mean of the clients' :meth:`summable` vectors, as
         :meth:`aggregate` would from the uploads themselves; sets :attr:`broadcast`."""
         raise NotImplementedError
+
+    @classmethod
+    def has_means(cls) -> bool:
+        """Whether a round aggregates from a mean of :meth:`summable` vectors (:meth:`aggregate_mean`)."""
+        return cls.aggregate_mean is not Algorithm.aggregate_mean
+
+
+def add_update(params, update: dict[str, torch.Tensor], scale: float) -> None:
+    """``p += scale * update[name]`` for every ``(name, p)`` of ``params`` that ``update`` names,
+    or, raising :class:`UnsafeUpdate`, nothing at all when any weight that is finite would not be
+    (one pass to check, one to write: the same operation twice, so the same bits; one sync)."""
+    pairs = [(p, update[name].to(p.dtype)) for name, p in params if name in update]
+    with torch.no_grad():
+        safe = [(torch.isfinite(p.add(u, alpha=scale)) | ~torch.isfinite(p)).all() for p, u in pairs]
+        if safe and not bool(torch.stack(safe).all()):
+            raise UnsafeUpdate("the round's update would make weights non-finite (it overflows their dtype)")
+        for p, u in pairs:
+            p.add_(u, alpha=scale)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,19 +9,24 @@ import torch
 
 from ... import spec
 from ..data import Encoded, batch_schedule
-from ..defences import DefenceOptions, defended
+from ..defences import DefenceOptions
 from ..runtime import model_device
 from ..settings import positive_finite
 from ..train import first_order_steps, trainable, zeroth_order_step
-from .base import Algorithm, ClientContext, LocalTraining, MalformedUpload, RoundContext, difference, snapshot
+from .base import (Algorithm, ClientContext, LocalTraining, MalformedUpload, RoundContext, add_update, difference,
+                   snapshot)
 from .uploads import decode_tensors, encode_tensors
+
+MAX_VALUE = 1e20  # far above any honest update's entry, far below float32's largest value
 
 
 @dataclass(frozen=True)
 class FedAvgOptions(DefenceOptions):
     """``server_lr``: the server's step on the weighted mean of the clients' updates;
-    ``aggregator``, ``byzantine``, ``norm_bound``: robust aggregation of the flattened updates
-    (:mod:`ferret.fl.robust`; d numbers per client, so meant for small models)."""
+    ``relative_bound``, ``norm_bound``: the influence bounds, tensor by tensor
+    (:mod:`ferret.fl.bounds`); ``aggregator``, ``byzantine``: robust aggregation of the flattened
+    updates (:mod:`ferret.fl.robust`; d numbers per client, so meant for small models);
+    ``dp_*``: client-level differential privacy on them (:mod:`ferret.fl.privacy`)."""
 
     server_lr: float = 1.0
 
@@ -47,15 +52,27 @@ class FedAvg(Algorithm):
         return encode_tensors(difference(model, start))
 
     def check_upload(self, upload, model, ctx):
+        tensors = decode_tensors(upload)
         params = dict(trainable(model))
-        for name, t in decode_tensors(upload).items():
-            if name not in params or tuple(t.shape) != tuple(params[name].shape):
+        if set(tensors) != set(params):
+            name = sorted(set(tensors) ^ set(params))[0]
+            raise MalformedUpload(f"the update {'lacks' if name in params else 'has an extra'} tensor {name}")
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(params[name].shape):
                 raise MalformedUpload(f"update tensor {name} {tuple(t.shape)} does not fit the model")
+            if t.numel() and float(t.abs().max()) > MAX_VALUE:
+                raise MalformedUpload(f"update tensor {name} has a value of magnitude above {MAX_VALUE:g}")
+
+    # blocks: the model's trainable tensors, in name order (every accepted upload names them all)
+    def block_norms(self, upload, model):
+        tensors = decode_tensors(upload)
+        return np.array([float(tensors[n].double().norm()) for n in sorted(tensors)])
+
+    def scale_blocks(self, upload, factors):
+        tensors = decode_tensors(upload)
+        return encode_tensors({n: tensors[n] * float(f) for n, f in zip(sorted(tensors), factors)})
 
     def aggregate(self, model, uploads, weights, ctx: RoundContext):
-        uploads = defended(self, model, uploads, weights, ctx)
-        if uploads is None:  # a private mean or a robust statistic aggregated the round
-            return
         device = model_device(model)
         total: dict[str, torch.Tensor] = {}
         for upload, w in zip(uploads, weights):
@@ -68,11 +85,11 @@ class FedAvg(Algorithm):
         self._add(model, decode_tensors(broadcast, model_device(model)))
 
     # -- uploads as vectors: the tensors flattened in name order, float64 ----------------------------
-    def summable(self, upload):
+    def vector(self, upload):
         tensors = decode_tensors(upload)
         return np.concatenate([tensors[n].double().numpy().ravel() for n in sorted(tensors)])
 
-    def from_summable(self, upload, vector):
+    def from_vector(self, upload, vector):
         return encode_tensors(self._unflatten(vector, {n: t.shape for n, t in decode_tensors(upload).items()}))
 
     def aggregate_mean(self, model, mean, ctx):
@@ -94,10 +111,7 @@ class FedAvg(Algorithm):
         return out
 
     def _add(self, model, update: dict[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, d in update.items():
-                params[name].add_(d.to(params[name].dtype), alpha=self.options.server_lr)
+        add_update(list(model.named_parameters()), update, self.options.server_lr)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ uploaded), the coordinates merged linearly and reconstructed on the server."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import struct
@@ -13,15 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ... import check_budget, compress, merge_by_seed, reconstruct, spec
+from ... import check_budget, compress, merge_by_seed, reconstruct, slots, spec
 from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
-from ...packet import Packet, PacketError
-from ...projection import block_counts
-from ..defences import DefenceOptions, defended
+from ...packet import MAGIC, Packet, PacketError
+from ...projection import block_counts, block_rows, estimate_norms
+from ..defences import DefenceOptions
+from ..runtime import model_device
 from ..settings import one_of, positive_finite
 from ..train import first_order_steps, trainable
-from .base import Algorithm, LocalTraining, MalformedUpload, difference, snapshot
+from .base import Algorithm, LocalTraining, MalformedUpload, UnsafeUpdate, add_update, difference, snapshot
+from .uploads import decode_tensors, encode_tensors
+
+# Far above any honest coordinate (|γ| is at most the block's update in L1 norm), and far enough
+# below float32's largest value that no weighted merge of accepted packets overflows (2**31 · 1e20).
+MAX_COORDINATE = 1e20
 
 
 @dataclass(frozen=True)
@@ -31,32 +38,34 @@ class FerretOptions(DefenceOptions):
     ``budget``: coordinates per client per round (at most the model's trainable parameters).
     ``server_lr``: the server's step on the reconstructed update. ``basis``: ``"rademacher"``,
     ``"gaussian"``, ``"hadamard[:size]"`` or ``"srht[:size]"`` (see :mod:`ferret.basis`).
-    ``allocation``: ``"norm"`` or ``"uniform"`` (coordinates per block). ``grouping``:
-    ``"tensor"``, ``"paper"`` or a block size. ``bases``: ``"shared"`` (the paper's: every client
-    projects onto the round's bases, so the server merges all coordinates and reconstructs once),
-    ``"client"`` (each client projects onto bases of its own seed, so the server reconstructs once
-    per client, and the estimate averages independent projections: its variance falls with the
-    number of clients at the same upload), ``"disjoint"`` (``hadamard`` only: the clients share
-    the round's signs but each takes its own rows, slot = its place among the round's clients, so
-    their directions are orthogonal and the server still reconstructs once), or ``"auto"``
-    (``"disjoint"`` for ``hadamard``, else ``"shared"``). The defaults, ``hadamard`` with
-    disjoint rows, train as well as Rademacher bases at the cost of one read of the update
+    ``allocation``: ``"norm"`` or ``"uniform"`` (coordinates per block), or ``"auto"``: norm,
+    but uniform under differential privacy or a robust statistic, which need every client's counts
+    fixed in advance. ``grouping``: ``"tensor"``, ``"paper"`` or a block size. ``bases``:
+    ``"shared"`` (the paper's: every client projects onto the round's bases, so the server merges
+    all coordinates and reconstructs once), ``"client"`` (each client projects onto bases of its
+    own seed, so the server reconstructs once per client, and the estimate averages independent
+    projections: its variance falls with the number of clients at the same upload),
+    ``"disjoint"`` (``hadamard`` only: the clients share the round's signs but each takes its own
+    rows, slot = its place among the round's clients, so their directions are orthogonal and the
+    server reconstructs once per group of clients a transform holds, :mod:`ferret.slots`), or
+    ``"auto"`` (``"disjoint"`` for ``hadamard``, else ``"shared"``). The defaults, ``hadamard``
+    with disjoint rows, train as well as Rademacher bases at the cost of one read of the update
     (``docs/bases.md``); the ``ferret-paper`` preset keeps the paper's Rademacher bases, shared.
     ``momentum``: server momentum β on the reconstructed update (v ← βv + Δ̃, θ ← θ + server_lr·v).
     ``clip``: the server clips each tensor's update to this norm (the official code clips blocks at 10).
-    ``aggregator``, ``byzantine``, ``norm_bound``: robust aggregation of the coordinate vectors
-    (:mod:`ferret.fl.robust`); ``dp_clip``, ``dp_noise``, ``dp_mode``, ``dp_delta``,
-    ``target_epsilon``: client-level differential privacy on them (:mod:`ferret.fl.privacy`). A
-    robust statistic or a noisy mean combines coordinates across clients, so it needs
-    ``bases="shared"`` and ``allocation="uniform"`` (every client's k-th coordinate on the same
-    basis); with ``"client"`` or ``"disjoint"`` bases each client's coordinates live in a basis of
-    its own, and only ``norm_bound`` applies (a coordinate vector's norm is its update's, scaled).
+    ``relative_bound``, ``norm_bound``: the influence bounds (:mod:`ferret.fl.bounds`), on the
+    norm of each client's reconstruction block by block. ``aggregator``, ``byzantine``: robust
+    aggregation of the coordinate vectors (:mod:`ferret.fl.robust`), which compares the clients'
+    coordinates one by one, so it needs ``bases="shared"``. ``dp_clip``, ``dp_noise``,
+    ``dp_mode``, ``dp_delta``, ``target_epsilon``: client-level differential privacy on the
+    coordinate vectors (:mod:`ferret.fl.privacy`), with shared or disjoint bases (the distributed
+    mode: shared only).
     """
 
     budget: int = 3800
     server_lr: float = 1.0
     basis: str = "hadamard"
-    allocation: str = "norm"
+    allocation: str = "auto"
     grouping: str | int = "tensor"
     bases: str = "auto"
     momentum: float = 0.0
@@ -64,18 +73,24 @@ class FerretOptions(DefenceOptions):
 
     def validate(self) -> None:
         super().validate()
-        aligned = self.sharing == "shared" and self.allocation == "uniform"
-        if self.aggregator != "mean" and not aligned:
+        if self.robust and self.sharing != "shared":
             raise ValueError(f"aggregator {self.aggregator!r} compares the clients' coordinates one by one: it needs "
-                             f"bases='shared' and allocation='uniform' (with {self.sharing!r} bases or "
-                             f"{self.allocation!r} allocation only norm_bound applies)")
-        if self.private and not aligned:
-            raise ValueError(f"differential privacy adds noise to the sum of the clients' coordinates: it needs "
-                             f"bases='shared' and allocation='uniform', not {self.sharing!r} and {self.allocation!r}")
+                             f"bases='shared' (with {self.sharing!r} bases each client's coordinates live in rows of "
+                             f"its own; the influence bounds apply to every basis)")
+        if self.private and self.sharing == "client":
+            raise ValueError("differential privacy adds noise to the sum of the clients' coordinates: it needs "
+                             "bases='shared' or 'disjoint', not 'client'")
+        if self.private and self.dp_mode == "distributed" and self.sharing != "shared":
+            raise ValueError(f"distributed differential privacy has each client add a share of the noise to rows "
+                             f"every client uses: it needs bases='shared', not {self.sharing!r}")
+        if self.allocation == "norm" and (self.private or self.robust):
+            raise ValueError(f"{'differential privacy' if self.private else f'aggregator {self.aggregator!r}'} needs "
+                             f"every client's block counts fixed in advance: use allocation='uniform' or 'auto', not "
+                             f"'norm' (its counts follow the client's update)")
         check_budget(self.budget)
         positive_finite("server_lr", self.server_lr)
         parse_basis(self.basis)
-        one_of("allocation", self.allocation, ("norm", "uniform"))
+        one_of("allocation", self.allocation, ("auto", "norm", "uniform"))
         resolve_group_size(self.grouping, [1])
         one_of("bases", self.bases, ("auto", "shared", "client", "disjoint"))
         if self.bases == "disjoint" and parse_basis(self.basis)[0] != "hadamard":
@@ -85,6 +100,14 @@ class FerretOptions(DefenceOptions):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.clip is not None:
             positive_finite("clip", self.clip)
+
+    @property
+    def counts(self) -> str:
+        """How a client shares its budget among blocks: ``allocation`` with ``"auto"`` resolved
+        (``"uniform"`` under differential privacy or a robust statistic, else ``"norm"``)."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "uniform" if self.private or self.robust else "norm"
 
     @property
     def sharing(self) -> str:
@@ -106,34 +129,38 @@ class Ferret(Algorithm):
         super().__init__(options, local=local, **values)
         self.velocity: dict[str, torch.Tensor] = {}
         self._warned_sparse = False
+        self._rows_cache = None
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ``ValueError`` if the budget does not fit ``model``: more coordinates than trainable
-        parameters, or fewer than its blocks need."""
+        parameters, fewer than its blocks need, or more than one client's rows of the basis hold."""
         layout = self._layout(model)
         if self.options.budget > layout.numel:
             raise ValueError(f"budget {self.options.budget} is above the model's {layout.numel} trainable "
                              f"parameters (FedAvg would send less)")
         block_counts(layout, self.options.budget, self.basis_of(1), "uniform")
+        if self.options.sharing == "disjoint":
+            slots.grouping(1, layout.block_sizes, self.options.budget, self.options.basis)
 
-    def seed_of(self, round_seed: int, client: int) -> int:
-        """The seed client ``client`` projects with in the round of ``round_seed``."""
-        return spec.block_seed(round_seed, 1 + client) if self.options.sharing == "client" else round_seed
+    def place(self, ctx, layout: Layout) -> slots.Place:
+        """Where client ``ctx.client``'s coordinates go in its round: the seed it projects with (the
+        round's; its own with ``"client"`` bases; its group's with ``"disjoint"`` bases), its row
+        slot and the basis name its packet carries. Raises ``ValueError`` for a client that is not
+        among the round's."""
+        o = self.options
+        if o.sharing != "disjoint":
+            seed = spec.block_seed(ctx.round_seed, 1 + ctx.client) if o.sharing == "client" else ctx.round_seed
+            return slots.Place(seed, 0, 1, self.basis_of(1))
+        index = bisect.bisect_left(ctx.clients, ctx.client)
+        if index == len(ctx.clients) or ctx.clients[index] != ctx.client:
+            raise ValueError(f"client {ctx.client} is not among round {ctx.round}'s {len(ctx.clients)} clients")
+        return slots.place(ctx.round_seed, index, len(ctx.clients), layout.block_sizes, o.budget, o.basis)
 
-    def slot_of(self, ctx) -> tuple[int, int]:
-        """``(slot, slots)``: the rows client ``ctx.client`` projects onto (its place among the
-        round's clients with disjoint bases, else 0 of 1)."""
-        if self.options.sharing != "disjoint":
-            return 0, 1
-        if ctx.client not in ctx.clients:
-            raise ValueError(f"client {ctx.client} is not among round {ctx.round}'s clients {list(ctx.clients)}")
-        return ctx.clients.index(ctx.client), len(ctx.clients)
-
-    def basis_of(self, slots: int) -> str:
-        """The basis name packets carry for ``slots`` row slots (a ``"hadamard"`` basis gets its size)."""
+    def basis_of(self, n_slots: int) -> str:
+        """The basis name packets carry for ``n_slots`` row slots (a ``"hadamard"`` basis gets its size)."""
         kind, size = parse_basis(self.options.basis)
         if kind == "hadamard" and not size:
-            size = dense_size(self.options.budget, slots)
+            size = dense_size(self.options.budget, n_slots)
         return basis_name(kind, size)
 
     def client_update(self, model, data, ctx):
@@ -141,10 +168,9 @@ class Ferret(Algorithm):
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
         update = difference(model, start)
-        slot, slots = self.slot_of(ctx)
-        packet = compress(update, self.seed_of(ctx.round_seed, ctx.client), o.budget, basis=o.basis,
-                          allocation=o.allocation, grouping=o.grouping, slot=slot, slots=slots,
-                          backend=self.runtime.backend)
+        place = self.place(ctx, Layout.of(update, o.grouping))
+        packet = compress(update, place.seed, o.budget, basis=place.basis, allocation=o.counts, grouping=o.grouping,
+                          slot=place.slot, slots=place.slots, backend=self.runtime.backend)
         self._warn_if_sparse(packet, update)
         return packet.to_bytes()
 
@@ -154,54 +180,97 @@ class Ferret(Algorithm):
         except (PacketError, TypeError) as err:
             raise MalformedUpload(f"not a Ferret packet: {err}") from None
         layout = self._layout(model)
-        if packet.fingerprint != layout.fingerprint or packet.n_blocks != layout.n_blocks:
+        if (packet.fingerprint, packet.n_blocks, packet.group_size) != (layout.fingerprint, layout.n_blocks,
+                                                                        layout.group_size):
             raise MalformedUpload("the packet was made for another model or layout")
-        if packet.round_seed != self.seed_of(ctx.round_seed, ctx.client):
+        try:
+            place = self.place(ctx, layout)
+        except ValueError as err:
+            raise MalformedUpload(str(err)) from None
+        if packet.round_seed != place.seed:
             raise MalformedUpload(f"the packet uses seed {packet.round_seed}, not the round's")
-        if int(packet.counts.sum()) > self.options.budget:
-            raise MalformedUpload(f"{int(packet.counts.sum())} coordinates, above the budget of {self.options.budget}")
-        slot, slots = self.slot_of(ctx)
-        if packet.basis != self.basis_of(slots):
-            raise MalformedUpload(f"basis {packet.basis!r}, not {self.basis_of(slots)!r}")
-        if (packet.slot, packet.slots) != (slot, slots):
-            raise MalformedUpload(f"rows of slot {packet.slot} of {packet.slots}, not {slot} of {slots}")
-        if not np.all(np.isfinite(packet.coords)):
-            raise MalformedUpload("the coordinates hold NaN or Inf")
+        if packet.basis != place.basis:
+            raise MalformedUpload(f"basis {packet.basis!r}, not {place.basis!r}")
+        if (packet.slot, packet.slots) != (place.slot, place.slots):
+            raise MalformedUpload(f"rows of slot {packet.slot} of {packet.slots}, not {place.slot} of {place.slots}")
+        counts = packet.counts.astype(np.int64)
+        if int(counts.sum()) != self.options.budget:
+            raise MalformedUpload(f"{int(counts.sum())} coordinates, not the budget of {self.options.budget}")
+        if self.options.counts == "uniform":
+            expected = block_counts(layout, self.options.budget, place.basis, "uniform", None, place.slot, place.slots)
+            if not np.array_equal(counts, expected):
+                b = int(np.argmax(counts != expected))
+                raise MalformedUpload(f"block {b} holds {counts[b]} coordinates, not the {expected[b]} uniform "
+                                      f"allocation gives it")
+        caps = block_rows(layout, place.basis, place.slot, place.slots)
+        if caps is not None and np.any(counts > np.minimum(caps, layout.block_sizes)):
+            b = int(np.argmax(counts > np.minimum(caps, layout.block_sizes)))
+            raise MalformedUpload(f"block {b} holds {counts[b]} coordinates, more than its "
+                                  f"{min(int(caps[b]), layout.block_sizes[b])} rows")
+        if packet.coords.size and float(np.max(np.abs(packet.coords))) > MAX_COORDINATE:
+            raise MalformedUpload(f"a coordinate of magnitude {float(np.max(np.abs(packet.coords))):.3g}, above "
+                                  f"{MAX_COORDINATE:g}")
+
+    def block_norms(self, upload, model):
+        return estimate_norms(Packet.from_bytes(upload), self._layout(model))
+
+    def scale_blocks(self, upload, factors):
+        packet = Packet.from_bytes(upload)
+        coords = packet.coords * np.repeat(np.asarray(factors, dtype=np.float64), packet.counts).astype(np.float32)
+        return dataclasses.replace(packet, coords=coords).to_bytes()
 
     def aggregate(self, model, uploads, weights, ctx):
-        uploads = defended(self, model, uploads, weights, ctx)
-        if uploads is None:  # a private mean or a robust statistic aggregated the round
-            return
-        merged = merge_by_seed([Packet.from_bytes(u) for u in uploads], weights)
-        self.broadcast = b"".join(p.to_bytes() for p in merged)  # Packet.split reads it back
+        self._broadcast(merge_by_seed([Packet.from_bytes(u) for u in uploads], weights), model, ctx)
+
+    def _broadcast(self, packets: list[Packet], model, ctx) -> None:
+        """Broadcast the round's merged ``packets`` (one per seed) and apply them; where they take
+        as many bytes as FedAvg's broadcast (every weight in fp32), the update they reconstruct
+        is sent instead (Packet.split reads the packets back; a client replays either)."""
+        self.broadcast = b"".join(p.to_bytes() for p in packets)
+        if len(self.broadcast) >= 4 * self._layout(model).numel:
+            self.broadcast = encode_tensors(self._reconstructed(packets, model))
         self.apply(model, self.broadcast, ctx)
 
     def apply(self, model, broadcast, ctx):
         o, params, backend = self.options, trainable(model), self.runtime.backend
+        if broadcast[:len(MAGIC)] != MAGIC:  # the reconstructed update itself
+            self._step(params, decode_tensors(broadcast, model_device(model)))
+            return
+        packets = Packet.split(broadcast)
+        if o.clip is None and o.momentum == 0.0 and len(packets) == 1:
+            try:  # straight into the weights: no full-size buffer; nothing is written if it would overflow
+                reconstruct(packets[0], into=params, scale=o.server_lr, backend=backend)
+            except PacketError as err:
+                raise UnsafeUpdate(str(err)) from None
+            return
+        self._step(params, self._reconstructed(packets, model))
+
+    def _reconstructed(self, packets: list[Packet], model) -> dict[str, torch.Tensor]:
+        """The sum of ``packets``' reconstructions: fp32 tensors on the model's device, by name."""
+        update = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in trainable(model)}
         with torch.no_grad():
-            if o.clip is None and o.momentum == 0.0:
-                for packet in Packet.split(broadcast):  # straight into the weights: no full-size buffer
-                    reconstruct(packet, into=params, scale=o.server_lr, backend=backend)
-            else:
-                update = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params}
-                for packet in Packet.split(broadcast):
-                    reconstruct(packet, into=update, backend=backend)
-                self._step(params, update)
+            for packet in packets:
+                reconstruct(packet, into=update, backend=self.runtime.backend)
+        return update
 
     def _step(self, params, update: dict[str, torch.Tensor]) -> None:
         o = self.options
-        for name, p in params:
-            u = update[name]
-            if o.clip is not None:
-                # on the device, no sync: times clip / norm where the norm exceeds clip (in fp64, the
-                # factor a Python float was, so the weights equal the host computation's)
-                norm = u.norm().double()
-                u.mul_(torch.where(norm > o.clip, o.clip / norm, 1.0))
-            if o.momentum:
-                if name in self.velocity:
-                    u = self.velocity[name].mul_(o.momentum).add_(u)
-                self.velocity[name] = u
-            p.add_(u.to(p.dtype), alpha=o.server_lr)
+        velocity = {}
+        with torch.no_grad():
+            for name, _ in params:
+                u = update[name]
+                if o.clip is not None:
+                    # on the device, no sync: times clip / norm where the norm exceeds clip (in fp64, the
+                    # factor a Python float was, so the weights equal the host computation's)
+                    norm = u.norm().double()
+                    u.mul_(torch.where(norm > o.clip, o.clip / norm, 1.0))
+                if o.momentum:
+                    if name in self.velocity:
+                        u = self.velocity[name].mul(o.momentum).add_(u)
+                    velocity[name] = u
+                update[name] = u
+            add_update(params, update, o.server_lr)
+        self.velocity.update(velocity)  # only once the step is taken: a refused round leaves it as it was
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"velocity.{n}": v for n, v in self.velocity.items()}
@@ -209,21 +278,11 @@ class Ferret(Algorithm):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.velocity = {k.removeprefix("velocity."): v.clone() for k, v in state.items() if k.startswith("velocity.")}
 
-    # -- secure aggregation (Flower's SecAgg+): shared bases and equal block counts make a round's
-    # update a function of the weighted mean of the coordinates alone --------------------------------
-    def check_summable(self) -> None:
-        o = self.options
-        if o.sharing != "shared" or o.allocation != "uniform" or o.clip is not None:
-            raise ValueError("secure aggregation needs Ferret with bases='shared', allocation='uniform' and no "
-                             "clip: every client's coordinates must mean the same thing")
-        if o.robust or (o.private and o.dp_mode == "central"):
-            raise ValueError("secure aggregation hides each client's coordinates, which robust aggregation and "
-                             "central differential privacy need: use neither, or dp_mode='distributed'")
-
-    def summable(self, upload):
+    # -- coordinates as vectors --------------------------------------------------------------------
+    def vector(self, upload):
         return Packet.from_bytes(upload).coords.astype(np.float64)
 
-    def from_summable(self, upload, vector):
+    def from_vector(self, upload, vector):
         coords = np.asarray(vector, dtype="<f4")
         packet = Packet.from_bytes(upload)
         if np.all(np.isfinite(coords)):
@@ -232,13 +291,65 @@ class Ferret(Algorithm):
         body = upload[: len(upload) - 4 - coords.nbytes] + coords.tobytes()
         return body + struct.pack("<I", zlib.crc32(body))
 
+    # -- the round as a mean of coordinate vectors (uniform counts): shared bases put every client's
+    # k-th coordinate on the same basis vector; disjoint rows put each client's in rows of its own,
+    # laid out as the group's merged packet holds them, group after group --------------------------
+    def check_summable(self) -> None:
+        o = self.options
+        if o.sharing != "shared" or o.counts != "uniform" or o.clip is not None:
+            raise ValueError("secure aggregation needs Ferret with bases='shared', allocation='uniform' and no "
+                             "clip: every client's coordinates must mean the same thing")
+        if o.robust or (o.private and o.dp_mode == "central"):
+            raise ValueError("secure aggregation hides each client's coordinates, which robust aggregation and "
+                             "central differential privacy need: use neither, or dp_mode='distributed'")
+
+    def summable(self, upload, model, ctx):
+        coords = self.vector(upload)
+        if self.options.sharing != "disjoint":
+            return coords
+        layout = self._layout(model)
+        place = self.place(ctx, layout)
+        rows = self._rows(layout, len(ctx.clients))
+        out = np.zeros(rows.groups * rows.length)
+        at = place.group * rows.length + rows.index[place.slot]
+        out[at] = coords
+        return out
+
     def aggregate_mean(self, model, mean, ctx):
         layout = self._layout(model)
-        basis = self.basis_of(1)
-        counts = block_counts(layout, self.options.budget, basis, "uniform")
-        self.broadcast = Packet(ctx.round_seed, basis, layout.group_size, layout.fingerprint, counts,
-                                np.asarray(mean, dtype=np.float32)).to_bytes()
-        self.apply(model, self.broadcast, ctx)
+        mean = np.asarray(mean, dtype=np.float64)
+        if self.options.sharing != "disjoint":
+            counts = block_counts(layout, self.options.budget, self.basis_of(1), "uniform")
+            packets = [Packet(ctx.round_seed, self.basis_of(1), layout.group_size, layout.fingerprint, counts,
+                              mean.astype(np.float32))]
+        else:  # group g's merged packet: row j of block b holds n_b / m_bc times the mean, c = j mod slots
+            rows = self._rows(layout, len(ctx.clients))
+            packets = []
+            for g in range(rows.groups):
+                coords = mean[g * rows.length : (g + 1) * rows.length] * rows.scale
+                first = slots.place(ctx.round_seed, g * rows.slots, len(ctx.clients), layout.block_sizes,
+                                    self.options.budget, self.options.basis)
+                packets.append(Packet(first.seed, first.basis, layout.group_size, layout.fingerprint, rows.merged,
+                                      coords.astype(np.float32)))
+        self._broadcast(packets, model, ctx)
+
+    def _rows(self, layout: Layout, clients: int) -> "_Rows":
+        """Where each slot's uniform coordinates sit in its group's merged packet."""
+        key = (layout.fingerprint, clients)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            groups, n_slots = slots.grouping(clients, layout.block_sizes, self.options.budget, self.options.basis)
+            basis = self.basis_of(n_slots)
+            counts = [block_counts(layout, self.options.budget, basis, "uniform", None, c, n_slots)
+                      for c in range(n_slots)]
+            merged = np.max([c + n_slots * (k - 1) + 1 for c, k in enumerate(counts)], axis=0)
+            starts = np.concatenate([[0], np.cumsum(merged)[:-1]])
+            index = [np.concatenate([starts[b] + c + n_slots * np.arange(k[b]) for b in range(layout.n_blocks)])
+                     for c, k in enumerate(counts)]
+            scale = np.zeros(int(merged.sum()))
+            for c, k in enumerate(counts):
+                scale[index[c]] = np.repeat(merged / k, k)
+            self._rows_cache = (key, _Rows(groups, n_slots, int(merged.sum()), merged, index, scale))
+        return self._rows_cache[1]
 
     def _layout(self, model) -> Layout:
         return Layout.of(trainable(model), self.options.grouping)
@@ -256,3 +367,18 @@ class Ferret(Algorithm):
                           f"is below the block sizes), which can hurt training: use a larger srht size or "
                           f"'rademacher' (docs/bases.md)", RuntimeWarning, stacklevel=2)
             self._warned_sparse = True
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Where a round's uniform coordinates sit with disjoint rows: ``groups`` groups of ``slots``
+    slots, each group's merged packet holding ``merged[b]`` coordinates in block b (``length`` in
+    all); slot c's coordinates at positions ``index[c]`` of it, each scaled by ``scale`` (n_b / m_bc)
+    when a mean becomes the packet."""
+
+    groups: int
+    slots: int
+    length: int
+    merged: np.ndarray
+    index: list
+    scale: np.ndarray

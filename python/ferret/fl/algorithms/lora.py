@@ -12,26 +12,32 @@ import numpy as np
 import torch
 
 from ... import lora
+from ..bounds import BoundOptions
 from ..privacy import NOISE_DOMAIN, PrivacyOptions
 from ..runtime import model_device
 from ..settings import positive_finite
 from ..train import first_order_steps
-from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate
+from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate, UnsafeUpdate
 from .uploads import decode_tensors, encode_tensors, metadata_of
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RANK = 4096
+# Far above any honest factor, and low enough that B·A of rank MAX_RANK stays finite in float32.
+MAX_FACTOR = 1e15
 
 
 @dataclass(frozen=True)
-class LoraOptions(PrivacyOptions):
+class LoraOptions(BoundOptions, PrivacyOptions):
     """``ranks``: every client's LoRA rank, or one per client (client c takes ``ranks[c % len]``);
     ``alpha_per_rank``: LoRA's alpha over the rank (the scaling is alpha / r); ``target_modules``:
-    the module names (or one name) the adapters wrap. ``dp_clip``, ``dp_noise``, ``dp_delta``,
-    ``target_epsilon``: client-level differential privacy (:mod:`ferret.fl.privacy`), central
-    only: each client's update Σ_modules B_i A_i is clipped to Frobenius norm ``dp_clip`` (its
-    scaling, not its factors, shrinks), and the server adds Gaussian noise of ``dp_noise`` ×
-    ``dp_clip`` / m to every adapted weight after merging the m clients' clipped updates."""
+    the module names (or one name) the adapters wrap: a module whose name is one of them or ends
+    with ``"." + name`` (PEFT's rule for a list). ``relative_bound``, ``norm_bound``: the
+    influence bounds, module by module on B·A (:mod:`ferret.fl.bounds`). ``dp_clip``,
+    ``dp_noise``, ``dp_delta``, ``target_epsilon``: client-level differential privacy
+    (:mod:`ferret.fl.privacy`), central only: each client's update Σ_modules B_i A_i is clipped to
+    Frobenius norm ``dp_clip`` (its scaling, not its factors, shrinks), and the server adds Gaussian
+    noise of ``dp_noise`` × ``dp_clip`` / m to every adapted weight after merging the m clients'
+    clipped updates."""
 
     ranks: int | list[int] = 8
     alpha_per_rank: float = 2.0
@@ -72,6 +78,19 @@ class LoraAlgorithm(Algorithm):
     full_parameter = False
     default_local = LocalTraining(lr=1e-3, optimizer="adamw")
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` unless ``target_modules`` names at least one linear module of ``model``."""
+        if not self.adapted(model):
+            raise ValueError(f"target_modules {self.options.modules} match no linear module of the model (its "
+                             f"modules include {', '.join(_example_names(model))})")
+
+    def adapted(self, model: torch.nn.Module) -> list[str]:
+        """The names of the modules of ``model`` an adapter wraps, sorted."""
+        targets = self.options.modules
+        return sorted(name for name, module in model.named_modules()
+                      if any(name == t or name.endswith("." + t) for t in targets)
+                      and getattr(getattr(module, "weight", None), "ndim", 0) == 2)
+
     def rank_of(self, client: int) -> int:
         """Client ``client``'s LoRA rank."""
         ranks = self.options.ranks
@@ -99,14 +118,29 @@ class LoraAlgorithm(Algorithm):
     def check_upload(self, upload, model, ctx):
         adapter = decode_adapter(upload)
         modules = dict(model.named_modules())
+        expected = self.adapted(model)
+        if sorted(adapter.modules) != expected:
+            name = sorted(set(adapter.modules) ^ set(expected))[0]
+            raise MalformedUpload(f"the adapter {'lacks' if name in expected else 'has an extra'} module {name}")
         for name in adapter.modules:
             A, B = adapter.stacked(name)
-            weight = getattr(modules.get(name), "weight", None)
-            if weight is None or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != tuple(weight.shape[:2]):
+            weight = modules[name].weight
+            if A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != tuple(weight.shape[:2]):
                 raise MalformedUpload(f"adapter module {name} does not fit the model")
             if A.shape[0] > self.rank_of(ctx.client):
                 raise MalformedUpload(f"adapter module {name} has rank {A.shape[0]}, above the client's "
                                       f"{self.rank_of(ctx.client)}")
+            if max(float(A.abs().max()), float(B.abs().max())) > MAX_FACTOR:
+                raise MalformedUpload(f"adapter module {name} has a factor entry above {MAX_FACTOR:g}")
+
+    def block_norms(self, upload, model):
+        return module_norms(decode_adapter(upload))
+
+    def scale_blocks(self, upload, factors):
+        adapter = decode_adapter(upload)
+        return encode_adapter(lora.LoraAdapter(
+            {name: [lora.LoraTerm(t.A, t.B, t.coef * float(f)) for t in adapter.terms[name]]
+             for name, f in zip(adapter.modules, factors)}, fan_in_fan_out=adapter.fan_in_fan_out))
 
     def combine(self, adapters, weights) -> lora.LoraAdapter:
         """The one adapter the server merges from the clients' ``adapters`` (weights sum to 1)."""
@@ -115,16 +149,15 @@ class LoraAlgorithm(Algorithm):
     def aggregate(self, model, uploads, weights, ctx):
         device = model_device(model)
         adapters = [decode_adapter(u, device) for u in uploads]
-        if self.options.private:  # Σ clip(update_i) / m: each clipped, scaled so equal weights give the sum over m
-            share = len(adapters) / len(ctx.clients)
-            adapters = [scaled(a, share * min(1.0, self.options.dp_clip / update_norm(a))) for a in adapters]
-            weights = [1.0 / len(adapters)] * len(adapters)
         self.broadcast = encode_adapter(self.combine(adapters, weights))
         self.apply(model, self.broadcast, ctx)
 
     def apply(self, model, broadcast, ctx):
         adapter = decode_adapter(broadcast, model_device(model))
-        lora.merge_into(model, adapter, backend=self.runtime.lora_backend)
+        try:
+            lora.merge_into(model, adapter, backend=self.runtime.lora_backend)
+        except lora.LoraError as err:  # the merge checks every module first: nothing was written
+            raise UnsafeUpdate(str(err)) from None
         o = self.options
         if o.private and o.dp_noise:
             modules = dict(model.named_modules())
@@ -137,20 +170,21 @@ class LoraAlgorithm(Algorithm):
                     weight.add_((noise * std).to(weight.device, weight.dtype))
 
 
-def update_norm(adapter: lora.LoraAdapter) -> float:
-    """The Frobenius norm of the whole update Σ_terms coef · B @ A, over every module, computed
-    from the factors: ‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ), never forming B A."""
-    total = 0.0
+def module_norms(adapter: lora.LoraAdapter) -> np.ndarray:
+    """The Frobenius norm of each module's update Σ_terms coef · B @ A (float64, in the adapter's
+    module order), from the factors: ‖B A‖² = Σ (BᵀB) ∘ (A Aᵀ), never forming B A."""
+    norms = []
     for name in adapter.modules:
         A, B = adapter.stacked(name)
-        total += float(((B.T.double() @ B.double()) * (A.double() @ A.T.double())).sum())
-    return math.sqrt(max(total, 0.0))
+        norms.append(math.sqrt(max(float(((B.T.double() @ B.double()) * (A.double() @ A.T.double())).sum()), 0.0)))
+    return np.array(norms)
 
 
-def scaled(adapter: lora.LoraAdapter, factor: float) -> lora.LoraAdapter:
-    """``adapter`` with every term's scaling multiplied by ``factor``."""
-    return lora.LoraAdapter({name: [lora.LoraTerm(t.A, t.B, t.coef * factor) for t in terms]
-                             for name, terms in adapter.terms.items()}, fan_in_fan_out=adapter.fan_in_fan_out)
+def _example_names(model: torch.nn.Module) -> list[str]:
+    """A few last parts of the names of ``model``'s linear modules, to say what target_modules may name."""
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                    if getattr(getattr(m, "weight", None), "ndim", 0) == 2})
+    return names[:8]
 
 
 def init_adapter(peft_model, generator: torch.Generator) -> None:
