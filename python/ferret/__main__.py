@@ -119,8 +119,9 @@ def client_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"a comma-separated list of client numbers, got {text!r}") from None
 
 
-def _config(args, base: dict | None = None):
-    """The configuration: ``base`` (settings) or defaults, then ``--config``, then flags and options."""
+def _config(args, base: dict | None = None, source: str = "flags"):
+    """The configuration: ``base`` (settings, from ``source``) or defaults, then ``--config``, then
+    flags and options."""
     from .fl.config import Config, ConfigError, parse_value
 
     values = dict(base or {})
@@ -136,7 +137,7 @@ def _config(args, base: dict | None = None):
                 raise ConfigError(f"--{flag} takes {'KEY=VALUE' if flag == 'option' else 'FIELD=COLUMN'}, got {item!r}")
             table[name.strip()] = parse(value.strip())
         values[key] = table
-    return Config.from_dict(values, str(args.config or "flags"))
+    return Config.from_dict(values, str(args.config or source))
 
 
 def _default_out(name: str) -> Path:
@@ -146,13 +147,16 @@ def _default_out(name: str) -> Path:
 def set_threads(n: int | None) -> None:
     """Make torch and ferret's compiled core use ``n`` CPU threads, whatever ``FERRET_NUM_THREADS``
     says (``None``: leave both as they are); raises :class:`~ferret.fl.config.ConfigError` when
-    ``n`` is below 1."""
+    ``n`` is below 1 or above the machine's CPUs."""
     from .fl.config import ConfigError
+    from .fl.runtime import check_threads
 
     if n is None:
         return
-    if n < 1:
-        raise ConfigError(f"--threads must be at least 1, got {n}")
+    try:
+        check_threads(n)
+    except ConfigError as err:
+        raise ConfigError(f"--{err}") from None
     import torch
 
     from . import set_num_threads
@@ -171,7 +175,8 @@ def cmd_run(args) -> int:
             raise ConfigError("--resume names the run directory: leave out --out")
         experiment.check_out_dir(args.resume, resume=True)
         # the saved settings are checked once the flags are on them: --device may replace a GPU the run had
-        config = _config(args, base=experiment.saved_settings(args.resume))
+        config = _config(args, base=experiment.saved_settings(args.resume),
+                         source=f"the settings saved in {args.resume}")
         experiment.run(config, args.resume, resume=True, progress=not args.no_progress, echo=_echo)
         return 0
     config = _config(args)
