@@ -58,11 +58,11 @@ def rouge_targets(rows: dict) -> list[str]:
         return []
     lines = ["", "Rouge-L (0–100) of the starting model and the final one (target: above the start):", ""]
     for label, r in scored.items():
-        start, end = 100 * r["initial_rouge_l"], 100 * r["rouge_l"]
+        start, end = r["initial_rouge_l"], r["rouge_l"]
         lines.append(f"- {label}: {start:.2f} → {end:.2f} ({end - start:+.2f}): {'met' if end > start else 'missed'}")
     fedavg = scored.get("fedavg")
     for label in (k for k in scored if k.startswith("ferret") and fedavg):
-        gap = 100 * (scored[label]["rouge_l"] - fedavg["rouge_l"])
+        gap = scored[label]["rouge_l"] - fedavg["rouge_l"]
         lines.append(f"- {label} against FedAvg: {gap:+.2f} points (target: within 1): "
                      f"{'met' if abs(gap) <= 1 or gap > 0 else 'missed'}")
     return lines

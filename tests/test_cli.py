@@ -49,7 +49,7 @@ def test_default_run_writes_every_artefact(tmp_path):
     clients = [x for x in lines if x["kind"] == "client"]
     assert [x["round"] for x in rounds] == [1, 2, 3, 4, 5]
     assert len(clients) == 5 * 5 and all(x["upload_bytes"] > 0 for x in clients)
-    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "end" and 0 <= lines[-1]["rouge_l"] <= 1
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "end" and 0 <= lines[-1]["rouge_l"] <= 100
     assert rounds[-1]["eval_loss"] < lines[0]["eval_loss"] - 1.0  # it learns
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(out / "loss.png").shape[2] in (3, 4)
@@ -390,3 +390,62 @@ def test_threads_set_torch_and_the_core():
             "print(torch.get_num_threads(), ferret.num_threads())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.stdout.split() == ["2", "2"], proc.stderr[-2000:]
+
+
+def test_config_toml_holds_every_setting_and_rerunning_it_reproduces_the_run(tmp_path):
+    import tomllib
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    ferret("run", *SMALL, "--algorithm", "fedavg", "--out", first, check=True)
+    saved = tomllib.loads((first / "config.toml").read_text())
+    assert {k: saved[k] for k in ("steps", "batch_size", "lr", "optimizer", "grad_accum")} == \
+        {"steps": 3, "batch_size": 4, "lr": 0.1, "optimizer": "sgd", "grad_accum": 1}
+    assert saved["options"]["relative_bound"] == 2.0 and saved["options"]["aggregator"] == "mean"
+    ferret("run", "--config", first / "config.toml", "--no-progress", "--out", second, check=True)
+    assert (second / "config.toml").read_text() == (first / "config.toml").read_text()
+    a, b = weights(first), weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_local_training_defaults_follow_the_model():
+    from ferret.fl.algorithms import LocalTraining
+    from ferret.fl.config import MODEL_SGD_LR, Config
+
+    assert Config(model="smollm2").resolved().lr == MODEL_SGD_LR["smollm2"] == 0.003
+    assert Config(model="smollm2", lr=0.05).resolved().lr == 0.05  # a given lr wins
+    assert Config(model="smollm2", algorithm="flora").resolved().lr == 1e-3  # AdamW's default is the model's too
+    assert Config().resolved().lr == LocalTraining().lr == 0.1
+
+
+def test_bench_is_found_from_inside_a_checkout_and_refused_elsewhere(tmp_path, monkeypatch):
+    from ferret.__main__ import find_bench
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root / "examples" / "flower")
+    assert find_bench(None) == root / "bench"
+    assert find_bench(tmp_path) is None
+    proc = ferret("bench", "--path", tmp_path, "--out", tmp_path / "results")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"ferret bench: error: no benchmarks at {tmp_path}"
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_readmes_own_data_example_gives_a_client_per_team_and_learns(tmp_path):
+    # the README's command on a small JSONL of three teams; stories260K in place of SmolLM2 (not installed in CI)
+    data = tmp_path / "support.jsonl"
+    rows = [{"question": f"How do I {verb} my {thing}?", "answer": f"To {verb} your {thing}, open settings and "
+             f"choose {verb}.", "team": team}
+            for team, verbs in (("billing", ("pay", "refund", "cancel")), ("accounts", ("reset", "rename", "close")),
+                                ("shipping", ("track", "return", "send")))
+            for verb in verbs for thing in ("order", "invoice", "plan", "card", "box")]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    proc = ferret("run", "--data", data, "--column", "instruction=question", "--column", "response=answer",
+                  "--column", "category=team", "--partition", "column", "--n-eval", "9", "--rouge-samples", "0",
+                  "--rounds", "3", "--no-progress", "--out", out, check=True)
+    import tomllib
+
+    assert tomllib.loads((out / "config.toml").read_text())["clients"] == 3
+    lines = metrics(out)
+    rounds = [x for x in lines if x["kind"] == "round"]
+    assert all(x["clients"] == [0, 1, 2] for x in rounds) and rounds[-1]["eval_loss"] < lines[0]["eval_loss"]
+    assert "done: eval loss" in proc.stdout

@@ -246,8 +246,8 @@ def test_a_run_records_rouge_l_and_eval_loss_at_round_zero_and_the_end(tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     start, end = lines[0], lines[-1]
     assert start["kind"] == "start" and end["kind"] == "end"
-    assert 0 <= start["rouge_l"] <= 1 and 0 <= end["rouge_l"] <= 1
+    assert 0 <= start["rouge_l"] <= 100 and 0 <= end["rouge_l"] <= 100
     assert result.initial_rouge_l == start["rouge_l"] and result.rounds[-1].rouge_l == end["rouge_l"]
     summary = (tmp_path / "run" / "summary.md").read_text()
-    assert f"{100 * start['rouge_l']:.2f} → {100 * end['rouge_l']:.2f}" in summary
+    assert f"{start['rouge_l']:.2f} → {end['rouge_l']:.2f}" in summary
     assert f"{start['eval_loss']:.4f} → {end['eval_loss']:.4f}" in summary

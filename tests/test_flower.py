@@ -73,7 +73,7 @@ def flower_weights(out: Path, config: Config) -> dict[str, torch.Tensor]:
     from ferret.fl import models
 
     model, _ = models.load(config.model)
-    load_model(model, str(out / "model.safetensors"))
+    load_model(model, str(out / "model" / "model.safetensors"))
     return model.state_dict()
 
 
@@ -193,7 +193,7 @@ def simulate(config: Config, out: Path, **extra) -> subprocess.CompletedProcess:
     spec = {"config": {**config.to_dict()}, "out": str(out), **extra}
     proc = subprocess.run([sys.executable, "-c", SIMULATE, json.dumps(spec)], env=ENV, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0 and (out / "model.safetensors").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and (out / "model" / "model.safetensors").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -263,7 +263,7 @@ def test_malformed_and_failed_clients_are_dropped_and_the_rounds_complete(tmp_pa
     assert [r["dropped"] for r in rounds] == [[1], [1, 2]]
     assert all(np.isfinite(r["eval_loss"]) for r in rounds)
     log = proc.stdout + proc.stderr
-    assert "round 0: client 1 dropped: not a Ferret packet" in log and "round 1: client 2 dropped: it failed" in log
+    assert "round 1: client 1 dropped: not a Ferret packet" in log and "round 2: client 2 dropped: it failed" in log
     # the rounds aggregated what arrived: the model moved in both rounds
     start = next(m for m in metrics(tmp_path) if m["kind"] == "start")["eval_loss"]
     assert rounds[0]["eval_loss"] != start and rounds[1]["eval_loss"] != rounds[0]["eval_loss"]
@@ -388,7 +388,7 @@ def test_a_late_reply_is_left_out_and_the_client_rejoins(tmp_path):
     proc = simulate(config, tmp_path, late=45.0, slots=3, flower={"round_timeout": 25.0})
     rounds = [m for m in metrics(tmp_path) if m["kind"] == "round"]
     assert [r["dropped"] for r in rounds] == [[2], []], proc.stdout[-2000:]
-    assert "round 0: no reply from clients [2]" in proc.stdout + proc.stderr
+    assert "round 1: no reply from clients [2]" in proc.stdout + proc.stderr
 
 
 # -- deployment --------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_a_supernode_killed_mid_run_leaves_the_others_finishing(tmp_path):
         lines = []
         for line in run.stdout:  # kill SuperNode 2 as soon as the first round is aggregated
             lines.append(line)
-            if "round 0: eval loss" in line:
+            if "round 1: eval loss" in line:
                 deployment.kill("supernode2")
                 break
         rest, _ = run.communicate(timeout=600)
@@ -497,4 +497,4 @@ def test_a_supernode_killed_mid_run_leaves_the_others_finishing(tmp_path):
     assert len(rounds) == 3 and not rounds[0]["dropped"]
     killed = rounds[1]["dropped"]  # the client the server numbered that node (clients follow node ids)
     assert len(killed) == 1 and rounds[2]["dropped"] == killed, [r["dropped"] for r in rounds]
-    assert f"round 1: no reply from clients {killed}" in output
+    assert f"round 2: no reply from clients {killed}" in output

@@ -130,7 +130,7 @@ def test_a_round_too_small_for_its_statistic_is_skipped_and_the_run_goes_on(data
     shards, held = data
     algorithm = fl.Ferret(local=LOCAL, bases="shared", aggregator="krum", byzantine=1)  # krum needs 5
     net = model()
-    with pytest.warns(RuntimeWarning, match="round 0: the model is left as it was: aggregator 'krum' with "
+    with pytest.warns(RuntimeWarning, match="round 1: the model is left as it was: aggregator 'krum' with "
                                             "byzantine=1 needs at least 5 clients per round, got 4"):
         result = fl.run(algorithm, net, shards[:5], held, rounds=2, seed=1, device="cpu", attack="nan", malicious=[2])
     assert [r.skipped is not None for r in result.rounds] == [True, True]
@@ -169,7 +169,7 @@ def test_a_step_that_would_overflow_the_weights_leaves_them_as_they_were(name):
         assert this.accept(c, upload, 3, 0.0), lines
     record = this.conclude()
     assert record.skipped and "overflow" in record.skipped and algorithm.broadcast == b""
-    assert lines == [f"round 0: the model is left as it was: {record.skipped}"]
+    assert lines == [f"round 1: the model is left as it was: {record.skipped}"]
     assert all(torch.equal(p.detach(), before[n]) for n, p in net.named_parameters())
     assert not getattr(algorithm, "velocity", {})  # nor the server's momentum
 

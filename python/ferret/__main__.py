@@ -7,13 +7,15 @@
 
 Bad input (an unknown key, a wrong type, a device, dtype or backend this machine cannot run, a
 path that does not load, an output directory that cannot be written or already holds results)
-exits with status 2 and one message.
+exits with status 2 and one message. A run stopped because a round left it broken (a non-finite
+eval loss, weights out of range, every client dropped) exits with status 1 and one message.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 1  # a run stopped at a round that left it broken (ferret.fl.health)
 # what the `fl` extra installs (pyproject.toml): a run without them says what to install
 LOOP_LIBRARIES = {"transformers", "peft", "rouge_score", "tqdm", "matplotlib", "tomli_w", "tomli", "datasets",
                   "flwr_datasets", "dp_accounting"}
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fl.checkpoint import CheckpointError
     from .fl.config import ConfigError
     from .fl.data import DataError
+    from .fl.health import RunDiverged
     from .fl.models import ModelError
 
     try:
@@ -42,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError) as err:
         print(f"ferret {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunDiverged as err:
+        print(f"ferret {args.command}: stopped: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print(f"ferret {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -108,7 +115,7 @@ def _experiment_flags(parser: argparse.ArgumentParser, algorithm: bool) -> None:
             continue
         kind = kinds[str(f.type).split("|")[0].strip()]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                            metavar=f.name.upper())
+                            metavar=f.name.upper(), help=f.metadata.get("help"))
 
 
 def client_list(text: str) -> list[int]:
@@ -165,11 +172,23 @@ def set_threads(n: int | None) -> None:
     set_num_threads(n)
 
 
+def silence_progress_bars() -> None:
+    """No library's progress bar (Hugging Face datasets, transformers' model and GGUF loading): what
+    --no-progress promises, besides ferret's own."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def cmd_run(args) -> int:
     from .fl import experiment
     from .fl.config import ConfigError
 
     set_threads(args.threads)
+    if args.no_progress:
+        silence_progress_bars()
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise ConfigError("--resume names the run directory: leave out --out")
@@ -189,6 +208,8 @@ def cmd_compare(args) -> int:
     from .fl.config import ConfigError
 
     set_threads(args.threads)
+    if args.no_progress:
+        silence_progress_bars()
     base = _config(args)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out, the comparison's directory")
@@ -200,21 +221,39 @@ def cmd_compare(args) -> int:
 def cmd_bench(args) -> int:
     from .fl.config import ConfigError
 
-    bench = args.path or Path(__file__).resolve().parents[2] / "bench"
-    if not (bench / "summarize.py").is_file():
-        raise ConfigError(f"no benchmarks at {bench}: run from a ferret checkout or pass --path")
+    bench = find_bench(args.path)
+    if bench is None:
+        raise ConfigError(f"no benchmarks at {args.path}" if args.path else "no bench/ directory here, above here or "
+                          "beside the installed package: run from a ferret checkout or pass --path")
     results = args.out or Path(tempfile.mkdtemp(prefix="ferret-bench-"))
     results.mkdir(parents=True, exist_ok=True)
     status = 0
-    for name, out in (("test_projection.py", "cpu_projection.json"), ("test_lora.py", "cpu_lora.json")):
-        cmd = [sys.executable, "-m", "pytest", str(bench / name), "-q", "--benchmark-only",
-               f"--benchmark-json={results / out}"] + (["-k", args.select] if args.select else [])
-        status = subprocess.call(cmd) or status
-        if (results / out).is_file():
-            subprocess.call([sys.executable, str(bench / "summarize.py"), str(results / out)])
-            print((results / out).with_suffix(".md").read_text(encoding="utf-8"))
+    for path in sorted(bench.glob("test_*.py")):  # every bench file; those needing a GPU skip without one
+        out = results / f"{'gpu' if path.stem == 'test_gpu' else 'cpu'}_{path.stem.removeprefix('test_')}.json"
+        print(f"== {path.name} ==", flush=True)
+        cmd = [sys.executable, "-m", "pytest", str(path), "-q", "--benchmark-only",
+               f"--benchmark-json={out}"] + (["-k", args.select] if args.select else [])
+        code = subprocess.call(cmd)
+        status = status or (code if code not in (0, 5) else 0)  # 5: nothing selected or all skipped
+        if out.is_file() and json.loads(out.read_text(encoding="utf-8")).get("benchmarks"):
+            subprocess.call([sys.executable, str(bench / "summarize.py"), str(out)])
+            print(out.with_suffix(".md").read_text(encoding="utf-8"))
+        else:
+            print(f"{path.name}: no benchmark ran here")
     print(f"results in {results}")
     return status
+
+
+def find_bench(given: Path | None) -> Path | None:
+    """The bench/ directory: ``given``; else ``bench/`` in the working directory or one above it;
+    else the one beside the package (an editable install). None when there is none."""
+    if given is not None:
+        return given if (given / "summarize.py").is_file() else None
+    cwd = Path.cwd().resolve()
+    for place in (*[d / "bench" for d in (cwd, *cwd.parents)], Path(__file__).resolve().parents[2] / "bench"):
+        if (place / "summarize.py").is_file():
+            return place
+    return None
 
 
 def cmd_demo(args) -> int:

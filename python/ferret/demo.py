@@ -38,5 +38,9 @@ def demo(model_dir: Path, budget: int, seed: int, grouping: str) -> None:
     # Rademacher: E||estimate - update||^2 = sum over blocks of (d_b - 1) / n_b * ||update_b||^2.
     theory = sum((size - 1) / int(n) * nb for size, n, nb in zip(layout.block_sizes, packet.counts, block_norm2))
     err = sum(float((estimate[n] - update[n]).double().pow(2).sum()) for n in update)
-    print(f"one-draw squared error {err:.4g}, expected {theory:.4g} "
-          f"(relative to ||update||^2 = {sum(block_norm2):.4g}: {err / sum(block_norm2):.1f} vs {theory / sum(block_norm2):.1f})")
+    total = sum(block_norm2)
+    print(f"error of this one reconstruction: ||estimate - update||^2 = {err:.4g}, {err / total:.1f} times "
+          f"||update||^2 = {total:.4g}; theory expects {theory:.4g} ({theory / total:.1f} times) on average over seeds")
+    print(f"  (the estimate is unbiased: averaged over many clients' or rounds' seeds it converges to the update; "
+          f"one draw of K = {packet.coords.size} coordinates for d = {d:,} numbers has a squared error of about "
+          f"d/K = {d / packet.coords.size:.0f} times the update's, more where blocks get fewer coordinates)")

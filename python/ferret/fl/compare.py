@@ -70,7 +70,8 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
     if target is None:
         target = max(r.final_eval_loss for r in results.values())
     rows = [report.Summary.of(label, results[label], target, finals[label].get("rouge_l")) for label in labels]
-    title = f"{base.model}, {Path(base.data).name}, {base.clients} clients, {base.rounds} rounds"
+    who = f"{base.clients} clients" if base.clients is not None else "clients by the partition"
+    title = f"{base.model}, {Path(base.data).name}, {who}, {base.rounds} rounds"
     (out / TABLE).write_text(f"# {title}\n\n" + report.table(rows, target), encoding="utf-8")
     (out / JSON).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1), encoding="utf-8")
     report.plot(results, out / PLOT, title=title)

@@ -44,7 +44,13 @@ from .sources import check_columns
 from .templates import TEMPLATES
 
 REFERENCES = ("centralized", "standalone")
-RUNTIME_KEYS = ("device", "dtype", "backend")  # where a run computes, not what: a resumed run may change them
+# The SGD learning rate of first-order local training (ferret, fedavg and the references, unless
+# told otherwise) on a bundled model whose weights 0.1 throws off: SmolLM2-135M diverges at 0.1 (eval
+# loss nan after one round of the README's own-data example) and improves its start at 0.003.
+MODEL_SGD_LR = {"smollm2": 0.003}
+DEFAULT_CLIENTS = 5  # unless the column partition gives one client per distinct category
+RUNTIME_KEYS = ("device", "dtype", "backend")
+LOCAL_KEYS = ("steps", "batch_size", "lr", "optimizer", "grad_accum", "clip")  # local training's settings  # where a run computes, not what: a resumed run may change them
 
 
 @dataclass
@@ -59,19 +65,27 @@ class Config(Settings):
     columns: dict = field(default_factory=dict)  # see ferret.fl.sources
     template: str = "auto"       # see ferret.fl.templates
     n_eval: int = 100            # held-out examples, stratified by category
-    clients: int = 5
+    clients: int | None = field(default=None, metadata={"help": f"clients in the federation (default "
+                                                               f"{DEFAULT_CLIENTS}; with the column partition, one "
+                                                               f"per distinct category)"})
     partition: str = "auto"      # see ferret.fl.partitions
     alpha: float = 0.5           # Dirichlet concentration of the split over categories
     min_per_client: int = 2
     shards_per_client: int = 2
     fraction: float = 1.0        # clients sampled per round
     rounds: int = 5
-    steps: int | None = None     # local training; None takes the algorithm's default
-    batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str | None = None
-    grad_accum: int | None = None
-    clip: float | None = None
+    # local training; None takes the algorithm's default (config.toml records the values used)
+    steps: int | None = field(default=None, metadata={"help": "local optimiser steps per round (default: the "
+                                                              "algorithm's: 10 first-order, 200 for fedkseed)"})
+    batch_size: int | None = field(default=None, metadata={"help": "examples per local step (default 4)"})
+    lr: float | None = field(default=None, metadata={"help": "local learning rate (default: SGD 0.1, 0.003 on "
+                                                             "smollm2; AdamW 0.001 for the LoRA methods; 3e-7 "
+                                                             "zeroth-order)"})
+    optimizer: str | None = field(default=None, metadata={"help": "sgd or adamw (default: sgd, adamw for the "
+                                                                  "LoRA methods)"})
+    grad_accum: int | None = field(default=None, metadata={"help": "micro-batches averaged per step (default 1)"})
+    clip: float | None = field(default=None, metadata={"help": "clip each local gradient to this norm (default: "
+                                                               "none)"})
     seed: int = 0
     weighting: str = "examples"  # or "equal"
     max_prompt: int = 128
@@ -104,7 +118,9 @@ class Config(Settings):
         names = sorted(ALGORITHMS) + list(REFERENCES)
         if self.algorithm not in names:
             raise ValueError(f"unknown algorithm {self.algorithm!r}: use one of {', '.join(names)}")
-        for name in ("clients", "rounds", "n_eval", "max_prompt", "max_length", "min_per_client",
+        if self.clients is not None:
+            at_least("clients", self.clients, 1)
+        for name in ("rounds", "n_eval", "max_prompt", "max_length", "min_per_client",
                      "synthetic_per_family", "max_new_tokens", "shards_per_client", "max_examples"):
             at_least(name, getattr(self, name), 1)
         for name in ("seed", "rouge_samples", "rouge_every", "mmlu_questions"):
@@ -147,15 +163,16 @@ class Config(Settings):
                                      f"can rewrite (use ferret, ferret-paper, fedavg, fedzo or fedkseed)")
                 if kind in PACKET_KINDS and not isinstance(algorithm, Ferret):
                     raise ValueError(f"attack {kind!r} edits a Ferret packet's header: {self.algorithm} sends none")
-            bad = [c for c in self.malicious if not 0 <= c < self.clients]
-            if bad or len(set(self.malicious)) != len(self.malicious):
-                raise ValueError(f"malicious must name distinct clients in 0..{self.clients - 1}, got {self.malicious}")
+            if len(set(self.malicious)) != len(self.malicious) or (self.clients is not None and any(
+                    not 0 <= c < self.clients for c in self.malicious)):
+                raise ValueError(f"malicious must name distinct clients in 0..{(self.clients or 0) - 1}, got "
+                                 f"{self.malicious}")
         options = algorithm.options
         if isinstance(options, PrivacyOptions) and options.private and self.weighting != "equal":
             raise ValueError("differential privacy weighs every client equally (an example count is private too): "
                              "set weighting = 'equal'")
-        if not isinstance(options, RobustOptions):
-            return
+        if not isinstance(options, RobustOptions) or self.clients is None:
+            return  # checked again once the data gives the number of clients (ferret.fl.experiment.prepare)
         per_round = max(1, round(self.fraction * self.clients))
         check_round(options.aggregator, options.byzantine, per_round)
         if options.aggregator in ("trimmed-mean", "krum", "multi-krum") and len(self.malicious) > options.byzantine:
@@ -168,8 +185,11 @@ class Config(Settings):
         return resolve(self.device, self.dtype, self.backend)
 
     def local(self, default: LocalTraining) -> LocalTraining:
-        """Local training: ``default`` with the settings this config gives; ``ValueError`` for a bad value."""
-        given = {k: getattr(self, k) for k in ("steps", "batch_size", "lr", "optimizer", "grad_accum", "clip")}
+        """Local training: ``default`` (first-order SGD's learning rate set for the model,
+        :data:`MODEL_SGD_LR`) with the settings this config gives; ``ValueError`` for a bad value."""
+        if default == LocalTraining() and self.model in MODEL_SGD_LR:
+            default = dataclasses.replace(default, lr=MODEL_SGD_LR[self.model])
+        given = {k: getattr(self, k) for k in LOCAL_KEYS}
         try:
             return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
         except (TypeError, ValueError) as err:
@@ -183,6 +203,20 @@ class Config(Settings):
             return entry.build(local, **self.options)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{self.algorithm} options: {err}") from None
+
+    def resolved(self) -> "Config":
+        """This config with every default made explicit: local training's values and every option
+        of the algorithm (those that are None left out, as TOML has no null). Builds the same
+        algorithm; what ``config.toml`` holds."""
+        if self.algorithm in REFERENCES:
+            from .references import LocalTraining as ReferenceTraining
+
+            local, options = self.local(ReferenceTraining()), {}
+        else:
+            algorithm = self.build_algorithm()
+            local = algorithm.local
+            options = {k: v for k, v in dataclasses.asdict(algorithm.options).items() if v is not None}
+        return dataclasses.replace(self, options=options, **{k: getattr(local, k) for k in LOCAL_KEYS})
 
     def to_dict(self) -> dict:
         """Every setting (None ones left out, as TOML has no null)."""

@@ -40,7 +40,7 @@ def eval_loss(model, data: Encoded, batch_size: int = 16, *, runtime: Runtime = 
 def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128, max_prompt: int = 128,
             batch_size: int = 16, *, template="auto", runtime: Runtime = DEFAULT) -> float:
     """Mean Rouge-L F (``rouge-score``, Porter stemming) of greedy generations against the
-    reference responses, in ``[0, 1]``. Prompts are rendered in ``template``'s format (a name, a
+    reference responses, from 0 to 100 (as the papers print it). Prompts are rendered in ``template``'s format (a name, a
     path or a format object), cut to ``max_prompt`` tokens and generated ``batch_size`` at a time
     (left-padded), on the model's device under ``runtime.autocast()``; generation stops at the end
     of the assistant's turn or after ``max_new_tokens``."""
@@ -64,7 +64,7 @@ def rouge_l(model, tokenizer, examples: list[Example], max_new_tokens: int = 128
         for ex, row in zip(chunk, out[:, width:].tolist()):
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             scores.append(scorer.score(ex.response, text)["rougeL"].fmeasure)
-    return float(np.mean(scores)) if scores else float("nan")
+    return 100 * float(np.mean(scores)) if scores else float("nan")
 
 
 LETTERS = "ABCD"

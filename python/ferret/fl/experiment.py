@@ -1,7 +1,8 @@
 """One federated experiment from a :class:`~ferret.fl.config.Config` to a results directory.
 
-The directory holds ``config.toml`` (the resolved configuration), ``metrics.jsonl`` (one record
-per client per round and one per round), ``summary.md``, ``loss.png``, ``model/`` (the final
+The directory holds ``config.toml`` (every setting, defaults resolved: rerunning from it
+reproduces the run), ``metrics.jsonl`` (one record per client per round and one per round),
+``summary.md``, ``loss.png``, ``model/`` (the final
 weights in safetensors, with the tokenizer), ``run.log`` and ``checkpoint.safetensors`` (the
 server state after the last finished round, for :func:`run` with ``resume=True``).
 
@@ -12,6 +13,7 @@ resuming it starts it over from its ``config.toml``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, models, privacy, references, report
-from .config import REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
+from . import checkpoint, health, models, privacy, references, report
+from .config import DEFAULT_CLIENTS, REFERENCES, RUNTIME_KEYS, Config, ConfigError, tomllib
 from .data import DataError, Encoded, Example, decode_utf8, encode, holdout, load_natural_instructions, read_bytes, \
     synthetic_tasks
 from .evaluate import eval_loss, load_mmlu, mmlu_accuracy, rouge_l
@@ -65,6 +67,7 @@ def prepare(config: Config) -> Setup:
     algorithm = None if config.algorithm in REFERENCES else config.build_algorithm()
     runtime = config.runtime()
     train, held = holdout(examples_of(config), config.n_eval, seed=config.seed)
+    config = with_clients(config, train)
     parts = client_examples(config, train)
     mmlu = load_mmlu(config.mmlu, config.mmlu_questions) if config.mmlu else []
     model, tokenizer = models.load(config.model)
@@ -103,14 +106,30 @@ def _natural_instructions(config: Config) -> bool:
     return Path(config.data).is_dir() and not is_saved_dataset(Path(config.data))
 
 
+def partition_of(config: Config) -> str:
+    """The partition ``config`` asks for, ``auto`` resolved: one client per task for a Natural
+    Instructions directory, else Dirichlet over the categories."""
+    if config.partition != "auto":
+        return config.partition
+    return "column" if _natural_instructions(config) else "dirichlet"
+
+
+def with_clients(config: Config, train: list[Example]) -> Config:
+    """``config`` with its number of clients resolved: as given, else one per distinct category of
+    ``train`` for the column partition, else :data:`~ferret.fl.config.DEFAULT_CLIENTS`. Raises
+    :class:`ConfigError` for settings that do not fit that number (malicious clients, a robust
+    statistic's round)."""
+    if config.clients is not None:
+        return config
+    clients = len({ex.category for ex in train}) if partition_of(config) == "column" else DEFAULT_CLIENTS
+    return dataclasses.replace(config, clients=clients)
+
+
 def client_examples(config: Config, train: list[Example]) -> list[list[Example]]:
     """Each client's examples, as ``config.partition`` spreads ``train`` over ``config.clients``
     (``auto``: one client per task for a Natural Instructions directory, else Dirichlet over the
     categories). Raises :class:`~ferret.fl.data.DataError` when a client would hold too few."""
-    how = config.partition
-    if how == "auto":
-        how = "column" if _natural_instructions(config) else "dirichlet"
-    return partition(train, how, config.clients, config.seed, alpha=config.alpha,
+    return partition(train, partition_of(config), config.clients, config.seed, alpha=config.alpha,
                      min_per_client=config.min_per_client, shards_per_client=config.shards_per_client)
 
 
@@ -164,8 +183,10 @@ def resumed_config(out: Path, given: Config | None) -> Config:
     if given is None:
         return Config.from_dict(saved, str(out / CONFIG))
     runtime = {k: getattr(given, k) for k in RUNTIME_KEYS}
-    a = given.to_dict()
-    b = Config.from_dict({**saved, **runtime}, str(out / CONFIG)).to_dict()
+    if given.clients is None and "clients" in saved:  # resolved from the data when the run began
+        given = dataclasses.replace(given, clients=saved["clients"])
+    a = given.resolved().to_dict()
+    b = Config.from_dict({**saved, **runtime}, str(out / CONFIG)).resolved().to_dict()
     if a != b:
         key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         raise ConfigError(f"{out} holds a run of another configuration: {key} is {b.get(key)!r} there, "
@@ -188,7 +209,9 @@ def run(config: Config | None, out: str | Path, *, resume: bool = False, progres
         config = resumed_config(out, config)
     elif config is None:
         config = Config()
+    config = config.resolved()  # config.toml and the checkpoint hold every setting, defaults included
     setup = prepare(config)
+    config = setup.config  # the number of clients resolved from the data
     algorithm = None if config.algorithm in REFERENCES else config.build_algorithm()
     from_checkpoint = resume and (out / CHECKPOINT).is_file()
     previous = checkpoint.load(out / CHECKPOINT, setup.model, algorithm) if from_checkpoint else None
@@ -227,14 +250,15 @@ def _finish(setup: Setup, result: RunResult, out: Path, say) -> None:
                                       runtime=setup.runtime)
     if scored:
         models.save(setup.model, setup.tokenizer, out / MODEL)
-    report.plot({config.algorithm: result}, out / PLOT, title=f"{config.algorithm} on {config.model}")
+    report.plot({config.algorithm: result}, out / PLOT, title=f"{config.algorithm} on {config.model}, {Path(config.data).name} data, "
+                                                             f"{config.clients} clients")
     append_metrics(out / METRICS, [final])
     summary = report.Summary.of(config.algorithm, result, rouge_l=final.get("rouge_l"))  # the start's from result
     # summary.md comes last: its presence marks a finished run (ferret compare --resume skips it)
     (out / SUMMARY).write_text(f"# {config.algorithm}\n\n" + report.table([summary]), encoding="utf-8")
-    start_rouge = f"{100 * result.initial_rouge_l:.2f} -> " if result.initial_rouge_l is not None else ""
+    start_rouge = f"{result.initial_rouge_l:.2f} -> " if result.initial_rouge_l is not None else ""
     say(f"done: eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f}"
-        + (f", Rouge-L {start_rouge}{100 * final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
+        + (f", Rouge-L {start_rouge}{final['rouge_l']:.2f}" if "rouge_l" in final else "") + f"; results in {out}")
 
 
 def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | None, progress: bool, say,
@@ -258,6 +282,9 @@ def _run_federated(setup: Setup, algorithm, out: Path, previous: RunResult | Non
             f"{privacy.spent(algorithm.options, config.clients, config.fraction, rounds + 1):.3g}")
 
     def on_round(record) -> None:
+        kept = (f"{ckpt} holds round {record.round}, the last good one (ferret run --resume continues from it)"
+                if ckpt.is_file() else "no round had ended well, so no checkpoint was written")
+        _check_health(record, setup, metrics, algorithm.local.lr, kept)
         if config.rouge_every and (record.round + 1) % config.rouge_every == 0:
             record.rouge_l = _rouge(setup)
         checkpoint.save(ckpt, setup.model, algorithm, so_far, config_toml)
@@ -283,6 +310,7 @@ def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
     say(_start_line(start, setup))
 
     def on_round(record):
+        _check_health(record, setup, metrics, local.lr, "a reference run keeps no checkpoint")
         append_metrics(metrics, round_lines(record))
         say(_round_line(record, config.rounds))
 
@@ -290,6 +318,16 @@ def _run_reference(setup: Setup, out: Path, say, extra: dict) -> RunResult:
                    on_round=on_round, device=config.device, dtype=config.dtype)
     result.initial_rouge_l = start.initial_rouge_l
     return result
+
+
+def _check_health(record, setup: Setup, metrics: Path, lr: float, kept: str) -> None:
+    """Stop the run (:class:`~ferret.fl.health.RunDiverged`) when ``record``'s round left it broken,
+    with the round's records appended to ``metrics`` and the message saying what was ``kept``."""
+    try:
+        health.check_round(record, setup.model, lr=lr)
+    except health.RunDiverged as err:
+        append_metrics(metrics, round_lines(record))
+        raise health.RunDiverged(f"{err}; {kept}") from None
 
 
 def _start(setup: Setup, metrics: Path, extra: dict) -> RunResult:
@@ -307,7 +345,7 @@ def _start_line(start: RunResult, setup: Setup) -> str:
     line = f"round 0 (the starting model, {setup.prompt_format.name} prompts): eval loss {start.initial_eval_loss:.4f}"
     if start.initial_rouge_l is not None:
         scored = min(setup.config.rouge_samples, len(setup.eval_examples))
-        line += f", Rouge-L {100 * start.initial_rouge_l:.2f} on {scored} held-out examples"
+        line += f", Rouge-L {start.initial_rouge_l:.2f} on {scored} held-out examples"
     return line
 
 
@@ -331,7 +369,7 @@ def _round_line(record, rounds: int) -> str:
     if record.skipped is not None:
         line += f"; the model was left as it was ({record.skipped})"
     if record.rouge_l is not None:
-        line += f", Rouge-L {100 * record.rouge_l:.2f}"
+        line += f", Rouge-L {record.rouge_l:.2f}"
     if record.epsilon is not None:
         line += f", ε = {record.epsilon:.3g}"
     return line

@@ -21,7 +21,7 @@ class Summary:
     aggregate_seconds: float    # per round (mean)
     upload_per_round: float     # bytes per client per round (mean)
     upload_total: int           # bytes, all clients, all rounds
-    download_per_round: float   # bytes per client per round (mean)
+    download_per_round: float   # bytes per client per round (mean over rounds 2 on)
     rounds_to_target: int | None
     final_eval_loss: float
     rouge_l: float | None
@@ -40,7 +40,7 @@ class Summary:
         reached = next((r.round + 1 for r in rounds if target is not None and r.eval_loss <= target), None)
         return cls(name=name, local_seconds=_mean(per_client),
                    aggregate_seconds=_mean([r.aggregate_seconds for r in rounds]), upload_per_round=_mean(uploads),
-                   upload_total=int(sum(uploads)), download_per_round=_mean([r.download_bytes for r in rounds]),
+                   upload_total=int(sum(uploads)), download_per_round=_mean([r.download_bytes for r in rounds if r.round > 0]),  # round 1 downloads nothing
                    rounds_to_target=reached, final_eval_loss=result.final_eval_loss, rouge_l=rouge_l,
                    initial_eval_loss=result.initial_eval_loss, initial_rouge_l=result.initial_rouge_l,
                    epsilon=rounds[-1].epsilon if rounds else None)
@@ -57,7 +57,7 @@ def table(rows: list[Summary], target: float | None = None) -> str:
                  human_bytes(r.upload_total), human_bytes(r.download_per_round),
                  "—" if r.rounds_to_target is None else str(r.rounds_to_target),
                  _start_end(r.initial_eval_loss, r.final_eval_loss, "{:.4f}"),
-                 "—" if r.rouge_l is None else _start_end(r.initial_rouge_l, r.rouge_l, "{:.2f}", 100),
+                 "—" if r.rouge_l is None else _start_end(r.initial_rouge_l, r.rouge_l, "{:.2f}"),
                  "—" if r.epsilon is None else f"{r.epsilon:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -102,7 +102,7 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
         if sent.size and sent[-1] > 0:
             by_bytes.plot(sent, losses[1:], **style)
         if scored and rouge[name]:
-            axes[2].plot(*zip(*[(t, 100 * v) for t, v in rouge[name]]), **style)
+            axes[2].plot(*zip(*rouge[name]), **{**style, "linestyle": "none", "markersize": 6})  # measured only
         spent = [(r.epsilon, r.eval_loss) for r in result.rounds if r.epsilon is not None]
         if private and spent:
             axes[-1].plot(*zip(*spent), **style)
@@ -110,7 +110,7 @@ def plot(results: dict[str, RunResult], path: str | Path, title: str = "") -> No
     by_bytes.set(xlabel="bytes uploaded per client (cumulative)", ylabel="eval loss", xscale="log",
                  title="eval loss by communication")
     if scored:
-        axes[2].set(xlabel="round", ylabel="Rouge-L", title="Rouge-L of greedy answers (round 0: the start)")
+        axes[2].set(xlabel="round", ylabel="Rouge-L (0–100)", title="Rouge-L of greedy answers (round 0: the start)")
     if private:
         axes[-1].set(xlabel="ε spent (at the run's δ)", ylabel="eval loss", title="eval loss against privacy spent")
     for ax in axes:

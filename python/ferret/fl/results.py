@@ -4,13 +4,15 @@
 return. A checkpoint carries them as JSON (:func:`to_json`, :func:`from_json`); a results
 directory carries them as ``metrics.jsonl`` (:func:`write_metrics`, :func:`append_metrics`,
 :func:`read_metrics`): a ``start`` record, then per round one ``client`` record per client and
-one ``round`` record, and an ``end`` record once the run is done.
+one ``round`` record, and an ``end`` record once the run is done. A value that is not finite
+(an eval loss without eval data) is written as ``null``, so every line is valid JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +127,8 @@ def read_metrics(path: str | Path) -> tuple[RunResult, dict]:
     rounds = [_record(x, [c for c in lines if c["kind"] == "client" and c["round"] == x["round"]])
               for x in lines if x["kind"] == "round"]
     end = next((x for x in lines if x["kind"] == "end"), {})
-    return RunResult(initial_eval_loss=start["eval_loss"], rounds=rounds, initial_rouge_l=start.get("rouge_l")), end
+    return RunResult(initial_eval_loss=_float(start["eval_loss"]), rounds=rounds,
+                     initial_rouge_l=start.get("rouge_l")), end
 
 
 def start_extra(path: str | Path) -> dict:
@@ -162,7 +165,7 @@ def replace(tmp: Path, path: Path) -> None:
 
 def _record(line: dict, clients: list[dict]) -> RoundRecord:
     """The :class:`RoundRecord` that :func:`round_lines` gave ``line`` and ``clients`` for."""
-    return RoundRecord(round=line["round"] - 1, eval_loss=line["eval_loss"], clients=line["clients"],
+    return RoundRecord(round=line["round"] - 1, eval_loss=_float(line["eval_loss"]), clients=line["clients"],
                        dropped=line["dropped"], upload_bytes={c["client"]: c["upload_bytes"] for c in clients},
                        download_bytes=line["download_bytes"] // max(len(line["clients"]), 1),
                        local_seconds={c["client"]: c["local_seconds"] for c in clients},
@@ -172,4 +175,21 @@ def _record(line: dict, clients: list[dict]) -> RoundRecord:
 
 def _write_lines(f, lines: list[dict]) -> None:
     for line in lines:
-        f.write(json.dumps(line) + "\n")
+        f.write(json.dumps(_json_safe(line), allow_nan=False) + "\n")
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float as None (JSON has no NaN or Infinity; :func:`_float`
+    reads None back as NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _float(value) -> float:
+    """A loss as metrics.jsonl holds it: a number, or None for one that was not finite (NaN)."""
+    return float("nan") if value is None else float(value)

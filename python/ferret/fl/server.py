@@ -141,7 +141,7 @@ class ServerRound:
 
     def drop(self, client, reason: str) -> None:
         """Drop ``client`` from the round (a failed client, a refused upload), with one logged line."""
-        self.server.warn(f"round {self.ctx.round}: client {client} dropped: {reason}")
+        self.server.warn(f"round {self.ctx.round + 1}: client {client} dropped: {reason}")
         if client in self._sampled and client not in self._accepted:
             self._dropped.setdefault(client, reason)
 
@@ -152,7 +152,7 @@ class ServerRound:
         server, algorithm, ctx = self.server, self.server.algorithm, self.ctx
         silent = [c for c in ctx.clients if c not in self._accepted and c not in self._dropped]
         if silent:
-            server.warn(f"round {ctx.round}: no reply from clients {silent}")
+            server.warn(f"round {ctx.round + 1}: no reply from clients {silent}")
         order = sorted(self._accepted)
         start = time.perf_counter()
         bounded, skipped = 0, None
@@ -171,7 +171,7 @@ class ServerRound:
                 skipped = str(err)
         if skipped is not None:
             algorithm.broadcast = b""  # nothing to replay: the model is as it was
-            server.warn(f"round {ctx.round}: the model is left as it was: {skipped}")
+            server.warn(f"round {ctx.round + 1}: the model is left as it was: {skipped}")
         algorithm.runtime.synchronize()
         aggregate_s = time.perf_counter() - start
         record = RoundRecord(round=ctx.round, eval_loss=server.evaluate(), clients=list(ctx.clients),
@@ -187,7 +187,7 @@ class ServerRound:
     def _refusal(self, client, upload, examples, seconds, secure: bool = False) -> str | None:
         """Why the round must not take this upload (None: it may)."""
         if client not in self._sampled:
-            return f"it is not among round {self.ctx.round}'s clients"
+            return f"it is not among round {self.ctx.round + 1}'s clients"
         if client in self._accepted or client in self._dropped:
             return "it sent a second upload this round"
         if not secure and not isinstance(upload, (bytes, bytearray)):

@@ -7,7 +7,7 @@ string (``options = "budget=3800,bases='client'"``), the data's column mapping l
 
 * ``min-replies`` (default 1): good replies a round needs to be aggregated;
 * ``round-timeout`` (seconds, default 3600): how long the server waits for a round's replies;
-* ``out``: a directory for the final model (``model.safetensors``), ``metrics.jsonl`` and each
+* ``out``: a directory for the final model (``model/``, as ``ferret run`` writes it), ``metrics.jsonl`` and each
   round's broadcast (``broadcast-<round>.bin``);
 * ``threads``: torch threads in every process (equal counts make runs bit-comparable);
 * ``secagg`` (Ferret only): sum the coordinates with Flower's SecAgg+, and ``secagg-range``,
@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from ..fl import models
 from ..fl.config import RUNTIME_KEYS, Config, ConfigError, parse_assignments
 from ..fl.runtime import check_threads
 from ..fl.experiment import prepare
@@ -87,6 +88,7 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         config, flower = config_from_run(dict(context.run_config), defaults, flower_defaults)
         threads(flower)
         setup = prepare(config)
+        config = setup.config  # the number of clients resolved from the data
         algorithm = config.build_algorithm()
         algorithm.runtime = setup.runtime
         strategy = AlgorithmStrategy(algorithm, setup.model, clients=config.clients, seed=config.seed,
@@ -102,9 +104,7 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
         if flower["out"]:
             out = Path(flower["out"])
             out.mkdir(parents=True, exist_ok=True)
-            from safetensors.torch import save_model
-
-            save_model(setup.model, str(out / "model.safetensors"))
+            models.save(setup.model, setup.tokenizer, out / "model")  # loads with from_pretrained
             for r, broadcast in enumerate(strategy.history):  # what every client applied, round by round
                 if broadcast is not None:
                     (out / f"broadcast-{r}.bin").write_bytes(broadcast)

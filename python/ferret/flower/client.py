@@ -54,7 +54,7 @@ def local_update(info: dict, broadcasts: dict[int, bytes], context: Context, con
     round_clients = protocol.sample(config.seed, t, config.clients, config.fraction)
     client = protocol.client_context(config.seed, t, c, round_clients)
     if client.round_seed != round_seed:
-        raise RuntimeError(f"round {t}'s seed from the server differs from this run's: another run's message?")
+        raise RuntimeError(f"round {t + 1}'s seed from the server differs from this run's: another run's message?")
     ran = protocol.run_client(algorithm, model, data, client, protocol.attack_of(c, config.attack, config.malicious))
     if ran.error:
         raise RuntimeError(f"client {c} dropped: {ran.error}")

@@ -94,7 +94,7 @@ class SecureFerret(LegacyStrategy):
                         **{f"broadcast-{r}": a.numpy().tobytes() for r, a in message.content["broadcasts"].items()}}
             proxy = proxies.get(str(message.metadata.dst_node_id))
             if proxy is None:
-                log(WARNING, "round %d: node %s is not registered", server_round - 1, message.metadata.dst_node_id)
+                log(WARNING, "round %d: node %s is not registered", server_round, message.metadata.dst_node_id)
                 continue
             instructions.append((proxy, FitIns(Parameters(tensors=[], tensor_type="numpy.ndarray"), settings)))
         return instructions
@@ -102,7 +102,7 @@ class SecureFerret(LegacyStrategy):
     def aggregate_fit(self, server_round, results, failures):
         this = self.core.round
         for failure in failures:
-            log(WARNING, "round %d: a client failed: %s", this.ctx.round, failure)
+            log(WARNING, "round %d: a client failed: %s", this.ctx.round + 1, failure)
         mean = None
         for proxy, res in results:
             this.accept_secure(self.core.client_of(int(proxy.node_id)), int(res.metrics["upload-bytes"]),

@@ -88,7 +88,7 @@ class AlgorithmStrategy(Strategy):
         messages = []
         for c in ctx.clients:
             if c not in self.nodes:
-                log(WARNING, "round %d: client %d has no node", ctx.round, c)
+                log(WARNING, "round %d: client %d has no node", ctx.round + 1, c)
                 continue
             since = self.synced.get(c, 0)
             broadcasts = ArrayRecord({f"{r}": Array(np.frombuffer(b, dtype=np.uint8).copy())
@@ -126,7 +126,7 @@ class AlgorithmStrategy(Strategy):
             for c in record.upload_bytes:
                 self.synced[c] = this.ctx.round  # its replica had applied rounds 0 .. round - 1
         self.history.append(self.algorithm.broadcast if record.skipped is None else None)
-        log(INFO, "round %d: eval loss %.4f, %d clients aggregated (%d bounded) in %.2f s", this.ctx.round,
+        log(INFO, "round %d: eval loss %.4f, %d clients aggregated (%d bounded) in %.2f s", this.ctx.round + 1,
             record.eval_loss, len(record.upload_bytes), record.bounded, time.perf_counter() - this.started)
         return MetricRecord({"eval-loss": record.eval_loss, "clients": len(record.upload_bytes)})
 

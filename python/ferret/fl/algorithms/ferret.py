@@ -153,7 +153,7 @@ class Ferret(Algorithm):
             return slots.Place(seed, 0, 1, self.basis_of(1))
         index = bisect.bisect_left(ctx.clients, ctx.client)
         if index == len(ctx.clients) or ctx.clients[index] != ctx.client:
-            raise ValueError(f"client {ctx.client} is not among round {ctx.round}'s {len(ctx.clients)} clients")
+            raise ValueError(f"client {ctx.client} is not among round {ctx.round + 1}'s {len(ctx.clients)} clients")
         return slots.place(ctx.round_seed, index, len(ctx.clients), layout.block_sizes, o.budget, o.basis)
 
     def basis_of(self, n_slots: int) -> str:
