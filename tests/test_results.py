@@ -48,3 +48,24 @@ def test_records_live_in_one_module_and_are_built_with_keywords():
     assert server.RunResult is simulation.RunResult is fl.RunResult is RunResult
     with pytest.raises(TypeError):
         RunResult(7.25)
+
+
+def test_a_non_finite_loss_is_written_as_null_and_read_back_as_nan(tmp_path):
+    import math
+
+    path = tmp_path / "metrics.jsonl"
+    result = RunResult(initial_eval_loss=float("nan"), rounds=[
+        RoundRecord(round=0, eval_loss=float("inf"), clients=[0], dropped=[], upload_bytes={0: 8}, download_bytes=0,
+                    local_seconds={0: 0.5}, aggregate_seconds=0.0)])
+    write_metrics(path, result)
+    lines = [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name}")) for line in open(path)]
+    assert lines[0]["eval_loss"] is None and lines[-1]["eval_loss"] is None
+    back, _ = read_metrics(path)
+    assert math.isnan(back.initial_eval_loss) and math.isnan(back.rounds[0].eval_loss)
+
+
+def test_the_download_per_round_counts_the_rounds_that_download():
+    from ferret.fl.report import Summary
+
+    row = Summary.of("x", _result())  # round 1 downloads nothing: clients start from the model they hold
+    assert row.download_per_round == 32 and row.upload_per_round == (100 + 120 + 100 + 90) / 4
