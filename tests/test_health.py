@@ -92,3 +92,15 @@ def test_the_checkpoint_left_is_the_last_good_rounds(tmp_path, monkeypatch):
     model = experiment.prepare(config).model
     saved = load_checkpoint(out / "checkpoint.safetensors", model, config.build_algorithm())
     assert len(saved.rounds) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_comparison_shows_a_stopped_entry_and_runs_the_others(tmp_path):
+    out = tmp_path / "cmp"
+    proc = ferret("compare", "fedavg:lr=1000", "fedavg", *SMALL, "--out", out)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ferret compare: stopped: 1 of 2 entries stopped broken "
+                                                            "(round 1: every client was dropped")
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in rows] == ["fedavg:lr=1000 (stopped after round 0)", "fedavg"]
+    assert rows[1]["final_eval_loss"] < rows[1]["initial_eval_loss"]  # the other entry ran to its end
+    assert (out / "fedavg" / "summary.md").is_file() and not (out / "fedavg_lr=1000" / "summary.md").exists()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import experiment, report
 from .config import Config, ConfigError, parse_assignments
+from .health import RunDiverged
 from .results import RunResult, read_metrics
 
 TABLE, JSON, PLOT = "table.md", "compare.json", "loss.png"  # what a comparison writes besides its runs
@@ -45,8 +46,10 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
     the others), then write ``table.md``, ``compare.json`` and ``loss.png`` in ``out``. ``target``
     (default: the worst final eval loss, so every run reaches it) is the loss the table counts
     rounds to. Every entry and directory is checked before anything runs (:class:`ConfigError`,
-    or :class:`~ferret.fl.checkpoint.CheckpointError` for a damaged checkpoint). Returns the
-    records by label."""
+    or :class:`~ferret.fl.checkpoint.CheckpointError` for a damaged checkpoint). An entry whose
+    run stops broken (:class:`~ferret.fl.health.RunDiverged`) is shown up to its last good round
+    and the others still run; then :class:`~ferret.fl.health.RunDiverged` names the stopped
+    entries, after the table is written. Returns the records by label."""
     out = Path(out)
     if not entries:
         raise ConfigError("nothing to compare: name at least one algorithm")
@@ -55,7 +58,7 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
     _check_distinct(out, labels)
     _check_out(out, resume)
     plans = [_plan(out, label, config, resume) for label, config in runs]
-    results, finals = {}, {}
+    results, finals, stopped = {}, {}, {}
     for (label, _), (config, cont) in zip(runs, plans):
         sub = out / label_dir(label)
         echo(f"== {label} ==")
@@ -65,17 +68,29 @@ def compare(base: Config, entries: list[str], out: str | Path, *, target: float 
                 results[label].rounds[-1].rouge_l = finals[label].get("rouge_l")  # the end's, for the plot
             echo(f"already finished: eval loss {results[label].final_eval_loss:.4f}")
             continue
-        results[label] = experiment.run(config, sub, resume=cont, progress=progress, echo=echo)
+        try:
+            results[label] = experiment.run(config, sub, resume=cont, progress=progress, echo=echo)
+        except RunDiverged as err:
+            echo(f"stopped: {err}")
+            stopped[label] = str(err)
+            records, _ = read_metrics(sub / experiment.METRICS)
+            results[label] = dataclasses.replace(records, rounds=records.rounds[:-1])  # up to the last good round
         finals[label] = read_metrics(sub / experiment.METRICS)[1]
     if target is None:
-        target = max(r.final_eval_loss for r in results.values())
-    rows = [report.Summary.of(label, results[label], target, finals[label].get("rouge_l")) for label in labels]
+        finished = [r for label, r in results.items() if label not in stopped] or list(results.values())
+        target = max(r.final_eval_loss for r in finished)
+    names = {label: f"{label} (stopped after round {len(results[label].rounds)})" if label in stopped else label
+             for label in labels}
+    rows = [report.Summary.of(names[label], results[label], target, finals[label].get("rouge_l")) for label in labels]
     who = f"{base.clients} clients" if base.clients is not None else "clients by the partition"
     title = f"{base.model}, {Path(base.data).name}, {who}, {base.rounds} rounds"
     (out / TABLE).write_text(f"# {title}\n\n" + report.table(rows, target), encoding="utf-8")
     (out / JSON).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1), encoding="utf-8")
     report.plot(results, out / PLOT, title=title)
     echo(report.table(rows, target))
+    if stopped:
+        raise RunDiverged(f"{len(stopped)} of {len(labels)} entries stopped broken ({'; '.join(stopped.values())}); "
+                          f"{out / TABLE} shows each up to its last good round")
     return results
 
 
