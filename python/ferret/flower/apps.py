@@ -29,13 +29,16 @@ The model, tokenizer and data are loaded once per ClientApp process.
 from __future__ import annotations
 
 import dataclasses
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl import models
+from ..fl.health import RunDiverged
 from ..fl.config import RUNTIME_KEYS, Config, ConfigError, parse_assignments
 from ..fl.runtime import check_threads
 from ..fl.experiment import prepare
@@ -96,19 +99,27 @@ def server_app(defaults: Config | None = None, **flower_defaults) -> ServerApp:
                                      max_examples=config.max_examples, min_replies=int(flower["min-replies"]),
                                      eval_data=setup.eval_data)
         rounds = strategy.server.rounds_allowed(config.rounds)
-        if flower["secagg"]:
-            run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards),
-                       rounds=rounds)
-        else:
-            strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=float(flower["round-timeout"]))
+        stopped = None
+        try:
+            if flower["secagg"]:
+                run_secure(grid, context, strategy, config, flower, max_weight=max(len(s) for s in setup.shards),
+                           rounds=rounds)
+            else:
+                strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=float(flower["round-timeout"]))
+        except RunDiverged as err:  # a round left the run broken: record what happened, keep no broken model
+            log(ERROR, "stopped: %s", err)
+            stopped = err
         if flower["out"]:
             out = Path(flower["out"])
             out.mkdir(parents=True, exist_ok=True)
-            models.save(setup.model, setup.tokenizer, out / "model")  # loads with from_pretrained
+            if stopped is None:
+                models.save(setup.model, setup.tokenizer, out / "model")  # loads with from_pretrained
             for r, broadcast in enumerate(strategy.history):  # what every client applied, round by round
                 if broadcast is not None:
                     (out / f"broadcast-{r}.bin").write_bytes(broadcast)
             write_metrics(out / "metrics.jsonl", strategy.result, {"engine": "flower", "algorithm": config.algorithm})
+        if stopped is not None:
+            raise stopped  # the run fails where Flower reports it (flwr ls: finished:failed)
 
     return app
 

@@ -27,6 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from ..fl import health
 from ..fl.algorithms import Algorithm, MalformedUpload, RoundContext
 from ..fl.data import Encoded
 from ..fl.results import RunResult
@@ -122,6 +123,7 @@ class AlgorithmStrategy(Strategy):
         """Conclude round ``this`` (from ``secure_mean``, the clients' mean, under secure
         aggregation): the broadcast joins the history, the clients it came from are in step."""
         record = this.conclude(secure_mean)
+        health.check_round(record, self.server.model, lr=self.algorithm.local.lr)  # RunDiverged ends the run
         if record.skipped is None:
             for c in record.upload_bytes:
                 self.synced[c] = this.ctx.round  # its replica had applied rounds 0 .. round - 1
