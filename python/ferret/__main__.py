@@ -178,7 +178,7 @@ def silence_progress_bars() -> None:
     import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    datasets.disable_progress_bars()  # the model loader (ferret.fl.models) shows none either way
     transformers.utils.logging.disable_progress_bar()
 
 

