@@ -57,6 +57,8 @@ def test_a_healthy_round_passes():
     idle = RoundRecord(round=0, eval_loss=3.0, clients=[], dropped=[], upload_bytes={}, download_bytes=0,
                        local_seconds={}, aggregate_seconds=0.0)
     health.check_round(idle, torch.nn.Linear(2, 2))  # no client sampled, no vocabulary: nothing to say
+    # Flower's server: no eval data (NaN by design), and a round that dropped every client goes on
+    health.check_round(record(float("nan"), dropped=[0, 1, 2]), model, scored=False, every_client_dropped=False)
 
 
 def test_a_diverging_run_stops_with_one_message_and_status_1(tmp_path):

@@ -33,20 +33,23 @@ def largest_weight(model: torch.nn.Module) -> float:
     return math.inf if math.isnan(peak) else peak
 
 
-def check_round(record: RoundRecord, model: torch.nn.Module, *, lr: float | None = None) -> None:
+def check_round(record: RoundRecord, model: torch.nn.Module, *, lr: float | None = None, scored: bool = True,
+                every_client_dropped: bool = True) -> None:
     """Raise :class:`RunDiverged` when round ``record`` (1-based in the message, as printed) left
     the run broken: a non-finite eval loss or one above :data:`GUESSING_FACTOR` · ln V (V: the
     vocabulary size in ``model.config``, when it has one), a weight of ``model`` that is not
     finite or beyond :data:`WEIGHT_LIMIT`, or every sampled client dropped. ``lr`` is local
-    training's learning rate, named in the message as the likely cause."""
+    training's learning rate, named in the message as the likely cause. ``scored=False``: the
+    round had no eval data (its eval loss is NaN by design); ``every_client_dropped=False``: a
+    round that lost every client goes on (a deployment whose nodes may be away for a while)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     guessing = math.log(vocab) if isinstance(vocab, int) and vocab > 1 else math.inf
     problem = None
-    if record.clients and len(record.dropped) == len(record.clients):
+    if every_client_dropped and record.clients and len(record.dropped) == len(record.clients):
         problem = f"every client was dropped (clients {record.dropped}; run.log says why)"
-    elif not math.isfinite(record.eval_loss):
+    elif scored and not math.isfinite(record.eval_loss):
         problem = f"the eval loss is {record.eval_loss}"
-    elif record.eval_loss > GUESSING_FACTOR * guessing:
+    elif scored and record.eval_loss > GUESSING_FACTOR * guessing:
         problem = (f"the eval loss is {record.eval_loss:.4g}, more than {GUESSING_FACTOR:g} times that of guessing "
                    f"uniformly over the {vocab} tokens ({guessing:.2f})")
     else:

@@ -123,7 +123,10 @@ class AlgorithmStrategy(Strategy):
         """Conclude round ``this`` (from ``secure_mean``, the clients' mean, under secure
         aggregation): the broadcast joins the history, the clients it came from are in step."""
         record = this.conclude(secure_mean)
-        health.check_round(record, self.server.model, lr=self.algorithm.local.lr)  # RunDiverged ends the run
+        # RunDiverged ends the run. A round that dropped every client goes on: a deployment's clients
+        # are outside the server's trust and come and go, and none of them may stop the server.
+        health.check_round(record, self.server.model, lr=self.algorithm.local.lr,
+                           scored=self.server.eval_data is not None, every_client_dropped=False)
         if record.skipped is None:
             for c in record.upload_bytes:
                 self.synced[c] = this.ctx.round  # its replica had applied rounds 0 .. round - 1
