@@ -163,22 +163,33 @@ class Config(Settings):
                                      f"can rewrite (use ferret, ferret-paper, fedavg, fedzo or fedkseed)")
                 if kind in PACKET_KINDS and not isinstance(algorithm, Ferret):
                     raise ValueError(f"attack {kind!r} edits a Ferret packet's header: {self.algorithm} sends none")
-            if len(set(self.malicious)) != len(self.malicious) or (self.clients is not None and any(
-                    not 0 <= c < self.clients for c in self.malicious)):
-                raise ValueError(f"malicious must name distinct clients in 0..{(self.clients or 0) - 1}, got "
+            clients = self.known_clients
+            if len(set(self.malicious)) != len(self.malicious) or (clients is not None and any(
+                    not 0 <= c < clients for c in self.malicious)):
+                raise ValueError(f"malicious must name distinct clients in 0..{(clients or 0) - 1}, got "
                                  f"{self.malicious}")
         options = algorithm.options
         if isinstance(options, PrivacyOptions) and options.private and self.weighting != "equal":
             raise ValueError("differential privacy weighs every client equally (an example count is private too): "
                              "set weighting = 'equal'")
-        if not isinstance(options, RobustOptions) or self.clients is None:
+        if not isinstance(options, RobustOptions) or self.known_clients is None:
             return  # checked again once the data gives the number of clients (ferret.fl.experiment.prepare)
-        per_round = max(1, round(self.fraction * self.clients))
+        per_round = max(1, round(self.fraction * self.known_clients))
         check_round(options.aggregator, options.byzantine, per_round)
         if options.aggregator in ("trimmed-mean", "krum", "multi-krum") and len(self.malicious) > options.byzantine:
             raise ValueError(f"{len(self.malicious)} malicious clients, but aggregator {options.aggregator!r} withstands "
                              f"byzantine={options.byzantine}: raise byzantine (options) to at least "
                              f"{len(self.malicious)}")
+
+    @property
+    def known_clients(self) -> int | None:
+        """The number of clients when it is known before the data is read: as given, else
+        :data:`DEFAULT_CLIENTS` unless the partition may be ``column`` (one client per category:
+        ``column`` itself, or ``auto`` on a directory, which may hold Natural Instructions tasks)."""
+        if self.clients is not None:
+            return self.clients
+        column = self.partition == "column" or (self.partition == "auto" and Path(self.data).is_dir())
+        return None if column else DEFAULT_CLIENTS
 
     def runtime(self) -> Runtime:
         """The resolved device, dtype and backend; raises :class:`ConfigError`."""

@@ -119,8 +119,8 @@ def with_clients(config: Config, train: list[Example]) -> Config:
     ``train`` for the column partition, else :data:`~ferret.fl.config.DEFAULT_CLIENTS`. Raises
     :class:`ConfigError` for settings that do not fit that number (malicious clients, a robust
     statistic's round)."""
-    if config.clients is not None:
-        return config
+    if config.known_clients is not None:
+        return dataclasses.replace(config, clients=config.known_clients)
     clients = len({ex.category for ex in train}) if partition_of(config) == "column" else DEFAULT_CLIENTS
     return dataclasses.replace(config, clients=clients)
 
