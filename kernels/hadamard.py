@@ -37,13 +37,18 @@ seed, attached to the element's own block index. Bit for bit the spec
   fold; ``z`` (``B`` values) is read permuted.
 
 Buffers are 1-d and contiguous; element ``j`` of a segment sits at block index ``start + j``.
+Every kernel walks a table of segments (:mod:`.groups`): the folds of all segments take one
+launch per pass, dtype and lane width, their sums in layout order (``_sum_folds_kernel``) one,
+the transforms one batch per Hadamard size, the applies one launch per dtype and lane width.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ..spec import DENSE_LANE_DOMAIN
+from .groups import TL_DTYPES, Table, fp32_bits, segment_of, to_device
 from .projection import SIGN, _check, _round_to
 
 TILE = 4096  # elements per program of both kernels
@@ -114,16 +119,27 @@ def _window(base, start, n, span):
     return lo, hi
 
 
+FOLD_COLUMNS = 8  # a folded segment: buffer, n, start, first group, seed, size, its nodes' offset, lane blocks
+
+
 @triton.jit
-def _fold_kernel(x_ptr, part_ptr, n, start, first, seed, size, SIGNED: tl.constexpr, TILE: tl.constexpr,
-                 BL: tl.constexpr, LEVELS: tl.constexpr):
-    """part[p, l*BL : (l+1)*BL] = the pairwise tree over the CH = TILE / BL chunks of program p's
-    aligned group (chunk indices (first + p) * CH ..), lanes l*BL .., of the segment x at block
-    indices start .. start + n: if SIGNED, lane l of chunk c is its element l ^ s_c, signed by
-    Rademacher basis 0 of seed; else lane l is element l (partial nodes)."""
-    p = tl.program_id(0).to(tl.int64)
+def _fold_kernel(programs_ptr, rows_ptr, count, work_ptr, DTYPE: tl.constexpr, SIGNED: tl.constexpr,
+                 TILE: tl.constexpr, BL: tl.constexpr, LEVELS: tl.constexpr):
+    """work[at + p*size + l*BL : .. + BL] = the pairwise tree over the CH = TILE / BL chunks of
+    program (p, l)'s aligned group (chunk indices (first + p) * CH ..), lanes l*BL .., of its
+    segment x at block indices start .. start + n (the table's columns as :data:`FOLD_COLUMNS`
+    lists them): if SIGNED, lane l of chunk c is its element l ^ s_c, signed by Rademacher basis 0
+    of seed; else lane l is element l (partial nodes)."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 8
+    x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    n, start, first, seed = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    size = tl.load(row + 5).to(tl.int32)
+    part_ptr = work_ptr + tl.load(row + 6)
+    blocks = tl.load(row + 7)
+    p = q // blocks
+    lane0 = (q % blocks).to(tl.int32) * BL
     chunk0 = (first + p) * (TILE // BL)  # the tile's first chunk
-    lane0 = tl.program_id(1) * BL
     base = chunk0 * size  # block index of the tile's first chunk
     # tile element (c, l) at flat place q = c * BL + l, read as row q // 128, column q % 128
     r = tl.arange(0, TILE // 128)
@@ -156,12 +172,23 @@ def _fold_kernel(x_ptr, part_ptr, n, start, first, seed, size, SIGNED: tl.conste
     tl.store(part_ptr + p * size + lane0 + tl.arange(0, BL), tl.reshape(x, (BL,)))
 
 
+APPLY_COLUMNS = 8  # a rebuilt segment: buffer, n, start, first tile, seed, scale, size, its z's offset
+
+
 @triton.jit
-def _apply_kernel(out_ptr, z_ptr, n, start, first, seed, scale, size, TILE: tl.constexpr, BL: tl.constexpr):
+def _apply_kernel(programs_ptr, rows_ptr, count, z_ptr, DTYPE: tl.constexpr, TILE: tl.constexpr, BL: tl.constexpr):
     """out[j] = out[j] + (d_i * z[(i mod size) ^ s_c]) * scale for the segment's block indices
-    i = start + j (chunk c = i // size) in tile first + program (TILE block indices, aligned),
-    rounded to out's dtype. BL = min(size, 128)."""
-    base = (tl.program_id(0).to(tl.int64) + first) * TILE
+    i = start + j (chunk c = i // size) in its tile first + q (TILE block indices, aligned),
+    rounded to out's dtype (the table's columns as :data:`APPLY_COLUMNS` lists them).
+    BL = min(size, 128)."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 8
+    out_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    n, start, first, seed = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    scale = tl.load(row + 5).to(tl.int32).to(tl.float32, bitcast=True)
+    size = tl.load(row + 6).to(tl.int32)
+    z_ptr = z_ptr + tl.load(row + 7)
+    base = (q + first) * TILE
     r = tl.arange(0, TILE // 128)
     col = tl.broadcast_to(tl.arange(0, 128)[None, :], (TILE // 128, 128))
     local = r[:, None] * 128 + col
@@ -176,11 +203,79 @@ def _apply_kernel(out_ptr, z_ptr, n, start, first, seed, scale, size, TILE: tl.c
     z = z.to(tl.int32, bitcast=True) ^ _flips(seed, ((base >> 7) + r)[:, None], 0, col, PERMUTE=False)
     z = z.to(tl.float32, bitcast=True)
     out = tl.load(out_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (base - start) + local, _round_to(out + z * scale, out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + (base - start) + local, _round_to(out + z * scale, DTYPE), mask=inside)
+
+
+SUM_LANES = 1024  # lanes of a block's y per program of the fold sum
+
+
+@triton.jit
+def _sum_folds_kernel(programs_ptr, rows_ptr, count, folds_ptr, work_ptr, y_ptr, LANES: tl.constexpr):
+    """y[at + l] = ((0 + fold_0[l]) + fold_1[l]) + .. for the lanes l of the program's part of its
+    block, the block's folds (of its segments, in layout order) at work[folds[first + i]];
+    a block's columns: at, size, folds, first."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 4
+    at, size, m, first = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    lanes = q * LANES + tl.arange(0, LANES)
+    inside = lanes < size
+    acc = tl.zeros((LANES,), tl.float32)
+    for i in range(m):
+        acc = acc + tl.load(work_ptr + tl.load(folds_ptr + first + i) + lanes, mask=inside, other=0.0)
+    tl.store(y_ptr + at + lanes, acc, mask=inside)
 
 
 def _lanes(size: int) -> int:
     return min(size, GROUP)
+
+
+def _fold_passes(segments):
+    """The fold passes of ``segments`` (``(x, start, seed, size)``), planned on the host: a list
+    of passes, each a list of ``(segment, source, start, n, first group, rows out)`` with source
+    None for the segment's own buffer (the signed pass) or the offset of the previous pass's
+    nodes; returns (passes, each segment's fold offset, scratch size). Node offsets count fp32
+    elements of one scratch buffer from ``at``."""
+    passes, results, size_of = [], [], 0
+    for i, (x, start, seed, size) in enumerate(segments):
+        lanes = _lanes(size)
+        level = (TILE // lanes).bit_length() - 1  # tree levels per pass
+        c0, c1 = start // size, (start + x.numel() - 1) // size
+        source, src_start, src_n, depth = None, start, x.numel(), 0
+        while True:
+            g0, g1 = c0 >> level, c1 >> level
+            if depth == len(passes):
+                passes.append([])
+            passes[depth].append((i, source, src_start, src_n, g0, g1 - g0 + 1, size_of))
+            source, src_start, src_n = size_of, g0 * size, (g1 - g0 + 1) * size
+            size_of += src_n
+            if g0 == g1:
+                results.append(source)
+                break
+            c0, c1, depth = g0, g1, depth + 1
+    return passes, results, size_of
+
+
+def _fold_all(segments, device) -> tuple[torch.Tensor, list[int]]:
+    """Every segment's fold (see :func:`fold`) in one fp32 scratch tensor, and their offsets in it:
+    per pass one launch per dtype and lane count, whatever the number of segments."""
+    passes, results, total = _fold_passes(segments)
+    work = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+    for depth, members in enumerate(passes):
+        tables = {}
+        for i, source, start, n, first, rows, at in members:
+            x, _, seed, size = segments[i]
+            lanes = _lanes(size)
+            src = x if source is None else work
+            address = src.data_ptr() + (0 if source is None else 4 * source)
+            key = (src.dtype, lanes)
+            tables.setdefault(key, Table(8)).add(rows * (size // lanes), address, n, start, first, seed, size, at,
+                                                 size // lanes)
+        for (dtype, lanes), table in tables.items():
+            programs, rows = table.to(device)
+            _fold_kernel[(table.grid,)](programs, rows, len(table), work, DTYPE=TL_DTYPES[dtype], SIGNED=depth == 0,
+                                        TILE=TILE, BL=lanes, LEVELS=(TILE // lanes).bit_length() - 1,
+                                        num_warps=NUM_WARPS)
+    return work, results
 
 
 def fold(x: torch.Tensor, start: int, seed: int, size: int) -> torch.Tensor:
@@ -188,19 +283,8 @@ def fold(x: torch.Tensor, start: int, seed: int, size: int) -> torch.Tensor:
     the pairwise tree over its chunks of ``size`` signed elements, each chunk ``c`` in its lane
     order (lane ``l`` holds element ``l ^ s_c``), the rest counting 0."""
     _check(x, "x")
-    lanes = _lanes(size)
-    level = (TILE // lanes).bit_length() - 1  # tree levels per pass
-    c0, c1 = start // size, (start + x.numel() - 1) // size
-    src, src_start, src_n, signed = x, start, x.numel(), True
-    while True:
-        g0, g1 = c0 >> level, c1 >> level
-        part = torch.empty((g1 - g0 + 1, size), dtype=torch.float32, device=x.device)
-        _fold_kernel[(g1 - g0 + 1, size // lanes)](src, part, src_n, src_start, g0, seed, size, SIGNED=signed,
-                                                   TILE=TILE, BL=lanes, LEVELS=level, num_warps=NUM_WARPS)
-        if g0 == g1:
-            return part.reshape(size)
-        src, src_start, src_n, signed = part.reshape(-1), g0 * size, part.numel(), False
-        c0, c1 = g0, g1
+    work, [at] = _fold_all([(x, start, seed, size)], x.device)
+    return work[at : at + size]
 
 
 def fwht(y: torch.Tensor) -> torch.Tensor:
@@ -228,48 +312,81 @@ def _by_size(jobs, indices):
     return groups
 
 
-def compress(jobs) -> list:
+def _places(jobs, members_by_size) -> tuple[np.ndarray, dict, int]:
+    """Where each job's rows sit in the flat (members x size) matrices of its size, laid one after
+    another: the index of every row (job order), each job's (matrix offset, member), the total."""
+    where, at = {}, 0
+    for size, members in members_by_size.items():
+        for m, j in enumerate(members):
+            where[j] = (at, m)
+        at += len(members) * size
+    index = [where[j][0] + where[j][1] * jobs[j][2] + np.asarray(jobs[j][3], dtype=np.int64)
+             for j in range(len(jobs)) if j in where]
+    return np.concatenate(index + [np.zeros(0, np.int64)]), where, at
+
+
+def _transforms(flat: torch.Tensor, members_by_size) -> torch.Tensor:
+    """:func:`fwht` of each size's (members x size) matrix laid in ``flat``, laid out the same way."""
+    out, at = [], 0
+    for size, members in members_by_size.items():
+        out.append(fwht(flat[at : at + len(members) * size].reshape(len(members), size)).reshape(-1))
+        at += len(members) * size
+    return torch.cat(out) if out else flat
+
+
+def compress(jobs) -> torch.Tensor:
     """Coordinates of blocks: ``jobs`` are ``(segments, seed, size, rows)``, ``segments`` the
     block's ``(buffer, start)`` pairs in layout order, ``size`` its Hadamard size (a power of two),
-    ``rows`` (int64, on the buffers' device) the rows to read. Returns one fp32 tensor of
-    ``rows.numel()`` coordinates per job, on the device, with no host synchronisation."""
+    ``rows`` (int64, on the host) the rows to read. Returns one fp32 tensor on the device holding
+    every job's ``len(rows)`` coordinates in job order, with no host synchronisation and a number
+    of launches that does not grow with the number of jobs or segments."""
     for segments, *_ in jobs:
         for x, _ in segments:
             _check(x, "x")
-    out = [torch.zeros(0, dtype=torch.float32, device=rows.device) for *_, rows in jobs]
-    for size, members in _by_size(jobs, [j for j, job in enumerate(jobs) if job[3].numel()]).items():
-        y = torch.zeros((len(members), size), dtype=torch.float32, device=jobs[members[0]][3].device)
-        for at, j in enumerate(members):
-            segments, seed = jobs[j][0], jobs[j][1]
-            for x, start in segments:  # y = y + fold, in layout order, from zeros
-                if x.numel():
-                    y[at] += fold(x, start, seed, size)
-        y = fwht(y)
-        for at, j in enumerate(members):
-            out[j] = y[at][jobs[j][3]]
-    return out
+    device = next((x.device for segments, *_ in jobs for x, _ in segments), torch.device("cpu"))
+    by_size = _by_size(jobs, [j for j, job in enumerate(jobs) if len(job[3])])
+    index, where, total = _places(jobs, by_size)
+    pieces = [(x, start, jobs[j][1], jobs[j][2], j) for j in where for x, start in jobs[j][0] if x.numel()]
+    work, folds = _fold_all([p[:4] for p in pieces], device)
+    table, offsets = Table(4), []
+    for j, (at, m) in where.items():  # y = 0 + fold + fold .., the segments in layout order
+        mine = [f for p, f in zip(pieces, folds) if p[4] == j]
+        size = jobs[j][2]
+        table.add(triton.cdiv(size, SUM_LANES), at + m * size, size, len(mine), len(offsets))
+        offsets.extend(mine)
+    y = torch.empty(max(total, 1), dtype=torch.float32, device=device)
+    index, folds_at = to_device(index, device), to_device(np.asarray(offsets + [0], dtype=np.int64), device)
+    if len(table):
+        programs, rows = table.to(device)
+        _sum_folds_kernel[(table.grid,)](programs, rows, len(table), folds_at, work, y, LANES=SUM_LANES)
+    return _transforms(y, by_size)[index]
 
 
-def reconstruct_(jobs, coords, scales) -> None:
+def reconstruct_(jobs, coords: torch.Tensor, scales) -> None:
     """In place, for each block (``jobs`` as for :func:`compress`): its segments get
     ``(d_i * fwht(z)[(i mod size) ^ s_c]) * scale`` added at block index ``i`` (chunk
-    ``c = i // size``), ``z`` holding ``coords`` (fp32, on the device) at ``rows`` and zeros
-    elsewhere; ``scales`` are fp32 values (Python floats)."""
+    ``c = i // size``), ``z`` holding the job's coordinates at ``rows`` and zeros elsewhere;
+    ``coords`` (fp32, on the device) are every job's coordinates in job order, ``scales`` fp32
+    values (Python floats). A number of launches that does not grow with the number of jobs."""
     for segments, *_ in jobs:
         for out, _ in segments:
             _check(out, "out")
-    for size, members in _by_size(jobs, range(len(jobs))).items():
-        device = jobs[members[0]][3].device
-        z = torch.zeros((len(members), size), dtype=torch.float32, device=device)
-        for at, j in enumerate(members):
-            z[at][jobs[j][3]] = coords[j]
-        z = fwht(z)
-        for at, j in enumerate(members):
-            segments, seed = jobs[j][0], jobs[j][1]
-            for out, start in segments:
-                if not out.numel():
-                    continue
+    by_size = _by_size(jobs, range(len(jobs)))
+    index, where, total = _places(jobs, by_size)
+    z = torch.zeros(max(total, 1), dtype=torch.float32, device=coords.device)
+    z[to_device(index, coords.device)] = coords
+    z = _transforms(z, by_size)
+    tables = {}
+    for j, (at, m) in where.items():
+        segments, seed, size, _ = jobs[j]
+        for out, start in segments:
+            if out.numel():
                 first = start // TILE
                 count = (start + out.numel() - 1) // TILE - first + 1
-                _apply_kernel[(count,)](out, z[at], out.numel(), start, first, seed, float(scales[j]), size,
-                                        TILE=TILE, BL=_lanes(size), num_warps=NUM_WARPS, enable_fp_fusion=False)
+                tables.setdefault((out.dtype, _lanes(size)), Table(8)).add(
+                    count, out.data_ptr(), out.numel(), start, first, seed, int(fp32_bits(scales[j])), size,
+                    at + m * size)
+    for (dtype, lanes), table in tables.items():
+        programs, rows = table.to(coords.device)
+        _apply_kernel[(table.grid,)](programs, rows, len(table), z, DTYPE=TL_DTYPES[dtype], TILE=TILE, BL=lanes,
+                                     num_warps=NUM_WARPS, enable_fp_fusion=False)

@@ -6,20 +6,27 @@ held as a tuple of 128 one-element-per-thread tensors (element ``c`` of every gr
 Philox words, the sign bits and the order of the sums are a thread's own:
 
 * ``compress``: per basis, each thread's group sum in the spec's order (fp32), then the spec's
-  pairwise tree over groups in fp64: five levels across a warp's lanes, the rest over the
-  per-warp sums by :func:`_tree_kernel` passes (a fixed tree, so any launch gives the same bits);
+  pairwise tree over groups in fp64: five levels across a warp's lanes, two across the
+  program's warps (one node per program and basis), the rest over the programs' nodes by
+  :func:`_tree_kernel` passes (a fixed tree, so any launch gives the same bits);
 * ``reconstruct``: per element ``acc += ±gamma_k`` for k in order, then
   ``out = out + acc * scale`` with two roundings (launched with ``enable_fp_fusion=False``).
 
 Gaussian bases (device-specific to a tolerance in the spec) use generic tile kernels.
 Buffers are 1-d and contiguous; element ``j`` of a buffer sits at block index ``start + j``.
+Every kernel walks a table of segments (:mod:`.groups`): ``compress_many``,
+``reconstruct_many_`` and ``sum_squares_many`` work any number of buffers with one launch per
+dtype (and the tree passes, one per level for all of them).
 """
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from .groups import TL_DTYPES, Table, by_dtype, fp32_bits, segment_of, to_device
 
 RADEMACHER, GAUSSIAN = 0, 1
 GROUP = 128  # block indices per Philox call
@@ -131,73 +138,93 @@ def _lane_swap(v, LANE: tl.constexpr):
 
 
 @triton.jit
-def _warp_sums(p, part_ptr, slot0, k, K, GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Store the pairwise-tree sum of each warp's 32 group sums p (fp64) at part[slot0 + warp, k]."""
-    warps = tl.arange(0, GROUPS // 32)
+def _tile_sum(p, GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The pairwise-tree sum of a program's GROUPS group sums p (fp64, one element per thread),
+    a (1,) tensor: five levels across each warp's lanes, then across the warps."""
     if INTERPRET:  # no shuffles in the interpreter: the same tree by halving the lane index
         s = tl.reshape(p, (GROUPS // 32, 32))
         for level in tl.static_range(5):
             a, b = tl.split(tl.reshape(s, (GROUPS // 32, s.shape[1] // 2, 2)))
             s = a + b
-        tl.store(part_ptr + (slot0 + warps) * K + k, tl.reshape(s, (GROUPS // 32,)))
+        s = tl.reshape(s, (GROUPS // 32,))
     else:  # a butterfly: both lanes of a pair compute a + b, so every lane holds its subtree's sum
         p = p + _lane_swap(p, 1)
         p = p + _lane_swap(p, 2)
         p = p + _lane_swap(p, 4)
         p = p + _lane_swap(p, 8)
         p = p + _lane_swap(p, 16)
-        lanes = tl.arange(0, GROUPS)
-        tl.store(part_ptr + (slot0 + lanes // 32) * K + k, p, mask=lanes % 32 == 0)
+        s = tl.max(tl.reshape(p, (GROUPS // 32, 32)), axis=1)  # a warp's lanes are equal: its sum
+    for level in tl.static_range(GROUPS.bit_length() - 6):  # the warps' sums, pairwise
+        a, b = tl.split(tl.reshape(s, (s.shape[0] // 2, 2)))
+        s = a + b
+    return tl.reshape(s, (1,))
+
+
+COMPRESS_COLUMNS = 7  # a compressed segment: buffer, n, start, first tile, seed, K, part offset
 
 
 @triton.jit
-def _compress_kernel(x_ptr, part_ptr, n, start, first_tile, seed, K, GROUPS: tl.constexpr,
+def _compress_segment(programs_ptr, rows_ptr, count, DTYPE: tl.constexpr):
+    """The segment of this program: (x, n, start, tile, seed, K, part offset, its tile among the
+    segment's), the table's columns as :data:`COMPRESS_COLUMNS` lists them."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 7
+    x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    return (x_ptr, tl.load(row + 1), tl.load(row + 2), q + tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5).to(tl.int32), tl.load(row + 6), q)
+
+
+@triton.jit
+def _compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
                      INTERPRET: tl.constexpr = False):
-    tile = tl.program_id(0).to(tl.int64) + first_tile
+    """part[offset + q * K + k] = the tree sum of basis k over tile q of the program's segment."""
+    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     xs = ()
     for c in tl.static_range(128):  # element c of every group: strided loads, served by L1 after the first
         j = groups * 128 + c - start
         x = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32)
         xs = xs + (x.to(tl.int32, bitcast=True),)
-    slot0 = tl.program_id(0).to(tl.int64) * (GROUPS // 32)
     words = _words(seed, 0, groups)
     for k in range(K):
         ahead = _words(seed, k + 1, groups)  # the next basis's Philox, overlapping this one's sums
-        _warp_sums(_group_sum(xs, words).to(tl.float64), part_ptr, slot0, k, K, GROUPS, INTERPRET)
+        total = _tile_sum(_group_sum(xs, words).to(tl.float64), GROUPS, INTERPRET)
+        tl.store(part_ptr + offset + q * K + k + tl.arange(0, 1), total)
         words = ahead
 
 
 @triton.jit
-def _compress_interpreted_kernel(x_ptr, part_ptr, n, start, first_tile, seed, K, GROUPS: tl.constexpr,
-                                 BASES: tl.constexpr):
+def _compress_interpreted_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr,
+                                 GROUPS: tl.constexpr, BASES: tl.constexpr):
     """:func:`_compress_kernel`'s arithmetic arranged for Triton's interpreter, whose cost is per
     operation: a (G, 128) tile, BASES bases at a time."""
-    tile = tl.program_id(0).to(tl.int64) + first_tile
+    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     j = groups[:, None] * 128 + tl.arange(0, 128)[None, :] - start
     x2 = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
     x3 = tl.reshape(tl.broadcast_to(x2[None, :, :], (BASES, GROUPS, 128)), (BASES * GROUPS, 128))
     bases = tl.arange(0, BASES)
-    warps = tl.arange(0, GROUPS // 32)
-    slot0 = tl.program_id(0).to(tl.int64) * (GROUPS // 32)
     for k0 in range(0, K, BASES):
         words = _words(seed, k0 + bases[:, None], tl.broadcast_to(groups[None, :], (BASES, GROUPS)))
         words = (tl.reshape(words[0], (BASES * GROUPS,)), tl.reshape(words[1], (BASES * GROUPS,)),
                  tl.reshape(words[2], (BASES * GROUPS,)), tl.reshape(words[3], (BASES * GROUPS,)))
-        s = tl.reshape(_group_sums_2d(x3, words).to(tl.float64), (BASES, GROUPS // 32, 32))
-        for level in tl.static_range(5):  # the warp's butterfly, by halving the lane index
-            a, b = tl.split(tl.reshape(s, (BASES, GROUPS // 32, s.shape[2] // 2, 2)))
+        s = tl.reshape(_group_sums_2d(x3, words).to(tl.float64), (BASES, GROUPS))
+        for level in tl.static_range(GROUPS.bit_length() - 1):  # the tile's tree, by halving the group index
+            a, b = tl.split(tl.reshape(s, (BASES, s.shape[1] // 2, 2)))
             s = a + b
-        k = k0 + bases[:, None]
-        tl.store(part_ptr + (slot0 + warps[None, :]) * K + k, tl.reshape(s, (BASES, GROUPS // 32)),
-                 mask=k < K)
+        k = k0 + bases
+        tl.store(part_ptr + offset + q * K + k, tl.reshape(s, (BASES,)), mask=k < K)
 
 
 @triton.jit
-def _sum_squares_kernel(x_ptr, part_ptr, n, GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
-    """part[slot] = the pairwise tree over the fp64 squares of each warp's 32 groups of 128 elements."""
-    groups = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+def _sum_squares_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """part[offset + q] = the pairwise tree over the fp64 squares of tile q (GROUPS groups of 128
+    elements) of the program's segment; a segment's columns: buffer, n, part offset."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    x_ptr = tl.load(rows_ptr + s * 3).to(tl.pointer_type(DTYPE))
+    n, offset = tl.load(rows_ptr + s * 3 + 1), tl.load(rows_ptr + s * 3 + 2)
+    groups = q * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     if INTERPRET:
         j = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
         sq = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float64)
@@ -217,21 +244,28 @@ def _sum_squares_kernel(x_ptr, part_ptr, n, GROUPS: tl.constexpr, INTERPRET: tl.
                 merged = merged + (level[2 * c] + level[2 * c + 1],)
             level = merged
         p = level[0]
-    _warp_sums(p, part_ptr, tl.program_id(0).to(tl.int64) * (GROUPS // 32), 0, 1, GROUPS, INTERPRET)
+    tl.store(part_ptr + offset + q + tl.arange(0, 1), _tile_sum(p, GROUPS, INTERPRET))
 
 
 @triton.jit
-def _tree_kernel(part_ptr, out_ptr, rows, offset, K, TREE: tl.constexpr, LEVELS: tl.constexpr, BASES: tl.constexpr):
-    """out[c, k] = the pairwise tree over part rows [c*TREE - offset, (c+1)*TREE - offset) (absent: 0)."""
-    c = tl.program_id(0).to(tl.int64)
+def _tree_kernel(programs_ptr, rows_ptr, count, work_ptr, TREE: tl.constexpr, LEVELS: tl.constexpr,
+                 BASES: tl.constexpr):
+    """work[to + c * K + k] = the pairwise tree over rows [c*TREE - offset, (c+1)*TREE - offset)
+    (absent: 0) of the K-column table at work[at:], for the program's chunk c and bases k of its
+    segment; a segment's columns: at, to, rows, offset, K, blocks of BASES bases."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 6
+    at, to, rows, offset, K, blocks = (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+                                       tl.load(row + 4), tl.load(row + 5))
+    c = q // blocks
     r = c * TREE - offset + tl.arange(0, TREE).to(tl.int64)
-    k = tl.program_id(1) * BASES + tl.arange(0, BASES)
+    k = (q % blocks) * BASES + tl.arange(0, BASES)
     inside = (r[:, None] >= 0) & (r[:, None] < rows) & (k[None, :] < K)
-    s = tl.load(part_ptr + r[:, None] * K + k[None, :], mask=inside, other=0.0)
+    x = tl.load(work_ptr + at + r[:, None] * K + k[None, :], mask=inside, other=0.0)
     for level in tl.static_range(LEVELS):
-        a, b = tl.split(tl.permute(tl.reshape(s, (s.shape[0] // 2, 2, BASES)), (0, 2, 1)))
-        s = a + b
-    tl.store(out_ptr + c * K + k, tl.reshape(s, (BASES,)), mask=k < K)
+        a, b = tl.split(tl.permute(tl.reshape(x, (x.shape[0] // 2, 2, BASES)), (0, 2, 1)))
+        x = a + b
+    tl.store(work_ptr + to + c * K + k, tl.reshape(x, (BASES,)), mask=k < K)
 
 
 @triton.jit
@@ -255,9 +289,25 @@ def _as_tile(rows):
     return level[0]
 
 
+RECONSTRUCT_COLUMNS = 8  # a rebuilt segment: buffer, n, start, first tile, seed, K, coordinates' offset, scale
+
+
 @triton.jit
-def _reconstruct_kernel(out_ptr, g_ptr, n, start, first_tile, seed, scale, K, GROUPS: tl.constexpr):
-    tile = tl.program_id(0).to(tl.int64) + first_tile
+def _reconstruct_segment(programs_ptr, rows_ptr, count, g_ptr, DTYPE: tl.constexpr):
+    """The segment of this program: (out, n, start, tile, seed, K, its coordinates, scale), the
+    table's columns as :data:`RECONSTRUCT_COLUMNS` lists them."""
+    s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
+    row = rows_ptr + s * 8
+    out_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    scale = tl.load(row + 7).to(tl.int32).to(tl.float32, bitcast=True)
+    return (out_ptr, tl.load(row + 1), tl.load(row + 2), q + tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5).to(tl.int32), g_ptr + tl.load(row + 6), scale)
+
+
+@triton.jit
+def _reconstruct_kernel(programs_ptr, rows_ptr, count, g_ptr, DTYPE: tl.constexpr, GROUPS: tl.constexpr):
+    out_ptr, n, start, tile, seed, K, g_ptr, scale = _reconstruct_segment(programs_ptr, rows_ptr, count, g_ptr,
+                                                                          DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     acc = ()
     for c in tl.static_range(128):
@@ -273,15 +323,16 @@ def _reconstruct_kernel(out_ptr, g_ptr, n, start, first_tile, seed, scale, K, GR
         acc = added
         words, gamma = ahead, ahead_gamma
     # through shared memory into a tile whose loads and stores are coalesced
-    _apply(out_ptr, _as_tile(acc), groups, n, start, scale)
+    _apply(out_ptr, _as_tile(acc), groups, n, start, scale, DTYPE)
 
 
 @triton.jit
-def _reconstruct_interpreted_kernel(out_ptr, g_ptr, n, start, first_tile, seed, scale, K, GROUPS: tl.constexpr,
-                                    BASES: tl.constexpr):
+def _reconstruct_interpreted_kernel(programs_ptr, rows_ptr, count, g_ptr, DTYPE: tl.constexpr,
+                                    GROUPS: tl.constexpr, BASES: tl.constexpr):
     """:func:`_reconstruct_kernel`'s arithmetic arranged for Triton's interpreter: a (G, 128) tile,
     the Philox words of BASES bases at a time, the additions still one basis after another."""
-    tile = tl.program_id(0).to(tl.int64) + first_tile
+    out_ptr, n, start, tile, seed, K, g_ptr, scale = _reconstruct_segment(programs_ptr, rows_ptr, count, g_ptr,
+                                                                          DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     bases = tl.arange(0, BASES)
     acc = tl.zeros((GROUPS, 128), tl.float32)
@@ -292,16 +343,16 @@ def _reconstruct_interpreted_kernel(out_ptr, g_ptr, n, start, first_tile, seed, 
         for b in tl.static_range(BASES):
             term = tl.sum(tl.where(bases[:, None, None] == b, signed, 0.0), axis=0)  # basis b alone: exact
             acc = tl.where(k0 + b < K, acc + term, acc)
-    _apply(out_ptr, acc, groups, n, start, scale)
+    _apply(out_ptr, acc, groups, n, start, scale, DTYPE)
 
 
 @triton.jit
-def _apply(out_ptr, acc, groups, n, start, scale):
+def _apply(out_ptr, acc, groups, n, start, scale, DTYPE: tl.constexpr):
     """out = out + acc * scale (two roundings) for the groups' elements; acc is (G, 128)."""
     j = groups[:, None] * 128 + tl.arange(0, 128)[None, :] - start
     inside = (j >= 0) & (j < n)
     out = tl.load(out_ptr + j, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + j, _round_to(out + acc * scale, out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + j, _round_to(out + acc * scale, DTYPE), mask=inside)
 
 
 # Gaussian bases: a tile of TILE consecutive block indices per program, every basis in turn.
@@ -317,24 +368,28 @@ def _gaussian_tile(seed, k, start_index, SIZE: tl.constexpr):
 
 
 @triton.jit
-def _gaussian_compress_kernel(x_ptr, part_ptr, n, start, first_tile, seed, K, TILE: tl.constexpr):
-    base = (tl.program_id(0).to(tl.int64) + first_tile) * TILE
+def _gaussian_compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, TILE: tl.constexpr):
+    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
+    base = tile * TILE
     j = base + tl.arange(0, TILE).to(tl.int64) - start
     x = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32)
     for k in range(K):
-        tl.store(part_ptr + tl.program_id(0).to(tl.int64) * K + k, tl.sum(x * _gaussian_tile(seed, k, base, TILE)))
+        total = tl.sum(x * _gaussian_tile(seed, k, base, TILE)).to(tl.float64)
+        tl.store(part_ptr + offset + q * K + k + tl.arange(0, 1), total + tl.zeros((1,), tl.float64))
 
 
 @triton.jit
-def _gaussian_reconstruct_kernel(out_ptr, g_ptr, n, start, first_tile, seed, scale, K, TILE: tl.constexpr):
-    base = (tl.program_id(0).to(tl.int64) + first_tile) * TILE
+def _gaussian_reconstruct_kernel(programs_ptr, rows_ptr, count, g_ptr, DTYPE: tl.constexpr, TILE: tl.constexpr):
+    out_ptr, n, start, tile, seed, K, g_ptr, scale = _reconstruct_segment(programs_ptr, rows_ptr, count, g_ptr,
+                                                                          DTYPE)
+    base = tile * TILE
     j = base + tl.arange(0, TILE).to(tl.int64) - start
     inside = (j >= 0) & (j < n)
     acc = tl.zeros((TILE,), dtype=tl.float32)
     for k in range(K):
         acc += _gaussian_tile(seed, k, base, TILE) * tl.load(g_ptr + k)
     out = tl.load(out_ptr + j, mask=inside, other=0.0).to(tl.float32)
-    tl.store(out_ptr + j, _round_to(out + acc * scale, out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + j, _round_to(out + acc * scale, DTYPE), mask=inside)
 
 
 @triton.jit
@@ -364,78 +419,170 @@ def _check(x: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
+class _Work:
+    """The fp64 scratch of a grouped reduction, planned on the host before anything is launched:
+    each segment's level-0 nodes (rows x K, rows at absolute indices ``first..``) then the tree
+    passes' nodes, and one zero for empty segments. :meth:`run` fills and reduces it."""
+
+    def __init__(self):
+        self.size, self.level0 = 1, []  # element 0: the zero
+
+    def nodes(self, rows: int, first: int, K: int) -> int:
+        """Room for a segment's level-0 nodes; returns their offset (0, the zero, for none)."""
+        self.level0.append((self.size if rows and K else 0, rows if K else 0, first, K))
+        if rows and K:
+            self.size += rows * K
+        return self.level0[-1][0]
+
+    def _passes(self):
+        """The tree passes (a :class:`Table` each) and each segment's result offset."""
+        state = [list(seg) for seg in self.level0]
+        passes = []
+        while any(rows > 1 for _, rows, _, _ in state):
+            table = Table(6)
+            for seg in state:
+                at, rows, first, K = seg
+                if rows <= 1:
+                    continue
+                offset = first % TREE
+                chunks = (offset + rows - 1) // TREE + 1
+                blocks = triton.cdiv(K, TREE_BASES)
+                table.add(chunks * blocks, at, self.size, rows, offset, K, blocks)
+                seg[:] = [self.size, chunks, first // TREE, K]
+                self.size += chunks * K
+            passes.append(table)
+        return passes, [at for at, _, _, _ in state]
+
+    def run(self, device: torch.device, fill) -> torch.Tensor:
+        """Allocate the scratch, ``fill(work)`` its level-0 nodes (the caller's launches), reduce
+        every segment by the spec's pairwise tree; returns each segment's K sums (fp64, in segment
+        order, zeros for an empty segment)."""
+        passes, results = self._passes()
+        index = np.concatenate([at + (np.arange(K) if at else np.zeros(K, np.int64))
+                                for at, (_, _, _, K) in zip(results, self.level0)] + [np.zeros(0, np.int64)])
+        index = to_device(index.astype(np.int64), device)
+        tables = [table.to(device) for table in passes]
+        work = torch.empty(self.size, dtype=torch.float64, device=device)
+        work[:1] = 0.0
+        fill(work)
+        for table, (programs, rows) in zip(passes, tables):
+            _tree_kernel[(table.grid,)](programs, rows, len(table), work, TREE=TREE, LEVELS=TREE.bit_length() - 1,
+                                        BASES=TREE_BASES)
+        return work[index]
+
+
 def tree_sum(part: torch.Tensor, first: int) -> torch.Tensor:
     """The spec's pairwise tree over the rows of ``part`` (fp64, rows x K) at absolute indices
     ``first..``: one fp64 value per column, on part's device."""
     rows, n_coords = part.shape
-    while rows > 1:
-        offset = first % TREE
-        count = (offset + rows - 1) // TREE + 1
-        out = torch.empty((count, n_coords), dtype=torch.float64, device=part.device)
-        _tree_kernel[(count, triton.cdiv(n_coords, TREE_BASES))](part, out, rows, offset, n_coords, TREE=TREE,
-                                                                  LEVELS=TREE.bit_length() - 1, BASES=TREE_BASES)
-        part, rows, first = out, count, first // TREE
-    return part.reshape(-1)[:n_coords] if rows else torch.zeros(n_coords, dtype=torch.float64, device=part.device)
+    plan = _Work()
+    at = plan.nodes(rows, first, n_coords)
+    return plan.run(part.device, lambda work: work[at : at + part.numel()].copy_(part.reshape(-1)) if at else None)
+
+
+def _launch_grouped(kernel, items, tensor_of, columns, width: int, programs_of, device, args, **meta) -> None:
+    """One launch of ``kernel`` per dtype among ``items``: a :class:`Table` of ``width`` columns
+    (``columns(item)``, ``programs_of(item)`` programs each) and then ``args``."""
+    for dtype, members in by_dtype(items, tensor_of).items():
+        table = Table(width)
+        for i in members:
+            table.add(programs_of(items[i]), *columns(items[i]))
+        programs, rows = table.to(device)
+        kernel[(table.grid,)](programs, rows, len(table), *args, DTYPE=TL_DTYPES[dtype], **meta)
+
+
+def sum_squares_many(xs) -> torch.Tensor:
+    """``sum(x**2)`` of each buffer in the spec's order (the pairwise tree over fp64 squares), as
+    one fp64 tensor on their device; a fixed number of launches whatever their number, no host
+    synchronisation."""
+    for x in xs:
+        _check(x, "x")
+    groups = _groups()
+    plan, items = _Work(), []
+    for x in xs:
+        count = triton.cdiv(x.numel(), GROUP * groups)
+        at = plan.nodes(count, 0, 1)
+        if count:
+            items.append((x, at, count))
+    device = xs[0].device if xs else torch.device("cpu")
+    return plan.run(device, lambda work: _launch_grouped(
+        _sum_squares_kernel, items, lambda item: item[0], lambda item: (item[0].data_ptr(), item[0].numel(), item[1]),
+        3, lambda item: item[2], device, (work,), GROUPS=groups, INTERPRET=_interpreted(), num_warps=groups // WARP))
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:
     """``sum(x**2)`` in the spec's order (the pairwise tree over fp64 squares): a 0-d float64 tensor
     on x's device, no host synchronisation."""
-    _check(x, "x")
-    if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-    groups = _groups()
-    count = triton.cdiv(x.numel(), GROUP * groups)
-    part = torch.empty((count * (groups // WARP), 1), dtype=torch.float64, device=x.device)
-    _sum_squares_kernel[(count,)](x, part, x.numel(), GROUPS=groups, INTERPRET=_interpreted(),
-                                  num_warps=groups // WARP)
-    return tree_sum(part, 0).reshape(())
+    return sum_squares_many([x]).reshape(())
+
+
+def compress_many(segments, basis: int) -> torch.Tensor:
+    """Coordinates ``<x, v_k>`` (k < n_coords) of each segment ``(x, start, seed, n_coords)``, a
+    buffer at block indices ``start..`` of the block seeded ``seed``: one float64 tensor on their
+    device, the segments' coordinates one after another; a fixed number of launches whatever the
+    number of segments, no host synchronisation. Rademacher in the spec's order (each segment's
+    sum), Gaussian to the spec's tolerance."""
+    for x, *_ in segments:
+        _check(x, "x")
+    size = TILE if basis == GAUSSIAN else GROUP * _groups()
+    plan, items = _Work(), []
+    for x, start, seed, n_coords in segments:
+        first, count = _tiles(start, x.numel(), size) if x.numel() else (0, 0)
+        at = plan.nodes(count, first, n_coords)
+        if count and n_coords:
+            items.append((x, start, seed, n_coords, first, count, at))
+    device = segments[0][0].device if segments else torch.device("cpu")
+    columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], item[4], item[2], item[3], item[6])  # noqa: E731
+
+    def fill(work):
+        if basis == GAUSSIAN:
+            kernel, meta = _gaussian_compress_kernel, {"TILE": TILE}
+        elif _interpreted():
+            kernel, meta = _compress_interpreted_kernel, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
+        else:
+            kernel, meta = _compress_kernel, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
+        _launch_grouped(kernel, items, lambda item: item[0], columns, 7, lambda item: item[5], device, (work,),
+                        enable_fp_fusion=False, **meta)
+
+    return plan.run(device, fill)
 
 
 def compress(x: torch.Tensor, start: int, seed: int, basis: int, n_coords: int) -> torch.Tensor:
     """Coordinates ``<x, v_k>`` (k < n_coords) of a buffer at block indices ``start..``: float64 on
     x's device, no host synchronisation; Rademacher in the spec's order (the segment sum)."""
-    _check(x, "x")
-    if x.numel() == 0 or n_coords == 0:
-        return torch.zeros(n_coords, dtype=torch.float64, device=x.device)
+    return compress_many([(x, start, seed, n_coords)], basis)
+
+
+def reconstruct_many_(segments, basis: int, gamma: torch.Tensor) -> None:
+    """In place, for each segment ``(out, start, seed, at, n_coords, scale)``: ``out += scale *
+    sum_k gamma[at + k] v_k`` (k < n_coords) in the spec's order and rounding, ``out`` a buffer at
+    block indices ``start..`` of the block seeded ``seed``, ``gamma`` one fp32 tensor on their
+    device holding every segment's coordinates; a fixed number of launches whatever the number of
+    segments."""
+    for out, *_ in segments:
+        _check(out, "out")
+    if gamma.dtype != torch.float32 or gamma.dim() != 1 or any(out.device != gamma.device for out, *_ in segments):
+        raise TypeError("gamma must be a 1-d float32 tensor on the buffers' device")
+    size = TILE if basis == GAUSSIAN else GROUP * _groups()
+    items = [(out, start, seed, at, n_coords, scale, *_tiles(start, out.numel(), size))
+             for out, start, seed, at, n_coords, scale in segments if out.numel() and n_coords]
     if basis == GAUSSIAN:
-        first, count = _tiles(start, x.numel(), TILE)
-        part = torch.empty((count, n_coords), dtype=torch.float32, device=x.device)
-        _gaussian_compress_kernel[(count,)](x, part, x.numel(), start, first, seed, n_coords, TILE=TILE,
-                                            enable_fp_fusion=False)
-        return part.double().sum(dim=0)
-    groups = _groups()
-    first, count = _tiles(start, x.numel(), GROUP * groups)
-    slots = groups // WARP
-    part = torch.empty((count * slots, n_coords), dtype=torch.float64, device=x.device)
-    if _interpreted():
-        _compress_interpreted_kernel[(count,)](x, part, x.numel(), start, first, seed, n_coords, GROUPS=groups,
-                                               BASES=INTERPRETED_BASES)
+        kernel, meta = _gaussian_reconstruct_kernel, {"TILE": TILE}
+    elif _interpreted():
+        kernel, meta = _reconstruct_interpreted_kernel, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
     else:
-        _compress_kernel[(count,)](x, part, x.numel(), start, first, seed, n_coords, GROUPS=groups,
-                                   enable_fp_fusion=False, num_warps=slots)
-    return tree_sum(part, first * slots)
+        kernel, meta = _reconstruct_kernel, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
+    columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], item[6], item[2], item[4], item[3],  # noqa: E731
+                            int(fp32_bits(item[5])))
+    _launch_grouped(kernel, items, lambda item: item[0], columns, 8, lambda item: item[7], gamma.device,
+                    (gamma.contiguous(),), enable_fp_fusion=False, **meta)
 
 
 def reconstruct_(out: torch.Tensor, start: int, seed: int, basis: int, gamma: torch.Tensor, scale: float) -> torch.Tensor:
     """In place: ``out += scale * sum_k gamma[k] v_k`` in the spec's order and rounding; returns ``out``."""
-    _check(out, "out")
     if gamma.dtype != torch.float32 or gamma.dim() != 1 or gamma.device != out.device:
         raise TypeError("gamma must be a 1-d float32 tensor on out's device")
-    if out.numel() == 0 or gamma.numel() == 0:
-        return out
-    if basis == GAUSSIAN:
-        first, count = _tiles(start, out.numel(), TILE)
-        _gaussian_reconstruct_kernel[(count,)](out, gamma.contiguous(), out.numel(), start, first, seed, scale,
-                                               gamma.numel(), TILE=TILE, enable_fp_fusion=False)
-        return out
-    groups = _groups()
-    first, count = _tiles(start, out.numel(), GROUP * groups)
-    args = (out, gamma.contiguous(), out.numel(), start, first, seed, scale, gamma.numel())
-    if _interpreted():
-        _reconstruct_interpreted_kernel[(count,)](*args, GROUPS=groups, BASES=INTERPRETED_BASES)
-    else:
-        _reconstruct_kernel[(count,)](*args, GROUPS=groups, enable_fp_fusion=False, num_warps=groups // WARP)
+    reconstruct_many_([(out, start, seed, 0, gamma.numel(), scale)], basis, gamma)
     return out
 
 

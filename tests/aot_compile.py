@@ -5,57 +5,51 @@ reconstruct kernels must contain no fused multiply-add (the spec rounds twice)."
 import re
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ferret.kernels import projection as P
 
 TARGET = GPUTarget("cuda", 90, 32)
-COMMON = {"n": "i64", "start": "i64", "first_tile": "i64", "seed": "i64", "K": "i32"}
+# Every grouped kernel starts with its segment table: program counts, rows, and their number.
+TABLE = {"programs_ptr": "*i64", "rows_ptr": "*i64", "count": "i32"}
 
 
-def build(fn, signature, constexprs, num_warps=4):
-    src = ASTSource(fn, {**signature, **COMMON, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
-    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False, "num_warps": num_warps})
+def build(fn, signature, constexprs, num_warps=4, fusion=False):
+    src = ASTSource(fn, {**TABLE, **signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": fusion, "num_warps": num_warps})
 
 
-rademacher = {"GROUPS": P.GROUPS}
-for dtype in ("fp32", "bf16", "fp16"):
-    kernel = build(P._reconstruct_kernel, {"out_ptr": f"*{dtype}", "g_ptr": "*fp32", "scale": "fp32"}, rademacher)
+for dtype, tl_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16)):
+    rademacher = {"DTYPE": tl_dtype, "GROUPS": P.GROUPS}
+    kernel = build(P._reconstruct_kernel, {"g_ptr": "*fp32"}, rademacher)
     fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
     print(f"sm_90 reconstruct rademacher {dtype}: cubin {len(kernel.asm['cubin'])} B, fused-fma {fused}")
-    kernel = build(P._compress_kernel, {"x_ptr": f"*{dtype}", "part_ptr": "*fp64"}, {**rademacher, "INTERPRET": False})
+    kernel = build(P._compress_kernel, {"part_ptr": "*fp64"}, {**rademacher, "INTERPRET": False})
     print(f"sm_90 compress rademacher {dtype}: cubin {len(kernel.asm['cubin'])} B")
-for dtype in ("fp32", "bf16"):
-    src = ASTSource(P._sum_squares_kernel, {"x_ptr": f"*{dtype}", "part_ptr": "*fp64", "n": "i64",
-                                            "GROUPS": "constexpr", "INTERPRET": "constexpr"},
-                    constexprs={"GROUPS": P.GROUPS, "INTERPRET": False})
-    kernel = triton.compile(src, target=TARGET, options={"num_warps": 4})
+for dtype, tl_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    kernel = build(P._sum_squares_kernel, {"part_ptr": "*fp64"}, {"DTYPE": tl_dtype, "GROUPS": P.GROUPS,
+                                                                   "INTERPRET": False})
     print(f"sm_90 sum of squares {dtype}: cubin {len(kernel.asm['cubin'])} B")
-tree = ASTSource(P._tree_kernel, {"part_ptr": "*fp64", "out_ptr": "*fp64", "rows": "i64", "offset": "i64", "K": "i32",
-                                  "TREE": "constexpr", "LEVELS": "constexpr", "BASES": "constexpr"},
-                 constexprs={"TREE": P.TREE, "LEVELS": P.TREE.bit_length() - 1, "BASES": P.TREE_BASES})
-kernel = triton.compile(tree, target=TARGET)
+kernel = build(P._tree_kernel, {"work_ptr": "*fp64"}, {"TREE": P.TREE, "LEVELS": P.TREE.bit_length() - 1,
+                                                       "BASES": P.TREE_BASES})
 print(f"sm_90 tree fp64: cubin {len(kernel.asm['cubin'])} B")
-gaussian = {"TILE": P.TILE}
-kernel = build(P._gaussian_compress_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32"}, gaussian)
+gaussian = {"DTYPE": tl.float32, "TILE": P.TILE}
+kernel = build(P._gaussian_compress_kernel, {"part_ptr": "*fp64"}, gaussian)
 print(f"sm_90 compress gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
-kernel = build(P._gaussian_reconstruct_kernel, {"out_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32"}, gaussian)
+kernel = build(P._gaussian_reconstruct_kernel, {"g_ptr": "*fp32"}, gaussian)
 print(f"sm_90 reconstruct gaussian fp32: cubin {len(kernel.asm['cubin'])} B")
 
 # SRHT: gather, transform and apply, at the default Hadamard size.
 from ferret.kernels import srht as S  # noqa: E402
 
 SIZE = 4096
-table = {"offsets_ptr": "*i64", "sizes_ptr": "*i64", "seed": "i64", "SIZE": "constexpr"}
-for dtype in ("fp32", "bf16"):
-    signature = {"x_ptr": f"*{dtype}", "n": "i64", "start": "i64", "tile_ptr": "*fp32", **table}
-    kernel = triton.compile(ASTSource(S._gather_kernel, signature, {"SIZE": SIZE}), target=TARGET)
+chunks = {"tile_ptr": "*fp32", "offsets_ptr": "*i64", "sizes_ptr": "*i64"}
+for dtype, tl_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    kernel = build(S._gather_kernel, chunks, {"DTYPE": tl_dtype, "SIZE": SIZE})
     print(f"sm_90 srht gather {dtype}: cubin {len(kernel.asm['cubin'])} B")
-    signature = {"out_ptr": f"*{dtype}", "n": "i64", "start": "i64", "tile_ptr": "*fp32", "factors_ptr": "*fp32",
-                 **table}
-    kernel = triton.compile(ASTSource(S._apply_kernel, signature, {"SIZE": SIZE}), target=TARGET,
-                            options={"enable_fp_fusion": False})
+    kernel = build(S._apply_kernel, {**chunks, "factors_ptr": "*fp32"}, {"DTYPE": tl_dtype, "SIZE": SIZE})
     fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
     print(f"sm_90 srht apply {dtype}: cubin {len(kernel.asm['cubin'])} B, fused-fma {fused}")
 kernel = triton.compile(ASTSource(S._fwht_kernel, {"tile_ptr": "*fp32", "sizes_ptr": "*i64", "SIZE": "constexpr",
@@ -113,25 +107,27 @@ print(f"sm_90 lora stacked linear fp32: cubin {len(kernel.asm['cubin'])} B, {reg
 # widths.
 from ferret.kernels import hadamard as D  # noqa: E402
 
-fold = {"part_ptr": "*fp32", "n": "i64", "start": "i64", "first": "i64", "seed": "i64", "size": "i32",
-        **{k: "constexpr" for k in ("SIGNED", "TILE", "BL", "LEVELS")}}
-for dtype, signed, lanes in (("fp32", True, 128), ("bf16", True, 128), ("fp16", True, 128), ("fp32", False, 128),
-                             ("fp32", True, 64), ("fp32", True, 8), ("fp32", True, 2), ("fp32", False, 2),
-                             ("bf16", True, 1)):
-    constexprs = {"SIGNED": signed, "TILE": D.TILE, "BL": lanes, "LEVELS": (D.TILE // lanes).bit_length() - 1}
-    kernel = triton.compile(ASTSource(D._fold_kernel, {"x_ptr": f"*{dtype}", **fold}, constexprs), target=TARGET,
-                            options={"num_warps": D.NUM_WARPS})
+for dtype, tl_dtype, signed, lanes in (("fp32", tl.float32, True, 128), ("bf16", tl.bfloat16, True, 128),
+                                       ("fp16", tl.float16, True, 128), ("fp32", tl.float32, False, 128),
+                                       ("fp32", tl.float32, True, 64), ("fp32", tl.float32, True, 8),
+                                       ("fp32", tl.float32, True, 2), ("fp32", tl.float32, False, 2),
+                                       ("bf16", tl.bfloat16, True, 1)):
+    constexprs = {"DTYPE": tl_dtype, "SIGNED": signed, "TILE": D.TILE, "BL": lanes,
+                  "LEVELS": (D.TILE // lanes).bit_length() - 1}
+    kernel = build(D._fold_kernel, {"work_ptr": "*fp32"}, constexprs, num_warps=D.NUM_WARPS, fusion=True)
     regs, spills = resources(kernel)
     print(f"sm_90 hadamard fold {dtype} {'signed' if signed else 'partials'}, tile {D.TILE // lanes}x{lanes}: "
           f"cubin {len(kernel.asm['cubin'])} B, {regs} registers, {spills} B spilled")
-for dtype, lanes in (("fp32", 128), ("bf16", 128), ("fp16", 128), ("fp32", 64), ("fp32", 8), ("fp32", 2),
-                     ("bf16", 1)):
-    signature = {"out_ptr": f"*{dtype}", "z_ptr": "*fp32", "n": "i64", "start": "i64", "first": "i64", "seed": "i64",
-                 "scale": "fp32", "size": "i32", "TILE": "constexpr", "BL": "constexpr"}
-    kernel = triton.compile(ASTSource(D._apply_kernel, signature, {"TILE": D.TILE, "BL": lanes}), target=TARGET,
-                            options={"enable_fp_fusion": False, "num_warps": D.NUM_WARPS})
+for dtype, tl_dtype, lanes in (("fp32", tl.float32, 128), ("bf16", tl.bfloat16, 128), ("fp16", tl.float16, 128),
+                               ("fp32", tl.float32, 64), ("fp32", tl.float32, 8), ("fp32", tl.float32, 2),
+                               ("bf16", tl.bfloat16, 1)):
+    kernel = build(D._apply_kernel, {"z_ptr": "*fp32"}, {"DTYPE": tl_dtype, "TILE": D.TILE, "BL": lanes},
+                   num_warps=D.NUM_WARPS)
     fused = len(re.findall(r"\bfma\.rn\.f32", kernel.asm["ptx"]))
     regs, spills = resources(kernel)
     print(f"sm_90 hadamard apply {dtype}, tile {D.TILE}, lanes {lanes}: cubin {len(kernel.asm['cubin'])} B, "
           f"{regs} registers, {spills} B spilled, fused-fma {fused}")
     assert fused == 0, "the apply kernel must round twice"
+kernel = build(D._sum_folds_kernel, {"folds_ptr": "*i64", "work_ptr": "*fp32", "y_ptr": "*fp32"},
+               {"LANES": D.SUM_LANES})
+print(f"sm_90 hadamard fold sum: cubin {len(kernel.asm['cubin'])} B")

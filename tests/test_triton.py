@@ -18,6 +18,7 @@ import triton.language as tl  # noqa: E402
 import ferret  # noqa: E402
 from ferret import _core, spec  # noqa: E402
 from ferret.kernels import projection as P  # noqa: E402
+from ferret.kernels.groups import Table, fp32_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 0x0DDB_A11_5EED_1234
@@ -79,19 +80,25 @@ def test_rademacher_compress_bit_identical_to_spec_and_core(dtype, start, n, k):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs these kernels in every other test")
+@pytest.mark.parametrize("groups", [P.WARP, P.GROUPS])
 @pytest.mark.parametrize("start,n,k", [(0, 9000, 3), (16384 * 2 - 300, 17000, 2)])
-def test_gpu_kernels_arithmetic_in_the_interpreter(start, n, k):
+def test_gpu_kernels_arithmetic_in_the_interpreter(start, n, k, groups):
     """The GPU's own kernels (one group per thread, tuples of rows), run in the interpreter: the
-    arithmetic the GPU does, bit for bit the spec's (only the warp's shuffles are replaced)."""
+    arithmetic the GPU does, bit for bit the spec's (only the warp's shuffles are replaced), with
+    one warp and with the GPU's four (whose sums the program adds up itself)."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    first, count = P._tiles(start, n, P.GROUP * P.WARP)
+    first, count = P._tiles(start, n, P.GROUP * groups)
+    table = Table(7)
+    table.add(count, x.data_ptr(), n, start, first, SEED, k, 0)
     part = torch.empty((count, k), dtype=torch.float64)
-    P._compress_kernel[(count,)](x, part, n, start, first, SEED, k, GROUPS=P.WARP, INTERPRET=True)
+    P._compress_kernel[(count,)](*table.to(x.device), 1, part, DTYPE=tl.float32, GROUPS=groups, INTERPRET=True)
     got = P.tree_sum(part, first).numpy()
     np.testing.assert_array_equal(got, spec.compress(x.numpy(), SEED, k, "rademacher", start))
     gamma = torch.randn(k, generator=torch.Generator().manual_seed(k))
     out, on_core = x.clone(), x.clone()
-    P._reconstruct_kernel[(count,)](out, gamma, n, start, first, SEED, 0.3, k, GROUPS=P.WARP)
+    table = Table(8)
+    table.add(count, out.data_ptr(), n, start, first, SEED, k, 0, int(fp32_bits(0.3)))
+    P._reconstruct_kernel[(count,)](*table.to(x.device), 1, gamma, DTYPE=tl.float32, GROUPS=groups)
     _core.reconstruct(on_core, start, SEED, 0, gamma.numpy(), 0.3)
     assert torch.equal(out, on_core)
 
@@ -216,3 +223,66 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert "fused-fma 0" in proc.stdout
     assert proc.stdout.count("sm_90 srht") == 5
     assert proc.stdout.count("sm_90 lora merge") == 2 and "sm_90 lora stacked linear" in proc.stdout
+
+
+class _Launches:
+    """Counts Triton launches (in the interpreter) and torch operations other than views while active."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.kernels, self.ops = [], []
+        run = InterpretedFunction.run
+        counts = self
+
+        def counted(kernel, *args, **kwargs):
+            counts.kernels.append(kernel.__name__)
+            return run(kernel, *args, **kwargs)
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view:  # views move no data
+                    counts.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        monkeypatch.setattr(InterpretedFunction, "run", counted)
+        self.mode = Ops()
+
+    def __enter__(self):
+        self.kernels.clear()
+        self.ops.clear()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches")
+@pytest.mark.parametrize("basis", ["rademacher", "gaussian", "hadamard", "srht:64"])
+def test_launches_per_packet_do_not_grow_with_the_number_of_tensors(basis, monkeypatch):
+    """A compress, a reconstruct and the norms of 20 tensors and of 146 (a 1B Llama's count) take
+    the same Triton launches and the same torch operations: the kernels walk tables of segments."""
+    counted = _Launches(monkeypatch)
+    seen = {}
+    for tensors in (20, 146):
+        gen = torch.Generator().manual_seed(tensors)
+        update = {f"t{i}": torch.randn(6, 32 + 8 * (i % 2), generator=gen) for i in range(tensors)}
+        update["bf16"] = torch.randn(300, generator=gen).bfloat16()
+        budget = 4 * len(update)
+        with counted:
+            packet = ferret.compress(update, seed=3, budget=budget, basis=basis, backend="triton")
+        compress = (list(counted.kernels), list(counted.ops))
+        rebuilt, want = ({k: v.clone() for k, v in update.items()} for _ in range(2))
+        with counted:
+            ferret.reconstruct(packet, into=rebuilt, backend="triton")
+        seen[tensors] = (compress, (list(counted.kernels), list(counted.ops)))
+        ferret.reconstruct(ferret.compress(update, seed=3, budget=budget, basis=basis), into=want)
+        if basis != "gaussian":
+            assert all(torch.equal(rebuilt[k], want[k]) for k in update)
+    for (k20, ops20), (k146, ops146) in zip(seen[20], seen[146]):
+        assert k20 == k146
+        assert ops20 == ops146, [op for op in ops146 if op not in ops20]
+    (kernels, _), (rebuilt, _) = seen[146]
+    assert 0 < len(kernels) <= 12 and 0 < len(rebuilt) <= 6, (kernels, rebuilt)

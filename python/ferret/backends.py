@@ -137,122 +137,113 @@ class CoreBackend:
 
 
 class TritonBackend:
-    """The Triton kernels (``ferret.kernels``); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+    """The Triton kernels (``ferret.kernels``); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+    Every call works a whole packet with a fixed number of launches whatever its number of
+    tensors (the kernels walk tables of segments): blocks are gathered by kind, each kind's
+    blocks go to its kernels at once, and the host waits on the device once, for the
+    coordinates of a compress."""
 
     name = "triton"
 
     def __init__(self):
         try:
-            from .kernels import hadamard, projection, srht
+            from .kernels import groups, hadamard, projection, srht
         except ImportError as err:  # triton is the optional [gpu] extra
             raise RuntimeError("CUDA tensors need Triton: pip install 'ferret-fl[gpu]'") from err
         from . import _core
 
-        self._k, self._srht, self._dense, self._core = projection, srht, hadamard, _core
+        self._k, self._srht, self._dense, self._groups, self._core = projection, srht, hadamard, groups, _core
 
     def sum_squares(self, flats) -> np.ndarray:
         if not flats:
             return np.zeros(0)
-        return torch.stack([self._k.sum_squares(x) for x in flats]).cpu().numpy()
+        return self._k.sum_squares_many(list(flats)).cpu().numpy()
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         if not blocks:
             return []
-        device = blocks[0].segments[0][0].device
-        tables = self._tables(blocks, counts, device)
-        dense, jobs = _dense_jobs(blocks, tables)
-        dense_coords = dict(zip(dense, self._dense.compress(jobs)))  # batched: one transform per Hadamard size
-        out = []
-        for b, (block, m, table) in enumerate(zip(blocks, counts, tables)):
-            m = int(m)
-            if block.kind == "hadamard":
-                out.append(dense_coords[b])
-                continue
-            if block.kind == "srht":
-                offsets, sizes, slots, _ = table
-                out.append(self._srht.compress(block.segments, block.seed, offsets, sizes, slots, block.hadamard))
-                continue
-            coords = None
-            for x, start in block.segments:  # segment sums added in layout order
-                seg = self._k.compress(x, start, block.seed, BASIS_CODES[block.kind], m)
-                coords = seg if coords is None else coords + seg
-            out.append(coords)
+        counts = [int(m) for m in counts]
+        kinds = _by_kind(blocks)
+        parts = []
+        for kind, members in kinds.items():
+            if kind in BASIS_CODES:  # each segment's coordinates, summed per block on the host
+                segments = [(x, start, blocks[b].seed, counts[b]) for b in members for x, start in blocks[b].segments]
+                parts.append(self._k.compress_many(segments, BASIS_CODES[kind]))
+            elif kind == "hadamard":
+                parts.append(self._dense.compress([self._dense_job(blocks[b], counts[b]) for b in members]))
+            else:
+                parts.append(self._srht.compress([self._srht_job(blocks[b], counts[b]) for b in members]))
         # The packet's one synchronisation; + 0.0 is the core's start from 0 (it turns -0 into +0).
-        host = torch.cat([c.double() for c in out]).cpu().numpy() + 0.0
-        pieces = np.split(host, np.cumsum([int(m) for m in counts])[:-1])
-        return [p.astype(np.float32) if b.kind in _FP32_KINDS else p for b, p in zip(blocks, pieces)]
+        host = torch.cat([p.double() for p in parts]).cpu().numpy() + 0.0
+        out, at = [None] * len(blocks), 0
+        for kind, members in kinds.items():
+            for b in members:
+                if kind in BASIS_CODES:
+                    coords = np.zeros(counts[b])
+                    for _ in blocks[b].segments:  # segment sums added in layout order, from 0
+                        coords = coords + host[at : at + counts[b]]
+                        at += counts[b]
+                    out[b] = coords
+                else:
+                    out[b] = host[at : at + counts[b]].astype(np.float32)
+                    at += counts[b]
+        return out
 
     def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
         if not blocks:
             return
         device = blocks[0].segments[0][0].device
-        sizes = [c.size for c in coords]
-        sent = torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float32) for c in coords])).to(device)
-        tables = self._tables(blocks, sizes, device)
-        received = torch.split(sent, sizes)
-        dense, jobs = _dense_jobs(blocks, tables)
-        self._dense.reconstruct_(jobs, [received[b] for b in dense], [scales[b] for b in dense])
-        for block, c, scale, table in zip(blocks, received, scales, tables):
-            if block.kind == "hadamard":
-                continue
-            if block.kind == "srht":
-                offsets, chunk_sizes, slots, factors = table
-                factors = factors * float(scale)  # exact: an fp32 scale times a power of two
-                self._srht.reconstruct_(block.segments, block.seed, offsets, chunk_sizes, slots, c, factors,
-                                        block.hadamard)
-                continue
-            for x, start in block.segments:
-                self._k.reconstruct_(x, start, block.seed, BASIS_CODES[block.kind], c, float(scale))
+        kinds = _by_kind(blocks)
+        order = [b for members in kinds.values() for b in members]
+        host = np.concatenate([np.asarray(coords[b], dtype=np.float32) for b in order])
+        sent, at = self._groups.to_device(host, device), 0
+        for kind, members in kinds.items():
+            size = sum(np.size(coords[b]) for b in members)
+            mine = sent[at : at + size]
+            if kind in BASIS_CODES:
+                segments, offset = [], 0
+                for b in members:
+                    m = np.size(coords[b])
+                    segments += [(x, start, blocks[b].seed, offset, m, scales[b]) for x, start in blocks[b].segments]
+                    offset += m
+                self._k.reconstruct_many_(segments, BASIS_CODES[kind], mine)
+            elif kind == "hadamard":
+                self._dense.reconstruct_([self._dense_job(blocks[b], np.size(coords[b])) for b in members], mine,
+                                         [float(scales[b]) for b in members])
+            else:
+                jobs = [self._srht_job(blocks[b], np.size(coords[b])) for b in members]
+                factors = [_srht_factors(job[4]) * np.float32(scales[b]) for b, job in zip(members, jobs)]
+                self._srht.reconstruct_(jobs, mine, factors)
+            at += size
 
     def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
         self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
 
-    def _tables(self, blocks: list[Block], counts, device) -> list:
-        """The host-made tables of each block, on ``device`` in one transfer (made before the
-        packet's kernels are queued, which the transfer would wait for): for SRHT (offsets, sizes,
-        slots, 1/size factors) of the chunks holding one of its rows, for dense Hadamard (rows,) of
-        its slot, None for the others."""
-        host = []
-        for b, m in zip(blocks, counts):
-            if b.kind == "srht":
-                host.append(_srht_table(self._core, b.n, b.seed, b.hadamard, int(m)))
-            elif b.kind == "hadamard":
-                host.append(_dense_table(self._core, b, int(m)))
-            else:
-                host.append(None)
-        arrays = [a for t in host if t is not None for a in t]
-        if not arrays:
-            return host
-        lengths = [a.size for a in arrays]
-        sent = torch.split(torch.from_numpy(np.concatenate(arrays)).to(device), lengths)
-        tables, at = [], 0
-        for t in host:
-            if t is None:
-                tables.append(None)
-            elif len(t) == 1:
-                tables.append(sent[at : at + 1])
-            else:
-                offsets, sizes, slots, factors = sent[at : at + 4]
-                tables.append((offsets, sizes, slots, factors.view(torch.float64).float()))
-            at += 0 if t is None else len(t)
-        return tables
+    def _dense_job(self, block: Block, m: int):
+        """A dense Hadamard block's job for ``kernels.hadamard``: (segments, seed, size, its first
+        m rows of its slot, on the host)."""
+        rows = np.zeros(m, dtype=np.int64)
+        self._core.dense_rows(block.seed, _log2(block.hadamard), block.slot, block.slots, rows)
+        return block.segments, block.seed, block.hadamard, rows
+
+    def _srht_job(self, block: Block, m: int):
+        """An SRHT block's job for ``kernels.srht``: (segments, seed, size, offsets, sizes, slots)."""
+        offsets, sizes, slots = _srht_table(self._core, block.n, block.seed, block.hadamard, m)
+        return block.segments, block.seed, block.hadamard, offsets, sizes, slots
 
 
-_FP32_KINDS = ("srht", "hadamard")  # kinds whose coordinates are fp32 (the others: fp64)
+def _by_kind(blocks: list[Block]) -> dict[str, list[int]]:
+    """{basis kind: [block indices]}, kinds in order of first appearance."""
+    kinds: dict[str, list[int]] = {}
+    for b, block in enumerate(blocks):
+        kinds.setdefault(block.kind, []).append(b)
+    return kinds
 
 
-def _dense_jobs(blocks: list[Block], tables: list):
-    """The indices of a packet's dense Hadamard blocks and their jobs for ``kernels.hadamard``:
-    (segments, seed, Hadamard size, rows on the device)."""
-    dense = [b for b, block in enumerate(blocks) if block.kind == "hadamard"]
-    return dense, [(blocks[b].segments, blocks[b].seed, blocks[b].hadamard, tables[b][0]) for b in dense]
-
-
-def _dense_table(core, block: Block, m: int):
-    """The rows (int64) of a dense Hadamard block's slot, its first m, as a one-array table."""
-    rows = np.zeros(m, dtype=np.int64)
-    core.dense_rows(block.seed, _log2(block.hadamard), block.slot, block.slots, rows)
-    return (rows,)
+def _srht_factors(sizes: np.ndarray) -> np.ndarray:
+    """1 / size (fp32) of each chunk: a power of two, so a scale times it is exact."""
+    return np.float32(1.0) / np.asarray(sizes).astype(np.float32)
 
 
 def estimate_bound(block: Block, coords) -> float:
@@ -270,7 +261,7 @@ def estimate_bound(block: Block, coords) -> float:
         return acc if acc <= FP32_MAX else math.inf
     from . import _core
 
-    _, sizes, slots, _ = _srht_table(_core, block.n, block.seed, block.hadamard, a.size)
+    _, sizes, slots = _srht_table(_core, block.n, block.seed, block.hadamard, a.size)
     per_chunk = np.bincount(slots // block.hadamard, weights=a, minlength=sizes.size) * _rounding_growth(
         block.hadamard.bit_length())
     return float(np.max(per_chunk / sizes)) if float(np.max(per_chunk)) <= FP32_MAX else math.inf
@@ -282,16 +273,15 @@ def _rounding_growth(steps: int) -> float:
 
 
 def _srht_table(core, block_n: int, seed: int, size: int, m: int):
-    """The chunks of a block that hold one of its first m rows (offsets, sizes), each row's slot in
-    the kernels' tile, and each chunk's 1/size (as int64-sized float64, to travel in one transfer)."""
+    """The chunks of a block that hold one of its first m rows (offsets, sizes) and each row's
+    slot in the kernels' tile (chunk place * size + row - offset), on the host."""
     rows = np.zeros(m, dtype=np.int64)
     core.srht_rows(seed, block_n, rows)
     offsets, sizes = spec.hadamard_chunks(block_n, size)
     owner = np.searchsorted(offsets, rows, side="right") - 1  # spec.chunk_of, on the offsets at hand
     touched, position = np.unique(owner, return_inverse=True)
     slots = position * size + rows - offsets[owner]
-    factors = (np.float32(1.0) / sizes[touched].astype(np.float32)).astype(np.float64).view(np.int64)
-    return offsets[touched], sizes[touched], slots, factors
+    return offsets[touched], sizes[touched], slots
 
 
 def _segment_lists(block: Block):
