@@ -262,8 +262,9 @@ class _Launches:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches")
 @pytest.mark.parametrize("basis", ["rademacher", "gaussian", "hadamard", "srht:64"])
 def test_launches_per_packet_do_not_grow_with_the_number_of_tensors(basis, monkeypatch):
-    """A compress, a reconstruct and the norms of 20 tensors and of 146 (a 1B Llama's count) take
-    the same Triton launches and the same torch operations: the kernels walk tables of segments."""
+    """A compress (with the norms), a reconstruct and a perturbation of 20 tensors and of 146 (a 1B
+    Llama's count) take the same Triton launches and the same torch operations: the kernels walk
+    tables of segments."""
     counted = _Launches(monkeypatch)
     seen = {}
     for tensors in (20, 146):
@@ -278,11 +279,17 @@ def test_launches_per_packet_do_not_grow_with_the_number_of_tensors(basis, monke
         with counted:
             ferret.reconstruct(packet, into=rebuilt, backend="triton")
         seen[tensors] = (compress, (list(counted.kernels), list(counted.ops)))
+        if basis in ("rademacher", "gaussian"):
+            with counted:
+                ferret.perturb(rebuilt, 5, 1e-3, basis=basis, backend="triton")
+            seen[tensors] += ((list(counted.kernels), list(counted.ops)),)
         ferret.reconstruct(ferret.compress(update, seed=3, budget=budget, basis=basis), into=want)
+        if basis in ("rademacher", "gaussian"):
+            ferret.perturb(want, 5, 1e-3, basis=basis)
         if basis != "gaussian":
             assert all(torch.equal(rebuilt[k], want[k]) for k in update)
     for (k20, ops20), (k146, ops146) in zip(seen[20], seen[146]):
         assert k20 == k146
         assert ops20 == ops146, [op for op in ops146 if op not in ops20]
-    (kernels, _), (rebuilt, _) = seen[146]
+    (kernels, _), (rebuilt, _), *_ = seen[146]
     assert 0 < len(kernels) <= 12 and 0 < len(rebuilt) <= 6, (kernels, rebuilt)

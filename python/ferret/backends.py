@@ -130,10 +130,11 @@ class CoreBackend:
             for x, start in block.segments:
                 self._core.reconstruct(x, start, block.seed, BASIS_CODES[block.kind], c, float(scale))
 
-    def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
-        """``flat += eps * v_0(seed)`` in place."""
+    def perturb(self, flats, seeds, basis: str, eps: float) -> None:
+        """``flat += eps * v_0(seed)`` in place for each buffer and its seed."""
         self._use_threads()
-        self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
+        for flat, seed in zip(flats, seeds):
+            self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
 
 
 class TritonBackend:
@@ -217,8 +218,12 @@ class TritonBackend:
                 self._srht.reconstruct_(jobs, mine, factors)
             at += size
 
-    def perturb(self, flat, seed: int, basis: str, eps: float) -> None:
-        self._k.perturb_(flat, 0, seed, BASIS_CODES[basis], eps)
+    def perturb(self, flats, seeds, basis: str, eps: float) -> None:
+        flats = list(flats)
+        if flats:  # v_0 * 1 is exact, so a reconstruction from the coordinate 1 is the spec's rounding
+            one = self._groups.to_device(np.ones(1, dtype=np.float32), flats[0].device)
+            self._k.reconstruct_many_([(x, 0, seed, 0, 1, eps) for x, seed in zip(flats, seeds)], BASIS_CODES[basis],
+                                      one)
 
     def _dense_job(self, block: Block, m: int):
         """A dense Hadamard block's job for ``kernels.hadamard``: (segments, seed, size, its first

@@ -35,7 +35,7 @@ from .backends import Block, backend_for, estimate_bound
 from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
-from .spec import block_seed, block_seeds, dense_block_size, dense_slot_rows, normalize_seed
+from .spec import block_seeds, dense_block_size, dense_slot_rows, normalize_seed
 from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_flat, writable_flat
 
 SCRATCH_ELEMENTS = 1 << 22  # elements per scratch piece of a checked reconstruction (16 MiB in fp32)
@@ -343,8 +343,7 @@ def perturb(params, seed: int, eps: float, *, basis: str = "rademacher", backend
         check_tensor(name, x, "parameters")
     be = backend_for(device_of(items, "parameters"), backend)
     flats = [writable_flat(n, x) for n, x in items]
-    for i, flat in enumerate(flats):
-        be.perturb(flat, block_seed(seed, i), basis, eps)
+    be.perturb(flats, block_seeds(seed, len(flats)), basis, eps)
     return params
 
 
