@@ -96,6 +96,43 @@ def record(benchmark, machine, op, seconds, *, d, k, moved_bytes, extra_bytes, b
         x_issue_bound=seconds / issue_bound if issue_bound else None, extra_peak_bytes=extra_bytes, **info)
 
 
+def launches_and_syncs(fn) -> dict:
+    """Device operations (kernels, copies, fills) and host synchronisations of one ``fn()``: on
+    CUDA the profiler's device events and torch's sync debug mode; dry, the interpreter's Triton
+    launches (syncs not counted). A failure to count is recorded, not raised."""
+    try:
+        if DEVICE != "cuda":
+            from triton.runtime.interpreter import InterpretedFunction
+
+            run, launches = InterpretedFunction.run, []
+            InterpretedFunction.run = lambda kernel, *a, **k: launches.append(kernel) or run(kernel, *a, **k)
+            try:
+                fn()
+            finally:
+                InterpretedFunction.run = run
+            return {"launches": len(launches), "host_syncs": None}
+        import warnings
+
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+        device_ops = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+        syncs = sum(1 for w in caught if "synchroniz" in str(w.message))
+        return {"launches": device_ops, "host_syncs": syncs}
+    except Exception as err:  # a count that fails is a finding, not a lost benchmark
+        return {"launches": None, "host_syncs": None, "count_error": repr(err)}
+
+
 def timed(benchmark, fn):
     """pytest-benchmark's own wall-clock rounds (device synchronised), beside the device timing."""
     def call():
@@ -164,17 +201,28 @@ LAYOUTS = {"llama1b": (64, 128, 2, 1000, 32) if DRY else LLAMA_1B}
 @pytest.mark.parametrize("basis", ["rademacher", "srht", "hadamard"])
 @pytest.mark.parametrize("op", ["compress", "reconstruct"])
 def test_llama1b_layout(benchmark, machine, op, basis):
+    """The 1B layout's tensors beside one block of the same total size and budget (what grouped
+    launches should reach), with the device operations and host waits of one call."""
     shapes = llama_shapes(*LAYOUTS["llama1b"])
     update = {n: torch.empty(s, device=DEVICE).normal_(std=1e-3) for n, s in shapes.items()}
     d = sum(t.numel() for t in update.values())
-    packet = ferret.compress(update, seed=5, budget=BUDGET, basis=basis, backend=BACKEND)
-    if op == "compress":
-        fn = lambda: ferret.compress(update, seed=5, budget=BUDGET, basis=basis, backend=BACKEND)  # noqa: E731
-    else:
-        fn = lambda: ferret.reconstruct(packet, into=update, scale=1e-6, backend=BACKEND)  # noqa: E731
+    one_block = {"w": torch.cat([t.reshape(-1) for t in update.values()])}
+
+    def call(tensors):
+        packet = ferret.compress(tensors, seed=5, budget=BUDGET, basis=basis, backend=BACKEND)
+        if op == "compress":
+            return lambda: ferret.compress(tensors, seed=5, budget=BUDGET, basis=basis, backend=BACKEND), packet
+        return lambda: ferret.reconstruct(packet, into=tensors, scale=1e-6, backend=BACKEND), packet
+
+    fn, packet = call(update)
     seconds = device_seconds(fn)
     extra = extra_peak_bytes(fn)
+    counts = launches_and_syncs(fn)
     timed(benchmark, fn)
+    single, _ = call(one_block)
+    one_block_seconds = device_seconds(single)
+    del one_block
     k_elements = sum(int(c) * n for c, n in zip(packet.counts, ferret.Layout.of(update).block_sizes))
     record(benchmark, machine, op, seconds, d=d, k=k_elements / d, basis=basis, layout="llama1b", tensors=len(shapes),
-           budget=BUDGET, moved_bytes=(4 if op == "compress" else 8) * d, extra_bytes=extra, dtype="fp32")
+           budget=BUDGET, moved_bytes=(4 if op == "compress" else 8) * d, extra_bytes=extra, dtype="fp32",
+           one_block_seconds=one_block_seconds, x_one_block=seconds / one_block_seconds, **counts)

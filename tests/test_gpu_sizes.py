@@ -105,3 +105,32 @@ def test_perturb_bit_identical_to_core_and_round_trip():
     ferret.perturb({"t": theta}, seed=9, eps=1e-3)
     ferret.perturb({"t": on_cpu}, seed=9, eps=1e-3)
     assert torch.equal(theta.cpu(), on_cpu)
+
+
+def _host_syncs(fn) -> int:
+    """Host synchronisations torch reports (sync debug mode) during one ``fn()``."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message))
+
+
+@pytest.mark.parametrize("basis", ["rademacher", "srht", "hadamard"])
+def test_one_host_wait_per_compress_whatever_the_number_of_tensors(basis):
+    """A compress waits on the device once (its coordinates) with uniform allocation, twice with
+    norm allocation (the norms, then the coordinates), and a reconstruct into tensors whose
+    steps cannot overflow not at all: for 8 tensors and for 146."""
+    for tensors in (8, 146):
+        update = {f"t{i}": _update(20_000 + 64 * i, torch.float32, seed=i) for i in range(tensors)}
+        assert _host_syncs(lambda: ferret.compress(update, seed=1, budget=2000, basis=basis,
+                                                   allocation="uniform")) == 1
+        assert _host_syncs(lambda: ferret.compress(update, seed=1, budget=2000, basis=basis)) == 2
+        packet = ferret.compress(update, seed=1, budget=2000, basis=basis)
+        assert _host_syncs(lambda: ferret.reconstruct(packet, into=update, scale=1e-3)) <= 1

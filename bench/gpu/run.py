@@ -286,24 +286,31 @@ def _tests_md(t: dict) -> list[str]:
 
 
 def _kernels_md(b: dict) -> list[str]:
-    lines = ["## Kernels", "", "| op | basis | dtype | d | K | ms | × memory bound | × issue bound | target ms | extra MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Kernels", "", "| op | basis | dtype | d | K | ms | × memory bound | × issue bound | target ms | extra MiB "
+             "| × one block | device ops | host syncs |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in b.get("projection", {}).get("rows", []):
         issue = f"{row['x_issue_bound']:.2f}" if row.get("x_issue_bound") else "–"
         target = f"{1e3 * row['target_seconds']:.0f}" if row.get("target_seconds") else "–"
         what = row["op"] + (f" ({row['layout']}, {row['tensors']} tensors)" if row.get("layout") else "")
         lines.append(f"| {what} | {row['basis']} | {row['dtype']} | {row['d']:.3g} | {row['K']:.3g} | "
                      f"{1e3 * row['seconds']:.2f} | {row['x_memory_bound']:.2f} | {issue} | {target} | "
-                     f"{row['extra_peak_bytes'] / 2**20:.1f} |")
+                     f"{row['extra_peak_bytes'] / 2**20:.1f} | {_cell(row.get('x_one_block'), '.2f')} | "
+                     f"{_cell(row.get('launches'), 'd')} | {_cell(row.get('host_syncs'), 'd')} |")
         if row.get("reconstruct_x_memory_bound"):  # a compress row that timed its reconstruction too
             lines.append(f"| reconstruct | {row['basis']} | {row['dtype']} | {row['d']:.3g} | {row['K']:.3g} | "
-                         f"{1e3 * row['reconstruct_seconds']:.2f} | {row['reconstruct_x_memory_bound']:.2f} | – | – | – |")
+                         f"{1e3 * row['reconstruct_seconds']:.2f} | {row['reconstruct_x_memory_bound']:.2f} | – | – | – | – "
+                         f"| – | – |")
     lora = b.get("lora", {}).get("rows", [])
     if lora:
         lines += ["", "| LoRA merge | dtype | ms | × one addmm | × memory bound | extra MiB |", "|---|---|---|---|---|---|"]
         lines += [f"| {row['method']} | {row['dtype']} | {1e3 * row['seconds']:.3f} | {row['ratio_to_one_addmm']:.2f} | "
                   f"{row['ratio_to_memory_bound']:.2f} | {row['extra_memory_bytes'] / 2**20:.1f} |" for row in lora]
     return lines
+
+
+def _cell(value, spec: str) -> str:
+    """A table cell: ``value`` formatted, or a dash where it was not measured."""
+    return "–" if value is None else format(value, spec)
 
 
 def _round_md(r: dict) -> list[str]:
