@@ -216,6 +216,64 @@ NB_MODULE(_core, m) {
       "dense_compress for every (xs, starts, block_n, seed, log2_size, slot, slots, coords) job at once, on one pool.");
 
   m.def(
+      "dense_fold_many",
+      [](std::vector<nb::tuple> jobs) {
+        std::vector<std::vector<Input>> inputs;
+        std::vector<std::vector<ferret::Segment>> segments;
+        std::vector<ferret::DenseBlock> blocks;
+        std::vector<float*> folds;
+        inputs.reserve(jobs.size());
+        segments.reserve(jobs.size());
+        for (const nb::tuple& job : jobs) {
+          if (job.size() != 7) throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, fold, squares)");
+          inputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the update", input));
+          segments.push_back(segments_of(inputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
+                                         nb::cast<int64_t>(job[2]), "the update"));
+          const int log2_size = nb::cast<int>(job[4]);
+          auto fold = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[5], false);
+          if (log2_size < 0 || log2_size > 22 || int64_t(fold.shape(0)) != (int64_t(1) << log2_size))
+            throw nb::value_error("a fold holds 2^log2_size floats");
+          double* squares = nullptr;
+          if (!job[6].is_none()) {
+            auto sq = nb::cast<nb::ndarray<double, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[6], false);
+            if (sq.shape(0) != segments.back().size()) throw nb::value_error("squares holds one value per segment");
+            squares = sq.data();
+          }
+          blocks.push_back({segments.back().data(), int(segments.back().size()), nb::cast<uint64_t>(job[3]), log2_size,
+                            0, 1, 0, nullptr, squares});
+          folds.push_back(fold.data());
+        }
+        nb::gil_scoped_release release;
+        ferret::dense_fold_many(blocks.data(), int(blocks.size()), folds.data());
+      },
+      nb::arg("jobs"),
+      "Each (xs, starts, block_n, seed, log2_size, fold, squares) job's dense Hadamard fold into fold, and with "
+      "squares (None, or one fp64 per segment, each starting on a chunk) the segments' sums of squares.");
+
+  m.def(
+      "dense_pick_many",
+      [](std::vector<nb::tuple> jobs) {
+        std::vector<ferret::DenseBlock> blocks;
+        std::vector<float*> folds;
+        for (const nb::tuple& job : jobs) {
+          if (job.size() != 6) throw nb::value_error("a job is (seed, log2_size, slot, slots, fold, coords)");
+          const int log2_size = nb::cast<int>(job[1]);
+          auto fold = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[4], false);
+          auto coords = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[5], false);
+          if (log2_size < 0 || log2_size > 22 || int64_t(fold.shape(0)) != (int64_t(1) << log2_size))
+            throw nb::value_error("a fold holds 2^log2_size floats");
+          blocks.push_back({nullptr, 0, nb::cast<uint64_t>(job[0]), log2_size, nb::cast<int64_t>(job[2]),
+                            nb::cast<int64_t>(job[3]), int64_t(coords.shape(0)), coords.data(), nullptr});
+          folds.push_back(fold.data());
+        }
+        nb::gil_scoped_release release;
+        ferret::dense_pick_many(blocks.data(), int(blocks.size()), folds.data());
+      },
+      nb::arg("jobs"),
+      "Each (seed, log2_size, slot, slots, fold, coords) job: fold transformed in place, coords[k] = its row k of "
+      "the slot.");
+
+  m.def(
       "dense_reconstruct",
       [](std::vector<nb::handle> out_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
          int64_t slot, int64_t slots, nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords,
@@ -229,6 +287,31 @@ NB_MODULE(_core, m) {
       nb::arg("outs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"), nb::arg("slot"),
       nb::arg("slots"), nb::arg("coords").noconvert(), nb::arg("scale"),
       "In place: the segments += the dense Hadamard estimate from coords, scaled (scale = alpha / m in fp32).");
+
+  m.def(
+      "dense_reconstruct_many",
+      [](std::vector<nb::tuple> jobs) {
+        std::vector<std::vector<Output>> outputs;
+        std::vector<std::vector<ferret::Segment>> segments;
+        std::vector<ferret::DenseRebuild> blocks;
+        outputs.reserve(jobs.size());
+        segments.reserve(jobs.size());
+        for (const nb::tuple& job : jobs) {
+          if (job.size() != 9)
+            throw nb::value_error("a job is (outs, starts, block_n, seed, log2_size, slot, slots, coords, scale)");
+          outputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the output", output));
+          segments.push_back(segments_of(outputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
+                                         nb::cast<int64_t>(job[2]), "the output"));
+          auto coords = nb::cast<nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[7], false);
+          blocks.push_back({segments.back().data(), int(segments.back().size()), nb::cast<uint64_t>(job[3]),
+                            nb::cast<int>(job[4]), nb::cast<int64_t>(job[5]), nb::cast<int64_t>(job[6]), coords.data(),
+                            int64_t(coords.shape(0)), nb::cast<float>(job[8])});
+        }
+        nb::gil_scoped_release release;
+        ferret::dense_reconstruct_many(blocks.data(), int(blocks.size()));
+      },
+      nb::arg("jobs"),
+      "dense_reconstruct for every (outs, starts, block_n, seed, log2_size, slot, slots, coords, scale) job at once.");
 
   m.def(
       "dense_rows",

@@ -313,3 +313,72 @@ def test_many_blocks_in_one_call_equal_one_call_each():
     with pytest.raises(ValueError, match="slot 3 is not one of 0 .. 2"):
         _core.dense_compress_many(bad)  # every job is checked before any is run
     assert np.all(jobs[0][7] == -1.0)
+
+
+@pytest.mark.parametrize("size,n,cuts,dtype", [(4096, 10_000, [0], "fp32"), (64, 1000, [0, 128], "fp32"),
+                                               (8, 77, [0], "bf16"), (1 << 17, 300_000, [0, 1 << 17], "fp32"),
+                                               (256, 256 * 40 + 3, [0, 512, 1024], "bf16"), (128, 129, [0], "fp16")])
+def test_fold_then_pick_is_compress_and_gives_each_segments_sum_of_squares(size, n, cuts, dtype):
+    """The two steps of a norm-allocated dense compress: the fold with every segment's sum of
+    squares from the same read (bit for bit sum_squares and the spec: chunks are aligned subtrees
+    of a segment that starts on one), then the rows: the coordinates of dense_compress."""
+    rng = np.random.default_rng(size + n)
+    x = torch.from_numpy((rng.standard_normal(n) * np.exp(rng.standard_normal(n))).astype(np.float32)).to(DTYPES[dtype])
+    segments = [(x[a:b], a) for a, b in zip(cuts, cuts[1:] + [n])]
+    xs, starts, log2, m = [p for p, _ in segments], [a for _, a in segments], size.bit_length() - 1, min(size // 2, 50)
+    want = np.zeros(m, np.float32)
+    _core.dense_compress(xs, starts, n, SEED, log2, 1, 2, want)
+    fold, squares = np.zeros(size, np.float32), np.zeros(len(segments))
+    _core.dense_fold_many([(xs, starts, n, SEED, log2, fold, squares)])
+    got = np.zeros(m, np.float32)
+    _core.dense_pick_many([(SEED, log2, 1, 2, fold, got)])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for (piece, _), total in zip(segments, squares):
+        assert total == _core.sum_squares(piece) == spec.sum_squares(piece.float().numpy())
+
+
+def test_a_segment_off_a_chunk_gets_no_fused_squares_and_nothing_is_written():
+    x = np.ones(100, np.float32)
+    fold, squares = np.full(8, 7.0, np.float32), np.full(1, 7.0)
+    with pytest.raises(ValueError, match="starts on a chunk \\(start 3, Hadamard size 8\\)"):
+        _core.dense_fold_many([([x], [3], 103, SEED, 3, fold, squares)])
+    assert np.all(fold == 7.0) and np.all(squares == 7.0)
+
+
+def test_norm_allocation_reads_a_dense_update_once_on_the_core(monkeypatch):
+    """With one tensor a block, the norms come from the fold's own read: the packet of the
+    separate sum-of-squares pass (Triton's path, and the core's for blocks of several tensors),
+    with no call to it."""
+    from ferret import backends
+
+    gen = torch.Generator().manual_seed(1)
+    update = {"w": torch.randn(300, 70, generator=gen), "b": torch.randn(70, generator=gen).bfloat16() * 10,
+              "n": torch.randn(700, generator=gen)}
+    with monkeypatch.context() as patch:
+        patch.setattr(backends, "FUSED_FOLDS", 0)  # no room for the folds: the separate pass
+        separate = ferret.compress(update, seed=4, budget=400, basis="hadamard:256")
+    monkeypatch.setattr(backends.CoreBackend, "sum_squares", lambda self, flats: pytest.fail("a second read"))
+    fused = ferret.compress(update, seed=4, budget=400, basis="hadamard:256")
+    assert fused.to_bytes() == separate.to_bytes()
+
+
+def test_many_reconstructions_in_one_call_equal_one_call_each_and_bad_jobs_write_nothing():
+    rng = np.random.default_rng(8)
+    jobs, want = [], []
+    for n, log2, slot, slots, m in [(100, 6, 0, 1, 7), (70_000, 10, 1, 3, 40), (1, 0, 0, 1, 1), (300_001, 15, 0, 1, 9)]:
+        base = rng.standard_normal(n).astype(np.float32)
+        coords = rng.standard_normal(m).astype(np.float32)
+        single = base.copy()
+        _core.dense_reconstruct([single[: n // 2], single[n // 2 :]], [0, n // 2], n, SEED + n, log2, slot, slots,
+                                coords, 0.3)
+        want.append(single)
+        out = base.copy()
+        jobs.append(([out[: n // 2], out[n // 2 :]], [0, n // 2], n, SEED + n, log2, slot, slots, coords, 0.3))
+    before = [np.concatenate(job[0]).copy() for job in jobs]
+    bad = jobs[:2] + [(jobs[2][0], jobs[2][1], jobs[2][2], SEED, 0, 1, 1, np.zeros(1, np.float32), 0.3)]
+    with pytest.raises(ValueError, match="slot 1 is not one of 0 .. 0"):
+        _core.dense_reconstruct_many(bad)  # every job is checked before any is run
+    assert all(np.array_equal(np.concatenate(job[0]), b) for job, b in zip(jobs, before))
+    _core.dense_reconstruct_many(jobs)
+    for job, single in zip(jobs, want):
+        np.testing.assert_array_equal(np.concatenate(job[0]), single)

@@ -358,7 +358,9 @@ double sum_squares_chunk_avx2(const float* x, int64_t n) {
   constexpr int64_t kGroups = kChunk / 128;
   alignas(32) double sums[kGroups];
   alignas(32) float tail[128];
-  for (int64_t g = 0; g < kGroups; g++) {
+  int64_t groups = 1;  // the smallest aligned subtree of groups holding x: the rest adds zeros
+  while (groups * 128 < n) groups *= 2;
+  for (int64_t g = 0; g < groups; g++) {
     const int64_t lo = g * 128;
     if (lo >= n) {
       sums[g] = 0.0;
@@ -381,7 +383,7 @@ double sum_squares_chunk_avx2(const float* x, int64_t n) {
     _mm256_store_pd(last, level[0]);
     sums[g] = (last[0] + last[1]) + (last[2] + last[3]);
   }
-  for (int64_t width = kGroups / 2; width >= 1; width /= 2)
+  for (int64_t width = groups / 2; width >= 1; width /= 2)
     for (int64_t i = 0; i < width; i++) sums[i] = sums[2 * i] + sums[2 * i + 1];
   return sums[0];
 }

@@ -204,9 +204,11 @@ void signed_apply_portable(float* out, const float* z, int64_t o, int64_t len, i
 }
 
 double sum_squares_chunk_portable(const float* x, int64_t n) {
-  std::vector<double> level(size_t(kChunk), 0.0);
+  int64_t span = 1;  // the smallest aligned subtree holding x: the rest of the chunk's tree adds zeros
+  while (span < n) span *= 2;
+  std::vector<double> level(size_t(span), 0.0);
   for (int64_t i = 0; i < n; i++) level[size_t(i)] = double(x[i]) * double(x[i]);
-  for (int64_t width = kChunk / 2; width >= 1; width /= 2)
+  for (int64_t width = span / 2; width >= 1; width /= 2)
     for (int64_t i = 0; i < width; i++) level[size_t(i)] = level[size_t(2 * i)] + level[size_t(2 * i + 1)];
   return level[0];
 }

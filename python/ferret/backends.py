@@ -71,7 +71,23 @@ class Block:
     slots: int = 1
 
 
-class CoreBackend:
+class _Backend:
+    """What every backend does the same way on top of its kernels."""
+
+    def compress_by_norms(self, blocks: list[Block], counts_from) -> tuple[list[np.ndarray], np.ndarray]:
+        """Compress with coordinates per block chosen from the update: ``counts_from(squares)``
+        gets each block's segments' sums of squares (lists, in layout order) and returns the
+        counts (or raises, before anything is compressed). Returns (coordinates, counts)."""
+        flats = [x for block in blocks for x, _ in block.segments]
+        squares = iter(self.sum_squares(flats))
+        counts = counts_from([[next(squares) for _ in block.segments] for block in blocks])
+        return self.compress(blocks, counts), counts
+
+
+FUSED_FOLDS = 1 << 24  # fp32 folds the core keeps between the norms and the coordinates (64 MiB)
+
+
+class CoreBackend(_Backend):
     """The compiled C++ core (``ferret._core``)."""
 
     name = "core"
@@ -114,14 +130,33 @@ class CoreBackend:
             self._core.dense_compress_many(dense)
         return out
 
+    def compress_by_norms(self, blocks: list[Block], counts_from) -> tuple[list[np.ndarray], np.ndarray]:
+        """As :meth:`_Backend.compress_by_norms`; dense Hadamard blocks whose segments start on a
+        chunk (one tensor a block, the default grouping) give their sums of squares from the
+        fold's own read of the update, so the norms cost no second pass."""
+        if not (blocks and all(b.kind == "hadamard" and all(start % b.hadamard == 0 for _, start in b.segments)
+                               for b in blocks) and sum(b.hadamard for b in blocks) <= FUSED_FOLDS):
+            return super().compress_by_norms(blocks, counts_from)
+        self._use_threads()
+        folds = [np.zeros(b.hadamard, dtype=np.float32) for b in blocks]
+        squares = [np.zeros(len(b.segments)) for b in blocks]
+        self._core.dense_fold_many([(*_segment_lists(b), b.n, b.seed, _log2(b.hadamard), fold, sq)
+                                    for b, fold, sq in zip(blocks, folds, squares)])
+        counts = counts_from(squares)
+        coords = [np.zeros(int(m), dtype=np.float32) for m in counts]
+        self._core.dense_pick_many([(b.seed, _log2(b.hadamard), b.slot, b.slots, fold, c)
+                                    for b, fold, c in zip(blocks, folds, coords)])
+        return coords, counts
+
     def reconstruct(self, blocks: list[Block], coords: list[np.ndarray], scales: list[np.float32]) -> None:
         """Add each block's estimate from its fp32 ``coords``, times its ``scale``, in place."""
         self._use_threads()
+        dense = []  # every dense block in one call: their transforms and windows share the pool
         for block, c, scale in zip(blocks, coords, scales):
             c = np.ascontiguousarray(c, dtype=np.float32)
             if block.kind == "hadamard":
-                self._core.dense_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard),
-                                             block.slot, block.slots, c, float(scale))
+                dense.append((*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), block.slot,
+                              block.slots, c, float(scale)))
                 continue
             if block.kind == "srht":
                 self._core.srht_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), c,
@@ -129,6 +164,8 @@ class CoreBackend:
                 continue
             for x, start in block.segments:
                 self._core.reconstruct(x, start, block.seed, BASIS_CODES[block.kind], c, float(scale))
+        if dense:
+            self._core.dense_reconstruct_many(dense)
 
     def perturb(self, flats, seeds, basis: str, eps: float) -> None:
         """``flat += eps * v_0(seed)`` in place for each buffer and its seed."""
@@ -137,7 +174,7 @@ class CoreBackend:
             self._core.perturb(flat, 0, seed, BASIS_CODES[basis], eps)
 
 
-class TritonBackend:
+class TritonBackend(_Backend):
     """The Triton kernels (``ferret.kernels``); CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 
     Every call works a whole packet with a fixed number of launches whatever its number of

@@ -75,25 +75,27 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     flats = [readable_flat(x) for _, x in items]
     blocks = layout.block_entries
 
-    norms = None
-    if allocation == "norm" and layout.n_blocks == 1:
-        allocation = "uniform"  # one block takes the whole budget: no need to read the update for its norm
-    if allocation == "norm":
-        squares = be.sum_squares(flats)
-        norms = [math.sqrt(sum(float(squares[i]) for i in entries)) for entries in blocks]
-        for b, norm in enumerate(norms):
-            if not math.isfinite(norm):
-                raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
     if kind in ("srht", "hadamard") and 0 in layout.block_sizes:
         empty = blocks[layout.block_sizes.index(0)]
         raise ValueError(f"the {kind} basis cannot project an empty block ({_names(layout, empty)})")
     name = basis_name(kind, hadamard)
-    counts = block_counts(layout, budget, name, allocation, norms, slot, slots)
-
     seeds = block_seeds(seed, layout.n_blocks)
     jobs = [_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
                    seeds[b], kind, hadamard, slot, slots) for b, entries in enumerate(blocks)]
-    coords = be.compress(jobs, counts)
+    if allocation == "norm" and layout.n_blocks == 1:
+        allocation = "uniform"  # one block takes the whole budget: no need to read the update for its norm
+    if allocation == "norm":
+        def counts_from(squares):  # each block's segments' sums of squares, in layout order
+            norms = [math.sqrt(sum(float(x) for x in block)) for block in squares]
+            for b, norm in enumerate(norms):
+                if not math.isfinite(norm):
+                    raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
+            return block_counts(layout, budget, name, allocation, norms, slot, slots)
+
+        coords, counts = be.compress_by_norms(jobs, counts_from)
+    else:
+        counts = block_counts(layout, budget, name, allocation, None, slot, slots)
+        coords = be.compress(jobs, counts)
     for b, gamma in enumerate(coords):
         if not np.all(np.isfinite(gamma.astype(np.float32))):
             raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, blocks[b])}")

@@ -83,7 +83,8 @@ void dense_rows(uint64_t seed, int log2_size, int64_t slot, int64_t slots, int64
 void dense_compress(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
                     int64_t slots, int64_t m, float* coords);
 
-// One block's dense_compress job.
+// One block's dense_compress job. With `squares` (one per segment), dense_fold_many also writes
+// each segment's sum of squares (sum_squares' value) from the same read of the update.
 struct DenseBlock {
   const Segment* segments;
   int n_segments;
@@ -91,16 +92,41 @@ struct DenseBlock {
   int log2_size;
   int64_t slot, slots, m;
   float* coords;
+  double* squares = nullptr;
 };
 
 // dense_compress for every block at once: all blocks' pieces share the thread pool (a model of
 // many small tensors no longer wakes it per tensor). Same results; checks every block first.
 void dense_compress_many(const DenseBlock* blocks, int n_blocks);
 
+// dense_compress_many in two steps, so the coordinates per block (m) may be chosen from the
+// norms between them: folds[b] (2^log2_size floats) = block b's fold, and its segments' sums of
+// squares where `squares` is set (each such segment must start on a chunk: std::invalid_argument
+// otherwise); then each fold transformed in place and its first m rows of the slot read into
+// coords.
+void dense_fold_many(const DenseBlock* blocks, int n_blocks, float* const* folds);
+void dense_pick_many(const DenseBlock* blocks, int n_blocks, float* const* folds);
+
 // In place: out[i] = out[i] + (d_i * z[(i mod B) ^ s_c]) * scale on every segment, z = fwht(coords
 // scattered at their rows); scale is alpha / m in fp32. Throws as dense_compress does.
 void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, int log2_size, int64_t slot,
                        int64_t slots, const float* coords, int64_t m, float scale);
+
+// One block's dense_reconstruct job.
+struct DenseRebuild {
+  const Segment* segments;
+  int n_segments;
+  uint64_t seed;
+  int log2_size;
+  int64_t slot, slots;
+  const float* coords;
+  int64_t m;
+  float scale;
+};
+
+// dense_reconstruct for every block at once: the transforms, then every block's windows, each
+// on the pool in one go. Same results; checks every block before writing anything.
+void dense_reconstruct_many(const DenseRebuild* blocks, int n_blocks);
 
 // Sum of squares of x in fp64, deterministic (chunked like compress).
 double sum_squares(const void* x, DType dtype, int64_t n);
