@@ -79,16 +79,18 @@ def factor_dtype(weight: torch.Tensor, terms_dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def stack_rank_major(terms, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_rank_major(terms, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack ``terms`` (``(A, B, c)`` with A: r x N, B: M x r, any strides) into one adapter of
     rank R = sum r: returns ``(Bt, A)``, contiguous R x M and R x N in ``dtype``, with
-    ``Bt^T @ A == sum c * B @ A`` (each c folded into its rows of A, one rounding in ``dtype``)."""
+    ``Bt^T @ A == sum c * B @ A`` (each c folded into its rows of A, one rounding in ``dtype``).
+    ``out``, a contiguous 1-d tensor of ``dtype`` and R * (M + N) elements, holds them (Bt first,
+    then A) instead of a new buffer."""
     ranks = [a.shape[0] for a, _, _ in terms]
     M, N = terms[0][1].shape[0], terms[0][0].shape[1]
     R = sum(ranks)
     device = terms[0][0].device
-    buf = torch.empty(R * (M + N), dtype=dtype, device=device)
-    Bt, A = buf[: R * M].view(R, M), buf[R * M :].view(R, N)
+    buf = torch.empty(R * (M + N), dtype=dtype, device=device) if out is None else out
+    Bt, A = buf[: R * M].view(R, M), buf[R * M : R * (M + N)].view(R, N)
     torch.cat([b.T for _, b, _ in terms], out=Bt)
     torch.cat([a for a, _, _ in terms], out=A)
     A.mul_(_row_scales(terms, device)[:, None])

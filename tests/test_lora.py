@@ -7,6 +7,8 @@ import importlib.util
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -370,3 +372,175 @@ def test_checked_merge_writes_what_the_unchecked_merge_writes(clients, backend, 
     lora.merge_into(base, stacked, backend=backend)
     for k in base:
         assert torch.equal(base[k], fast[k])
+
+
+# --- a whole-model merge waits on the device once --------------------------------------------------
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values to the host, each a wait on a GPU: the Python calls in
+    :data:`READS`, and ``aten._local_scalar_dense`` reached otherwise (a tensor passed where C++
+    takes a number, an ``item()`` inside an op)."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.equal, torch.allclose,
+             torch.is_nonzero, torch.Tensor.is_nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.inside = 0, 0
+        self.scalars = _ScalarReads(self)
+
+    def __enter__(self):
+        self.scalars.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.scalars.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in self.READS:
+            return func(*args, **(kwargs or {}))
+        self.count += 1
+        self.inside += 1  # its own _local_scalar_dense is not a second read
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.inside -= 1
+
+
+class _ScalarReads(TorchDispatchMode):
+    def __init__(self, reads: HostReads):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.reads.inside:
+            self.reads.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def model_merge(n_modules, dtype=torch.float32, alpha_over_r=2.0, seed=0):
+    """A stack of three clients over ``n_modules`` modules of several shapes, and base weights."""
+    shapes = {f"layers.{i}.{kind}": shape for i in range(n_modules // 2 + 1)
+              for kind, shape in (("attn", (24, 24)), ("mlp", (40, 24)))}
+    shapes = dict(list(shapes.items())[:n_modules])
+    clients = [random_adapter(r, shapes, alpha_over_r=alpha_over_r, seed=seed + r) for r in (4, 2, 1)]
+    g = torch.Generator().manual_seed(seed)
+    base = {f"{n}.weight": torch.randn(*s, generator=g).to(dtype) for n, s in shapes.items()}
+    return lora.stack(clients, [3, 2, 1]), base
+
+
+def host_reads_of_merge(stacked, base) -> int:
+    with HostReads() as reads:
+        lora.merge_into(base, stacked, backend="torch")
+    return reads.count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_model_merge_reads_the_device_once_whatever_the_number_of_modules(dtype):
+    counts = {}
+    for n_modules in (2, 20):
+        stacked, base = model_merge(n_modules, dtype)
+        want = {k: (v.float() + stacked.delta(k[: -len(".weight")])).to(dtype) for k, v in base.items()}
+        counts[n_modules] = host_reads_of_merge(stacked, base)
+        for k in base:
+            torch.testing.assert_close(base[k], want[k], rtol=0 if dtype == torch.float32 else 1e-2, atol=1e-4)
+    assert counts == {2: 1, 20: 1}
+
+
+def test_host_read_counter_sees_each_kind_of_read():
+    x = torch.ones(3)
+    with HostReads() as reads:
+        x.tolist(), x[0].item(), bool(x[0] > 0), float(x[1]), x.cpu(), x.numpy()
+        torch.full((2,), x[0]), torch.zeros(3).add(x, alpha=x[1])  # read in C++
+    assert reads.count == 8
+
+
+def test_merges_the_bound_cannot_clear_take_one_more_read_for_all_of_them():
+    # A is huge and B tiny: the norm bound fails for every fp16 module, but the update is small,
+    # so each module is merged into a copy first; all of those verdicts come back in one read.
+    counts = {}
+    for n_modules in (2, 20):
+        stacked, base = model_merge(n_modules, torch.float16)
+        stacked = LoraAdapter({n: [LoraTerm(t.A * 1e3, t.B * 1e-3, t.coef) for t in ts]
+                               for n, ts in stacked.terms.items()})
+        want = {k: (v.float() + stacked.delta(k[: -len(".weight")])).half() for k, v in base.items()}
+        counts[n_modules] = host_reads_of_merge(stacked, base)
+        for k in base:
+            torch.testing.assert_close(base[k], want[k], rtol=1e-2, atol=1e-2)
+    assert counts == {2: 2, 20: 2}
+
+
+def test_one_overflowing_module_of_many_is_named_and_nothing_is_merged():
+    stacked, base = model_merge(20, torch.float16)
+    terms = dict(stacked.terms)
+    bad = "layers.7.mlp"
+    terms[bad] = [LoraTerm(t.A, t.B, 1e4) for t in terms[bad]]
+    before = copy.deepcopy(base)
+    with pytest.raises(LoraError, match=f"non-finite.*'{bad}'.*nothing was merged"):
+        lora.merge_into(base, LoraAdapter(terms))
+    for k in base:
+        assert torch.equal(base[k], before[k])
+
+
+def test_scalings_that_overflow_the_stacked_factors_are_refused():
+    # coef · A overflows fp32 though every factor is finite and coef · |A| · |B| is small: the
+    # stacked factors, which the merge multiplies, hold Inf, and so would the weight.
+    A, B = torch.full((2, 8), 1e30), torch.full((6, 2), 1e-35)
+    adapter = LoraAdapter({"m": [LoraTerm(A, B, 1e10)]})
+    base = {"m.weight": torch.randn(6, 8)}
+    before = base["m.weight"].clone()
+    with pytest.raises(LoraError, match="non-finite.*'m'.*torch.float32 weight.*nothing was merged"):
+        lora.merge_into(base, adapter)
+    assert torch.equal(base["m.weight"], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_stacked_again_past_the_memory_cap_merge_the_same_bits(dtype, monkeypatch):
+    from ferret.lora import merge
+
+    stacked, base = model_merge(9, dtype)
+    held = copy.deepcopy(base)
+    lora.merge_into(held, stacked)
+    monkeypatch.setattr(merge, "KEEP_BYTES", 2000)  # the first module's factors and few others are held
+    lora.merge_into(base, stacked)
+    for k in base:
+        assert torch.equal(base[k], held[k])
+
+
+def test_nan_in_a_module_stacked_again_past_the_memory_cap_is_found(monkeypatch):
+    from ferret.lora import merge
+
+    stacked, base = model_merge(9)
+    stacked.terms["layers.3.mlp"][1].A[0, 0] = float("inf")  # the client's tensor, after stacking
+    before = copy.deepcopy(base)
+    monkeypatch.setattr(merge, "KEEP_BYTES", 0)
+    with pytest.raises(LoraError, match="'layers.3.mlp'.*NaN or Inf"):
+        lora.merge_into(base, stacked)
+    for k in base:
+        assert torch.equal(base[k], before[k])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA synchronizations; no GPU here")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_model_merge_synchronizes_the_gpu_once(backend, dtype):
+    import warnings
+
+    stacked, base = model_merge(20, dtype)
+    stacked = LoraAdapter({n: [LoraTerm(t.A.cuda(), t.B.cuda(), t.coef) for t in ts] for n, ts in stacked.terms.items()})
+    base = {k: v.cuda() for k, v in base.items()}
+    lora.merge_into(copy.deepcopy(base), stacked, backend=backend)  # compiles the kernel, fills the caches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            lora.merge_into(base, stacked, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

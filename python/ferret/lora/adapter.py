@@ -8,10 +8,12 @@ unmerged, whatever produced it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,17 +51,16 @@ class LoraAdapter:
     scaling ``coef`` that is not a real number (bools and strings included) or not finite in float32.
     """
 
-    def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False,
-                 _checked_terms: bool = False):
+    def __init__(self, terms: Mapping[str, Sequence[LoraTerm]], *, fan_in_fan_out: bool = False):
         if not terms:
             raise LoraError("a LoRA adapter needs at least one module")
         self.terms: dict[str, tuple[LoraTerm, ...]] = {}
+        self._layouts: dict[str, _Layout] = {}
         for name, module_terms in terms.items():
             module_terms = tuple(module_terms)
             if not module_terms:
                 raise LoraError(f"module {name!r} has no LoRA terms")
-            # Aggregates of checked adapters skip the finiteness scans, which cost as much as a merge.
-            self.terms[name] = module_terms if _checked_terms else tuple(_checked(name, t) for t in module_terms)
+            self.terms[name] = tuple(_checked(name, t) for t in module_terms)
             shapes = {self.shape(name, i) for i in range(len(module_terms))}
             if len(shapes) > 1:
                 raise LoraError(f"module {name!r}: terms disagree on the update's shape: {sorted(shapes)}")
@@ -70,6 +71,18 @@ class LoraAdapter:
         if len(devices) > 1:
             raise LoraError(f"one adapter's tensors lie on several devices: {sorted(map(str, devices))}")
         self.fan_in_fan_out = bool(fan_in_fan_out)
+        (self._dtype,), (self._device,) = dtypes, devices  # a tensor's dtype and device never change
+
+    @classmethod
+    def _trusted(cls, terms: dict[str, tuple[LoraTerm, ...]], fan_in_fan_out: bool, dtype: torch.dtype,
+                 device: torch.device) -> LoraAdapter:
+        """An adapter of ``terms`` that are known good (taken from checked adapters whose modules,
+        shapes, dtype and device agree), without checking them again: the finiteness scans cost
+        as much as a merge."""
+        adapter = cls.__new__(cls)
+        adapter.terms, adapter._layouts = terms, {}
+        adapter.fan_in_fan_out, adapter._dtype, adapter._device = fan_in_fan_out, dtype, device
+        return adapter
 
     @property
     def modules(self) -> list[str]:
@@ -78,38 +91,54 @@ class LoraAdapter:
 
     def shape(self, name: str, term: int = 0) -> tuple[int, int]:
         """(out_features, in_features) of module ``name``'s update."""
+        if term == 0:
+            return self._layout(name).shape
         t = self.terms[name][term]
         return (t.B.shape[0], t.A.shape[1])
 
     def rank(self, name: str) -> int:
         """The total rank of module ``name``: the sum of its terms' ranks."""
-        return sum(t.rank for t in self.terms[name])
+        return self._layout(name).rank
+
+    def _layout(self, name: str) -> _Layout:
+        """Module ``name``'s shape, rank and coefficients, kept while ``terms[name]`` is the same
+        tuple: a merge asks for them several times per module."""
+        terms = self.terms[name]
+        layout = self._layouts.get(name)
+        if layout is None or layout.terms is not terms:
+            layout = self._layouts[name] = _Layout(
+                terms, (terms[0].B.shape[0], terms[0].A.shape[1]), sum(t.rank for t in terms),
+                tuple((t.rank, t.coef) for t in terms))
+        return layout
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.terms.values()))[0].A.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.terms.values()))[0].A.device
+        return self._device
 
     def stacked(self, name: str, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Module ``name`` as one adapter of rank Σr with unit scaling: ``(A, B)`` in fp32 with
         ``B @ A`` equal to the update; each term's coefficient is folded into its rows of A.
 
-        ``out``, a 1-d fp32 tensor of at least ``Σr · (in_features + out_features)`` elements on
-        the adapter's device, holds the result (views into it) instead of new tensors.
+        ``out``, a contiguous 1-d fp32 tensor of at least ``Σr · (in_features + out_features)``
+        elements on the adapter's device, holds the result (views of its first elements, A then
+        B) instead of new tensors; raises ``ValueError`` for another ``out``.
         """
-        terms = self.terms[name]
-        out_features, in_features = self.shape(name)
-        rank = self.rank(name)
+        terms, (out_features, in_features), rank, ranks_coefs = self._layout(name)
         if out is None:
-            out = torch.empty(rank * (in_features + out_features), dtype=torch.float32, device=self.device)
-        A = out[: rank * in_features].view(rank, in_features)
-        B = out[rank * in_features : rank * (in_features + out_features)].view(out_features, rank)
+            out = torch.empty(rank * (in_features + out_features), dtype=torch.float32, device=self._device)
+        elif out.numel() < rank * (in_features + out_features) or out.dim() != 1 or out.stride(0) != 1 \
+                or out.dtype != torch.float32:
+            raise ValueError(f"out must be a contiguous 1-d fp32 tensor of {rank * (in_features + out_features)} "
+                             f"elements or more, got {tuple(out.shape)}")
+        start = out.storage_offset()
+        A = out.as_strided((rank, in_features), (in_features, 1), start)
+        B = out.as_strided((out_features, rank), (rank, 1), start + rank * in_features)
         torch.cat([t.A for t in terms], out=A)
-        row_coefs = [t.coef for t in terms for _ in range(t.rank)]
-        A.mul_(torch.tensor(row_coefs, dtype=torch.float32).to(A.device)[:, None])
+        A.mul_(_row_scales(ranks_coefs, self._device))
         torch.cat([t.B for t in terms], dim=1, out=B)
         return A, B
 
@@ -121,6 +150,24 @@ class LoraAdapter:
     def __repr__(self) -> str:
         ranks = sorted({self.rank(n) for n in self.terms})
         return f"LoraAdapter({len(self.terms)} modules, rank {ranks if len(ranks) > 1 else ranks[0]})"
+
+
+class _Layout(NamedTuple):
+    terms: tuple[LoraTerm, ...]
+    shape: tuple[int, int]  # (out_features, in_features)
+    rank: int
+    ranks_coefs: tuple[tuple[int, float], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_scales(ranks_coefs: tuple, device: torch.device) -> torch.Tensor:
+    """Each term's coefficient repeated over its rank, as an fp32 column (Σr x 1) on ``device``.
+    Cached: every module of an adapter usually has the same clients' ranks and coefficients, and
+    building the tensor costs more than scaling the rows. Pinned and non-blocking on CUDA, where a
+    plain host-to-device copy would wait for the queued work. Callers must not write into it."""
+    scales = torch.tensor([[c] for r, c in ranks_coefs for _ in range(r)], dtype=torch.float32,
+                          pin_memory=device.type == "cuda")
+    return scales.to(device, non_blocking=True)
 
 
 def _checked(name: str, term: LoraTerm) -> LoraTerm:

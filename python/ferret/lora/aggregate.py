@@ -35,10 +35,26 @@ def client_weights(weights: Sequence[float] | None, n_clients: int) -> list[floa
     """
     if n_clients == 0:
         raise LoraError("no client adapters to aggregate")
+    if weights is None:
+        return [1.0 / n_clients] * n_clients
     try:
-        return allocation.client_weights(weights, n_clients).tolist()
+        weights = list(weights)
+        exact = _exact_weights(weights, n_clients)
+        return exact if exact is not None else allocation.client_weights(weights, n_clients).tolist()
     except (TypeError, ValueError) as err:
         raise LoraError(f"client weights: {err}") from None
+
+
+def _exact_weights(weights: list, n_clients: int) -> list[float] | None:
+    """The normalised weights without numpy for the usual example counts: ``n_clients``
+    non-negative ints whose sum is below 2^53 and positive, or ``None`` for anything else. Their
+    float64 sum is then exact in any order, so ``w / sum`` is what numpy's division gives."""
+    if len(weights) != n_clients or not all(type(w) is int for w in weights):
+        return None
+    total = sum(weights)
+    if not 0 < total < 2**53 or min(weights) < 0:
+        return None
+    return [w / total for w in weights]
 
 
 def stack(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
@@ -48,12 +64,11 @@ def stack(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = Non
     """
     p = client_weights(weights, len(adapters))
     _check_compatible(adapters)
-    return LoraAdapter(
-        {name: [LoraTerm(t.A, t.B, p_i * t.coef) for p_i, a in zip(p, adapters) for t in a.terms[name]]
-         for name in adapters[0].modules},
-        fan_in_fan_out=adapters[0].fan_in_fan_out,
-        _checked_terms=True,
-    )
+    first = adapters[0]
+    return LoraAdapter._trusted(
+        {name: tuple(LoraTerm(t.A, t.B, p_i * t.coef) for p_i, a in zip(p, adapters) for t in a.terms[name])
+         for name in first.terms},
+        first.fan_in_fan_out, first.dtype, first.device)
 
 
 def fedit(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
@@ -100,17 +115,18 @@ def _check_compatible(adapters: Sequence[LoraAdapter]) -> None:
         if not isinstance(a, LoraAdapter):
             raise TypeError(f"client {i}: expected a LoraAdapter (see ferret.lora.from_peft), got {type(a).__name__}")
     first = adapters[0]
-    names = set(first.modules)
+    names = first.terms.keys()
+    shapes = [first.shape(name) for name in names]
     for i, a in enumerate(adapters[1:], start=1):
-        if set(a.modules) != names:
-            missing = sorted(names - set(a.modules))
-            extra = sorted(set(a.modules) - names)
+        if a.terms.keys() != names:
+            missing = sorted(names - a.terms.keys())
+            extra = sorted(a.terms.keys() - names)
             raise LoraError(f"client {i} adapts different modules than client 0: "
                             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                             f"extra {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        for name in first.modules:
-            if a.shape(name) != first.shape(name):
-                raise LoraError(f"module {name!r}: client {i}'s update is {a.shape(name)}, client 0's {first.shape(name)}")
+        for name, shape in zip(names, shapes):
+            if a.shape(name) != shape:
+                raise LoraError(f"module {name!r}: client {i}'s update is {a.shape(name)}, client 0's {shape}")
         if a.dtype != first.dtype:
             raise LoraError(f"mixed dtypes: client 0's adapter is {first.dtype}, client {i}'s {a.dtype}")
         if a.device != first.device:
