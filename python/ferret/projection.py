@@ -25,13 +25,14 @@ name ``""``); dtypes and devices may differ. ``model.named_parameters()`` and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 from .allocation import allocate, check_budget, client_weights
-from .backends import Block, backend_for, estimate_bound
+from .backends import Block, backend_for, estimate_bounds
 from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
@@ -185,7 +186,7 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
         layout = _layout_for(packet, items)
         for name, x in items:
             check_tensor(name, x, "parameters")
-            writable_flat(name, x)
+        flats = [writable_flat(n, x) for n, x in items]  # refused here, before anything is written
         targets = items
     else:
         layout = like if isinstance(like, Layout) else _layout_for(packet, named_tensors(like, "like"))
@@ -196,6 +197,7 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
             if device is None:
                 device = device_of(named_tensors(like, "like"), "like") if not isinstance(like, Layout) else "cpu"
             targets = [(e.name, torch.zeros(e.shape, dtype=torch.float32, device=device)) for e in layout.entries]
+        flats = [writable_flat(n, x) for n, x in targets]
     kind, hadamard = parse_basis(packet.basis)
     caps = block_rows(layout, packet.basis, packet.slot, packet.slots)
     if caps is not None and np.any(packet.counts > caps):
@@ -204,11 +206,11 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
                           f"{packet.basis} (slot {packet.slot} of {packet.slots}), but the packet holds "
                           f"{int(packet.counts[b])} coordinates for it")
     be = backend_for(device_of(targets, "parameters"), backend)
-    flats = [writable_flat(n, x) for n, x in targets]
     jobs, coords, scales = [], [], []
     seeds = block_seeds(packet.round_seed, layout.n_blocks)
+    per_block = np.split(packet.coords, np.cumsum(packet.counts, dtype=np.int64)[:-1])
     for b, entries in enumerate(layout.block_entries):
-        block_coords = packet.block_coords(b)
+        block_coords = per_block[b]
         jobs.append(_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
                            seeds[b], kind, hadamard, packet.slot, packet.slots))
         coords.append(block_coords)
@@ -379,7 +381,7 @@ def _cannot_overflow(jobs, coords, scales, fresh: bool) -> bool:
     of the targets, one transfer from their device, unless every step is too small to move any
     finite value to Inf; NaN or Inf in a target fails the bound."""
     flats = [flat for job in jobs for flat, _ in job.segments]
-    steps = [abs(float(scale)) * estimate_bound(job, c) * (1 + 2.0**-20) for job, c, scale in zip(jobs, coords, scales)]
+    steps = [abs(float(scale)) * bound * (1 + 2.0**-20) for bound, scale in zip(estimate_bounds(jobs, coords), scales)]
     if all(step < _unmovable(flat.dtype) for job, step in zip(jobs, steps) for flat, _ in job.segments):
         return True  # no finite value can round to Inf: no need to read the targets
     peaks = iter([0.0] * len(flats) if fresh else _peaks(flats))
@@ -390,6 +392,7 @@ def _cannot_overflow(jobs, coords, scales, fresh: bool) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _unmovable(dtype) -> float:
     """A step below which adding to any finite value of ``dtype`` (in fp32, then rounded back)
     cannot give Inf: a quarter of the spacing of the dtype's largest values."""
