@@ -180,6 +180,17 @@ def _projection_names(tmp_path):
                 example_counts=[10, 20, 30])
 
 
+def _round_names(tmp_path):
+    import ferret
+
+    model, _ = _stories()
+    updates = [{n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
+    rnd = ferret.Round(seed=7, clients=3, budget=3800)
+    uploads = [rnd.compress(u, client=c).to_bytes() for c, u in enumerate(updates)]
+    return dict(delta=updates[0], round_seed=7, model=model, server_lr=1.0, uploads=uploads,
+                example_counts=[10, 20, 30])
+
+
 def _lora_names(tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -210,7 +221,7 @@ def _loop_names(tmp_path):
     return dict(model=model, tokenizer=tokenizer)
 
 
-NAMES = {"ferret.compress": _projection_names, "from ferret import lora": _lora_names, "fl.holdout": _loop_names}
+NAMES = {"ferret.Round": _round_names, "ferret.compress": _projection_names, "from ferret import lora": _lora_names, "fl.holdout": _loop_names}
 
 
 @pytest.mark.parametrize("line, code", python_blocks(), ids=[f"README.md:{n}" for n, _ in python_blocks()])

@@ -343,7 +343,7 @@ def test_disjoint_bases_take_the_clients_places_and_the_server_checks_them(data)
     other = protocol.client_context(1, 0, 5, [0, 2, 5])
     with pytest.raises(fl.MalformedUpload, match="rows of slot 1 of 3, not 2 of 3"):
         algorithm.check_upload(packet.to_bytes(), net, other)
-    with pytest.raises(ValueError, match="client 2 is not among round 1's 2 clients"):
+    with pytest.raises(ValueError, match="client 2 is not among the round's 2 clients"):
         algorithm.client_update(model(), shards[0], protocol.client_context(1, 0, 2, [0, 5]))
 
 

@@ -1,8 +1,16 @@
 """ferret: federated fine-tuning of LLMs at a communication cost that does not grow with the model.
 
-The seeded projection (this release's core)::
+A round of Ferret in your own training loop (``fl.Ferret``'s defaults: dense Hadamard bases,
+each client its own rows)::
 
     import ferret
+    rnd = ferret.Round(seed, clients=10, budget=3800)
+    packet = rnd.compress(update, client=3)                            # a client's upload
+    broadcast = rnd.merge(packets, weights)                            # the server's weighted mean
+    rnd.apply(broadcast, into=model, scale=server_lr)                  # model += lr * mean
+
+The seeded projection underneath (its own defaults are the paper's: shared Rademacher bases)::
+
     packet = ferret.compress(update, seed=round_seed, budget=1024)     # K fp32 numbers
     ferret.reconstruct(packet, into=params, scale=server_lr)           # params += lr * update
     ferret.perturb(params, seed, eps)                                  # params += eps * z(seed)
@@ -25,6 +33,7 @@ from .backends import num_threads, set_num_threads
 from .layout import Layout
 from .packet import Packet, PacketError
 from .projection import compress, estimate_norms, merge_by_seed, merge_packets, perturb, reconstruct
+from .round import Round
 from .spec import block_seed, normalize_seed
 
 __version__ = "0.1.0"
@@ -33,6 +42,7 @@ __all__ = [
     "Layout",
     "Packet",
     "PacketError",
+    "Round",
     "allocate",
     "allocation",
     "block_seed",

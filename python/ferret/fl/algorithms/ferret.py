@@ -3,7 +3,6 @@ uploaded), the coordinates merged linearly and reconstructed on the server."""
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 import struct
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ... import check_budget, compress, merge_by_seed, reconstruct, slots, spec
+from ... import Round, check_budget, reconstruct, slots
 from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
 from ...packet import MAGIC, Packet, PacketError
@@ -142,19 +141,17 @@ class Ferret(Algorithm):
         if self.options.sharing == "disjoint":
             slots.grouping(1, layout.block_sizes, self.options.budget, self.options.basis)
 
-    def place(self, ctx, layout: Layout) -> slots.Place:
-        """Where client ``ctx.client``'s coordinates go in its round: the seed it projects with (the
-        round's; its own with ``"client"`` bases; its group's with ``"disjoint"`` bases), its row
-        slot and the basis name its packet carries. Raises ``ValueError`` for a client that is not
-        among the round's."""
+    def round(self, ctx) -> Round:
+        """The public :class:`ferret.Round` of ``ctx``'s round: every upload is made and every
+        broadcast applied through it."""
         o = self.options
-        if o.sharing != "disjoint":
-            seed = spec.block_seed(ctx.round_seed, 1 + ctx.client) if o.sharing == "client" else ctx.round_seed
-            return slots.Place(seed, 0, 1, self.basis_of(1))
-        index = bisect.bisect_left(ctx.clients, ctx.client)
-        if index == len(ctx.clients) or ctx.clients[index] != ctx.client:
-            raise ValueError(f"client {ctx.client} is not among round {ctx.round + 1}'s {len(ctx.clients)} clients")
-        return slots.place(ctx.round_seed, index, len(ctx.clients), layout.block_sizes, o.budget, o.basis)
+        return Round(ctx.round_seed, ctx.clients or (ctx.client,), o.budget, basis=o.basis, bases=o.sharing,
+                     allocation=o.counts, grouping=o.grouping)
+
+    def place(self, ctx, layout: Layout) -> slots.Place:
+        """Where client ``ctx.client``'s coordinates go in its round (:meth:`ferret.Round.place`).
+        Raises ``ValueError`` for a client that is not among the round's."""
+        return self.round(ctx).place(ctx.client, layout)
 
     def basis_of(self, n_slots: int) -> str:
         """The basis name packets carry for ``n_slots`` row slots (a ``"hadamard"`` basis gets its size)."""
@@ -164,14 +161,10 @@ class Ferret(Algorithm):
         return basis_name(kind, size)
 
     def client_update(self, model, data, ctx):
-        o = self.options
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
-        update = difference(model, start)
-        place = self.place(ctx, Layout.of(update, o.grouping))
-        packet = compress(update, place.seed, o.budget, basis=place.basis, allocation=o.counts, grouping=o.grouping,
-                          slot=place.slot, slots=place.slots, backend=self.runtime.backend)
-        self._warn_if_sparse(packet, update)
+        packet = self.round(ctx).compress(difference(model, start), ctx.client, backend=self.runtime.backend)
+        self._warn_if_sparse(packet, model)
         return packet.to_bytes()
 
     def check_upload(self, upload, model, ctx):
@@ -220,7 +213,7 @@ class Ferret(Algorithm):
         return dataclasses.replace(packet, coords=coords).to_bytes()
 
     def aggregate(self, model, uploads, weights, ctx):
-        self._broadcast(merge_by_seed([Packet.from_bytes(u) for u in uploads], weights), model, ctx)
+        self._broadcast(self.round(ctx).merge([Packet.from_bytes(u) for u in uploads], weights), model, ctx)
 
     def _broadcast(self, packets: list[Packet], model, ctx) -> None:
         """Broadcast the round's merged ``packets`` (one per seed) and apply them; where they take
@@ -237,9 +230,9 @@ class Ferret(Algorithm):
             self._step(params, decode_tensors(broadcast, model_device(model)))
             return
         packets = Packet.split(broadcast)
-        if o.clip is None and o.momentum == 0.0 and len(packets) == 1:
-            try:  # straight into the weights: no full-size buffer; nothing is written if it would overflow
-                reconstruct(packets[0], into=params, scale=o.server_lr, backend=backend)
+        if o.clip is None and o.momentum == 0.0:
+            try:  # one packet goes straight into the weights; nothing is written if it would overflow
+                self.round(ctx).apply(packets, into=params, scale=o.server_lr, backend=backend)
             except PacketError as err:
                 raise UnsafeUpdate(str(err)) from None
             return
@@ -354,13 +347,13 @@ class Ferret(Algorithm):
     def _layout(self, model) -> Layout:
         return Layout.of(trainable(model), self.options.grouping)
 
-    def _warn_if_sparse(self, packet: Packet, update) -> None:
+    def _warn_if_sparse(self, packet: Packet, model) -> None:
         """Once: an SRHT packet moves at most K·B elements of a block, and training suffers when
         that is a small share of the model (docs/bases.md)."""
         kind, size = parse_basis(self.options.basis)
         if kind != "srht" or self._warned_sparse:
             return
-        sizes = np.array(Layout.of(update, self.options.grouping).block_sizes, dtype=np.int64)
+        sizes = np.array(self._layout(model).block_sizes, dtype=np.int64)
         share = np.minimum(sizes, packet.counts.astype(np.int64) * size).sum() / sizes.sum()
         if share < 0.5:
             warnings.warn(f"basis {self.options.basis!r} moves at most {share:.0%} of the weights per round (K·B "
