@@ -84,6 +84,20 @@ std::vector<ferret::Segment> segments_of(const std::vector<A>& xs, const std::ve
   return segments;
 }
 
+// The buffers each segment's difference starts from (None: none), checked to match the segments.
+std::vector<Input> bases_of(nb::handle objs, std::vector<ferret::Segment>& segments) {
+  std::vector<Input> bases;
+  if (objs.is_none()) return bases;
+  bases = buffers(nb::cast<std::vector<nb::handle>>(objs), "the start", input);
+  if (bases.size() != segments.size()) throw nb::value_error("give one start buffer per segment");
+  for (size_t s = 0; s < bases.size(); s++) {
+    if (int64_t(bases[s].size()) != segments[s].n || dtype_of(bases[s], "the start") != segments[s].dtype)
+      throw nb::value_error("a start buffer has another size or dtype than its segment");
+    segments[s].base = bases[s].data();
+  }
+  return bases;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -99,18 +113,21 @@ NB_MODULE(_core, m) {
 
   m.def(
       "compress",
-      [](nb::handle x_obj, int64_t start, uint64_t seed, int basis, Output gamma) {
+      [](nb::handle x_obj, int64_t start, uint64_t seed, int basis, Output gamma, nb::handle base_obj) {
         Input x = input(x_obj, "the update");
         const auto dt = dtype_of(x, "the update");
         if (gamma.dtype() != nb::dtype<double>() || gamma.ndim() != 1) throw nb::type_error("gamma must be a 1-d float64 array");
         const auto b = basis_of(basis);
         check_start(start, int64_t(x.size()));
+        std::vector<ferret::Segment> one{{const_cast<void*>(x.data()), dt, int64_t(x.size()), start}};
+        const auto bases = bases_of(base_obj.is_none() ? base_obj : nb::handle(nb::make_tuple(base_obj)), one);
         nb::gil_scoped_release release;
         ferret::compress(x.data(), dt, int64_t(x.size()), start, seed, b, int(gamma.shape(0)),
-                         static_cast<double*>(gamma.data()));
+                         static_cast<double*>(gamma.data()), one[0].base);
       },
       nb::arg("x"), nb::arg("start"), nb::arg("seed"), nb::arg("basis"), nb::arg("gamma").noconvert(),
-      "gamma[k] += <x, v_k> for the block elements start .. start + x.size - 1.");
+      nb::arg("base") = nb::none(),
+      "gamma[k] += <x, v_k> (with base: <x - base, v_k>) for the block elements start .. start + x.size - 1.");
 
   m.def(
       "reconstruct",
@@ -153,15 +170,17 @@ NB_MODULE(_core, m) {
   m.def(
       "srht_compress",
       [](std::vector<nb::handle> x_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
-         nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords) {
+         nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords, nb::handle base_objs) {
         const auto xs = buffers(x_objs, "the update", input);
-        const auto segments = segments_of(xs, starts, block_n, "the update");
+        auto segments = segments_of(xs, starts, block_n, "the update");
+        const auto bases = bases_of(base_objs, segments);
         nb::gil_scoped_release release;
         ferret::srht_compress(segments.data(), int(segments.size()), block_n, seed, log2_size,
                               int64_t(coords.shape(0)), coords.data());
       },
       nb::arg("xs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"),
-      nb::arg("coords").noconvert(), "coords[k] = SRHT coordinate k of the block the segments make up.");
+      nb::arg("coords").noconvert(), nb::arg("bases") = nb::none(),
+      "coords[k] = SRHT coordinate k of the block the segments (minus their bases, if given) make up.");
 
   m.def(
       "srht_reconstruct",
@@ -180,30 +199,34 @@ NB_MODULE(_core, m) {
   m.def(
       "dense_compress",
       [](std::vector<nb::handle> x_objs, std::vector<int64_t> starts, int64_t block_n, uint64_t seed, int log2_size,
-         int64_t slot, int64_t slots, nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords) {
+         int64_t slot, int64_t slots, nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig> coords,
+         nb::handle base_objs) {
         const auto xs = buffers(x_objs, "the update", input);
-        const auto segments = segments_of(xs, starts, block_n, "the update");
+        auto segments = segments_of(xs, starts, block_n, "the update");
+        const auto bases = bases_of(base_objs, segments);
         nb::gil_scoped_release release;
         ferret::dense_compress(segments.data(), int(segments.size()), seed, log2_size, slot, slots,
                                int64_t(coords.shape(0)), coords.data());
       },
       nb::arg("xs"), nb::arg("starts"), nb::arg("block_n"), nb::arg("seed"), nb::arg("log2_size"), nb::arg("slot"),
-      nb::arg("slots"), nb::arg("coords").noconvert(),
+      nb::arg("slots"), nb::arg("coords").noconvert(), nb::arg("bases") = nb::none(),
       "coords[k] = dense Hadamard coordinate k (slot of slots) of the block the segments make up.");
 
   m.def(
       "dense_compress_many",
       [](std::vector<nb::tuple> jobs) {
-        std::vector<std::vector<Input>> inputs;
+        std::vector<std::vector<Input>> inputs, bases;
         std::vector<std::vector<ferret::Segment>> segments;
         std::vector<ferret::DenseBlock> blocks;
         inputs.reserve(jobs.size());
         segments.reserve(jobs.size());
         for (const nb::tuple& job : jobs) {
-          if (job.size() != 8) throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, slot, slots, coords)");
+          if (job.size() != 8 && job.size() != 9)
+            throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, slot, slots, coords[, bases])");
           inputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the update", input));
           segments.push_back(segments_of(inputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
                                          nb::cast<int64_t>(job[2]), "the update"));
+          bases.push_back(bases_of(job.size() == 9 ? job[8] : nb::none(), segments.back()));
           auto coords = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[7], false);
           blocks.push_back({segments.back().data(), int(segments.back().size()), nb::cast<uint64_t>(job[3]),
                             nb::cast<int>(job[4]), nb::cast<int64_t>(job[5]), nb::cast<int64_t>(job[6]),
@@ -218,17 +241,19 @@ NB_MODULE(_core, m) {
   m.def(
       "dense_fold_many",
       [](std::vector<nb::tuple> jobs) {
-        std::vector<std::vector<Input>> inputs;
+        std::vector<std::vector<Input>> inputs, bases;
         std::vector<std::vector<ferret::Segment>> segments;
         std::vector<ferret::DenseBlock> blocks;
         std::vector<float*> folds;
         inputs.reserve(jobs.size());
         segments.reserve(jobs.size());
         for (const nb::tuple& job : jobs) {
-          if (job.size() != 7) throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, fold, squares)");
+          if (job.size() != 7 && job.size() != 8)
+            throw nb::value_error("a job is (xs, starts, block_n, seed, log2_size, fold, squares[, bases])");
           inputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the update", input));
           segments.push_back(segments_of(inputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
                                          nb::cast<int64_t>(job[2]), "the update"));
+          bases.push_back(bases_of(job.size() == 8 ? job[7] : nb::none(), segments.back()));
           const int log2_size = nb::cast<int>(job[4]);
           auto fold = nb::cast<nb::ndarray<float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[5], false);
           if (log2_size < 0 || log2_size > 22 || int64_t(fold.shape(0)) != (int64_t(1) << log2_size))
@@ -335,24 +360,31 @@ NB_MODULE(_core, m) {
 
   m.def(
       "sum_squares_many",
-      [](std::vector<nb::handle> x_objs) {
+      [](std::vector<nb::handle> x_objs, nb::handle base_objs) {
         const auto xs = buffers(x_objs, "the update", input);
         std::vector<const void*> data;
         std::vector<ferret::DType> dtypes;
         std::vector<int64_t> ns;
+        std::vector<ferret::Segment> segments;
         for (const auto& x : xs) {
           data.push_back(x.data());
           dtypes.push_back(dtype_of(x, "the update"));
           ns.push_back(int64_t(x.size()));
+          segments.push_back({const_cast<void*>(x.data()), dtypes.back(), ns.back(), 0});
         }
+        const auto bases = bases_of(base_objs, segments);
+        std::vector<const void*> base_data;
+        for (const auto& seg : segments) base_data.push_back(seg.base);
         std::vector<double> out(xs.size());
         {
           nb::gil_scoped_release release;
-          ferret::sum_squares_many(data.data(), dtypes.data(), ns.data(), int(xs.size()), out.data());
+          ferret::sum_squares_many(data.data(), dtypes.data(), ns.data(), int(xs.size()), out.data(),
+                                   bases.empty() ? nullptr : base_data.data());
         }
         return out;
       },
-      nb::arg("xs"), "[sum_squares(x) for x in xs], all tensors' chunks on the pool at once.");
+      nb::arg("xs"), nb::arg("bases") = nb::none(),
+      "[sum_squares(x) for x in xs] (with bases: of x - base), all tensors' chunks on the pool at once.");
 
   m.def("set_num_threads", &ferret::set_num_threads, nb::arg("n"),
         "Threads for the core's loops; n <= 0 restores the default. The ferret package sets it before each "

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ..spec import DENSE_LANE_DOMAIN
 from .groups import TL_DTYPES, Table, fp32_bits, segment_of, to_device
-from .projection import SIGN, _check, _round_to
+from .projection import SIGN, _check, _check_base, _round_to, read
 
 TILE = 4096  # elements per program of both kernels
 GROUP = 128  # block indices per Philox call (one row of a tile)
@@ -119,20 +119,22 @@ def _window(base, start, n, span):
     return lo, hi
 
 
-FOLD_COLUMNS = 8  # a folded segment: buffer, n, start, first group, seed, size, its nodes' offset, lane blocks
+FOLD_COLUMNS = 9  # a folded segment: buffer, n, start, first group, seed, size, its nodes' offset, lane blocks, base
 
 
 @triton.jit
 def _fold_kernel(programs_ptr, rows_ptr, count, work_ptr, DTYPE: tl.constexpr, SIGNED: tl.constexpr,
-                 TILE: tl.constexpr, BL: tl.constexpr, LEVELS: tl.constexpr):
+                 TILE: tl.constexpr, BL: tl.constexpr, LEVELS: tl.constexpr, HAS_BASE: tl.constexpr = False):
     """work[at + p*size + l*BL : .. + BL] = the pairwise tree over the CH = TILE / BL chunks of
     program (p, l)'s aligned group (chunk indices (first + p) * CH ..), lanes l*BL .., of its
     segment x at block indices start .. start + n (the table's columns as :data:`FOLD_COLUMNS`
-    lists them): if SIGNED, lane l of chunk c is its element l ^ s_c, signed by Rademacher basis 0
-    of seed; else lane l is element l (partial nodes)."""
+    lists them; with HAS_BASE the segment is x - base, as their dtype subtracts them): if SIGNED,
+    lane l of chunk c is its element l ^ s_c, signed by Rademacher basis 0 of seed; else lane l
+    is element l (partial nodes)."""
     s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
-    row = rows_ptr + s * 8
+    row = rows_ptr + s * 9
     x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(row + 8).to(tl.pointer_type(DTYPE))
     n, start, first, seed = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
     size = tl.load(row + 5).to(tl.int32)
     part_ptr = work_ptr + tl.load(row + 6)
@@ -154,7 +156,7 @@ def _fold_kernel(programs_ptr, rows_ptr, count, work_ptr, DTYPE: tl.constexpr, S
     local = (q // BL) * size + lane  # int32: below CH * size <= 2**27
     lo, hi = _window(base, start, n, (TILE // BL) * size)
     inside = (local >= lo) & (local < hi)
-    x = tl.load(x_ptr + (base - start) + local, mask=inside, other=0.0).to(tl.float32)
+    x = read(x_ptr, b_ptr, (base - start) + local, inside, DTYPE, HAS_BASE)
     if SIGNED:  # element (r, j) is element local % 128 of Philox group (base + local) >> 7
         col = tl.broadcast_to(tl.arange(0, 128)[None, :], (TILE // 128, 128))
         if BL == 128:  # row r is chunk r: its lane j is element j ^ (s_c & 127) of group (lane0 ^ s_c) >> 7
@@ -230,13 +232,13 @@ def _lanes(size: int) -> int:
 
 
 def _fold_passes(segments):
-    """The fold passes of ``segments`` (``(x, start, seed, size)``), planned on the host: a list
+    """The fold passes of ``segments`` (``(x, start, seed, size, base)``), planned on the host: a list
     of passes, each a list of ``(segment, source, start, n, first group, rows out)`` with source
     None for the segment's own buffer (the signed pass) or the offset of the previous pass's
     nodes; returns (passes, each segment's fold offset, scratch size). Node offsets count fp32
     elements of one scratch buffer from ``at``."""
     passes, results, size_of = [], [], 0
-    for i, (x, start, seed, size) in enumerate(segments):
+    for i, (x, start, seed, size, _) in enumerate(segments):
         lanes = _lanes(size)
         level = (TILE // lanes).bit_length() - 1  # tree levels per pass
         c0, c1 = start // size, (start + x.numel() - 1) // size
@@ -263,18 +265,20 @@ def _fold_all(segments, device) -> tuple[torch.Tensor, list[int]]:
     for depth, members in enumerate(passes):
         tables = {}
         for i, source, start, n, first, rows, at in members:
-            x, _, seed, size = segments[i]
+            x, _, seed, size, base = segments[i]
             lanes = _lanes(size)
             src = x if source is None else work
             address = src.data_ptr() + (0 if source is None else 4 * source)
-            key = (src.dtype, lanes)
-            tables.setdefault(key, Table(8)).add(rows * (size // lanes), address, n, start, first, seed, size, at,
-                                                 size // lanes)
-        for (dtype, lanes), table in tables.items():
+            base = base if source is None else None  # later passes add partial nodes up
+            key = (src.dtype, lanes, base is not None)
+            tables.setdefault(key, Table(9)).add(rows * (size // lanes), address, n, start, first, seed, size, at,
+                                                 size // lanes, 0 if base is None else base.data_ptr())
+        for (dtype, lanes, has_base), table in tables.items():
             programs, rows = table.to(device)
+            extra = {"HAS_BASE": True} if has_base else {}
             _fold_kernel[(table.grid,)](programs, rows, len(table), work, DTYPE=TL_DTYPES[dtype], SIGNED=depth == 0,
                                         TILE=TILE, BL=lanes, LEVELS=(TILE // lanes).bit_length() - 1,
-                                        num_warps=NUM_WARPS)
+                                        num_warps=NUM_WARPS, **extra)
     return work, results
 
 
@@ -283,7 +287,7 @@ def fold(x: torch.Tensor, start: int, seed: int, size: int) -> torch.Tensor:
     the pairwise tree over its chunks of ``size`` signed elements, each chunk ``c`` in its lane
     order (lane ``l`` holds element ``l ^ s_c``), the rest counting 0."""
     _check(x, "x")
-    work, [at] = _fold_all([(x, start, seed, size)], x.device)
+    work, [at] = _fold_all([(x, start, seed, size, None)], x.device)
     return work[at : at + size]
 
 
@@ -335,22 +339,27 @@ def _transforms(flat: torch.Tensor, members_by_size) -> torch.Tensor:
 
 
 def compress(jobs) -> torch.Tensor:
-    """Coordinates of blocks: ``jobs`` are ``(segments, seed, size, rows)``, ``segments`` the
-    block's ``(buffer, start)`` pairs in layout order, ``size`` its Hadamard size (a power of two),
-    ``rows`` (int64, on the host) the rows to read. Returns one fp32 tensor on the device holding
-    every job's ``len(rows)`` coordinates in job order, with no host synchronisation and a number
-    of launches that does not grow with the number of jobs or segments."""
-    for segments, *_ in jobs:
-        for x, _ in segments:
+    """Coordinates of blocks: ``jobs`` are ``(segments, seed, size, rows[, bases])``, ``segments``
+    the block's ``(buffer, start)`` pairs in layout order, ``size`` its Hadamard size (a power of
+    two), ``rows`` (int64, on the host) the rows to read, ``bases`` (one buffer per segment, or
+    None) what each segment's values start from (the block holds segment - base). Returns one fp32
+    tensor on the device holding every job's ``len(rows)`` coordinates in job order, with no host
+    synchronisation and a number of launches that does not grow with the number of jobs or
+    segments."""
+    jobs = [tuple(job) if len(job) == 5 else (*job, None) for job in jobs]
+    for segments, *_, bases in jobs:
+        for (x, _), base in zip(segments, bases or [None] * len(segments)):
             _check(x, "x")
+            _check_base(x, base)
     device = next((x.device for segments, *_ in jobs for x, _ in segments), torch.device("cpu"))
     by_size = _by_size(jobs, [j for j, job in enumerate(jobs) if len(job[3])])
     index, where, total = _places(jobs, by_size)
-    pieces = [(x, start, jobs[j][1], jobs[j][2], j) for j in where for x, start in jobs[j][0] if x.numel()]
-    work, folds = _fold_all([p[:4] for p in pieces], device)
+    pieces = [(x, start, jobs[j][1], jobs[j][2], base, j) for j in where
+              for (x, start), base in zip(jobs[j][0], jobs[j][4] or [None] * len(jobs[j][0])) if x.numel()]
+    work, folds = _fold_all([p[:5] for p in pieces], device)
     table, offsets = Table(4), []
     for j, (at, m) in where.items():  # y = 0 + fold + fold .., the segments in layout order
-        mine = [f for p, f in zip(pieces, folds) if p[4] == j]
+        mine = [f for p, f in zip(pieces, folds) if p[5] == j]
         size = jobs[j][2]
         table.add(triton.cdiv(size, SUM_LANES), at + m * size, size, len(mine), len(offsets))
         offsets.extend(mine)
@@ -371,6 +380,7 @@ def reconstruct_(jobs, coords: torch.Tensor, scales) -> None:
     for segments, *_ in jobs:
         for out, _ in segments:
             _check(out, "out")
+    jobs = [job[:4] for job in jobs]
     by_size = _by_size(jobs, range(len(jobs)))
     index, where, total = _places(jobs, by_size)
     z = torch.zeros(max(total, 1), dtype=torch.float32, device=coords.device)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .groups import TL_DTYPES, Table, by_dtype, fp32_bits, segment_of, to_device
+from .groups import TL_DTYPES, Table, fp32_bits, segment_of, to_device
 
 RADEMACHER, GAUSSIAN = 0, 1
 GROUP = 128  # block indices per Philox call
@@ -160,30 +160,41 @@ def _tile_sum(p, GROUPS: tl.constexpr, INTERPRET: tl.constexpr):
     return tl.reshape(s, (1,))
 
 
-COMPRESS_COLUMNS = 7  # a compressed segment: buffer, n, start, first tile, seed, K, part offset
+COMPRESS_COLUMNS = 8  # a compressed segment: buffer, n, start, first tile, seed, K, part offset, base (or 0)
+
+
+@triton.jit
+def read(x_ptr, base_ptr, j, mask, DTYPE: tl.constexpr, HAS_BASE: tl.constexpr):
+    """x[j] as fp32 (0 where not ``mask``), or with ``HAS_BASE`` x[j] - base[j] as their dtype
+    subtracts them (the fp32 difference rounded to DTYPE), as a materialised difference reads."""
+    x = tl.load(x_ptr + j, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BASE:
+        x = _round_to(x - tl.load(base_ptr + j, mask=mask, other=0.0).to(tl.float32), DTYPE).to(tl.float32)
+    return x
 
 
 @triton.jit
 def _compress_segment(programs_ptr, rows_ptr, count, DTYPE: tl.constexpr):
     """The segment of this program: (x, n, start, tile, seed, K, part offset, its tile among the
-    segment's), the table's columns as :data:`COMPRESS_COLUMNS` lists them."""
+    segment's, base), the table's columns as :data:`COMPRESS_COLUMNS` lists them."""
     s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
-    row = rows_ptr + s * 7
+    row = rows_ptr + s * 8
     x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    base_ptr = tl.load(row + 7).to(tl.pointer_type(DTYPE))
     return (x_ptr, tl.load(row + 1), tl.load(row + 2), q + tl.load(row + 3), tl.load(row + 4),
-            tl.load(row + 5).to(tl.int32), tl.load(row + 6), q)
+            tl.load(row + 5).to(tl.int32), tl.load(row + 6), q, base_ptr)
 
 
 @triton.jit
 def _compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
-                     INTERPRET: tl.constexpr = False):
+                     INTERPRET: tl.constexpr = False, HAS_BASE: tl.constexpr = False):
     """part[offset + q * K + k] = the tree sum of basis k over tile q of the program's segment."""
-    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
+    x_ptr, n, start, tile, seed, K, offset, q, base_ptr = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     xs = ()
     for c in tl.static_range(128):  # element c of every group: strided loads, served by L1 after the first
         j = groups * 128 + c - start
-        x = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32)
+        x = read(x_ptr, base_ptr, j, (j >= 0) & (j < n), DTYPE, HAS_BASE)
         xs = xs + (x.to(tl.int32, bitcast=True),)
     words = _words(seed, 0, groups)
     for k in range(K):
@@ -195,13 +206,13 @@ def _compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexp
 
 @triton.jit
 def _compress_interpreted_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr,
-                                 GROUPS: tl.constexpr, BASES: tl.constexpr):
+                                 GROUPS: tl.constexpr, BASES: tl.constexpr, HAS_BASE: tl.constexpr = False):
     """:func:`_compress_kernel`'s arithmetic arranged for Triton's interpreter, whose cost is per
     operation: a (G, 128) tile, BASES bases at a time."""
-    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
+    x_ptr, n, start, tile, seed, K, offset, q, base_ptr = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
     groups = tile * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     j = groups[:, None] * 128 + tl.arange(0, 128)[None, :] - start
-    x2 = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+    x2 = read(x_ptr, base_ptr, j, (j >= 0) & (j < n), DTYPE, HAS_BASE).to(tl.int32, bitcast=True)
     x3 = tl.reshape(tl.broadcast_to(x2[None, :, :], (BASES, GROUPS, 128)), (BASES * GROUPS, 128))
     bases = tl.arange(0, BASES)
     for k0 in range(0, K, BASES):
@@ -218,16 +229,17 @@ def _compress_interpreted_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE:
 
 @triton.jit
 def _sum_squares_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, GROUPS: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        INTERPRET: tl.constexpr, HAS_BASE: tl.constexpr = False):
     """part[offset + q] = the pairwise tree over the fp64 squares of tile q (GROUPS groups of 128
-    elements) of the program's segment; a segment's columns: buffer, n, part offset."""
+    elements) of the program's segment; a segment's columns: buffer, n, part offset, base (or 0)."""
     s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
-    x_ptr = tl.load(rows_ptr + s * 3).to(tl.pointer_type(DTYPE))
-    n, offset = tl.load(rows_ptr + s * 3 + 1), tl.load(rows_ptr + s * 3 + 2)
+    x_ptr = tl.load(rows_ptr + s * 4).to(tl.pointer_type(DTYPE))
+    n, offset = tl.load(rows_ptr + s * 4 + 1), tl.load(rows_ptr + s * 4 + 2)
+    base_ptr = tl.load(rows_ptr + s * 4 + 3).to(tl.pointer_type(DTYPE))
     groups = q * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
     if INTERPRET:
         j = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
-        sq = tl.load(x_ptr + j, mask=j < n, other=0.0).to(tl.float64)
+        sq = read(x_ptr, base_ptr, j, j < n, DTYPE, HAS_BASE).to(tl.float64)
         sq = sq * sq
         for level in tl.static_range(7):
             a, b = tl.split(tl.reshape(sq, (GROUPS, sq.shape[1] // 2, 2)))
@@ -236,7 +248,7 @@ def _sum_squares_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.const
     else:
         level = ()
         for c in tl.static_range(128):
-            x = tl.load(x_ptr + groups * 128 + c, mask=groups * 128 + c < n, other=0.0).to(tl.float64)
+            x = read(x_ptr, base_ptr, groups * 128 + c, groups * 128 + c < n, DTYPE, HAS_BASE).to(tl.float64)
             level = level + (x * x,)
         for s in tl.static_range(7):
             merged = ()
@@ -368,11 +380,12 @@ def _gaussian_tile(seed, k, start_index, SIZE: tl.constexpr):
 
 
 @triton.jit
-def _gaussian_compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, TILE: tl.constexpr):
-    x_ptr, n, start, tile, seed, K, offset, q = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
+def _gaussian_compress_kernel(programs_ptr, rows_ptr, count, part_ptr, DTYPE: tl.constexpr, TILE: tl.constexpr,
+                              HAS_BASE: tl.constexpr = False):
+    x_ptr, n, start, tile, seed, K, offset, q, base_ptr = _compress_segment(programs_ptr, rows_ptr, count, DTYPE)
     base = tile * TILE
     j = base + tl.arange(0, TILE).to(tl.int64) - start
-    x = tl.load(x_ptr + j, mask=(j >= 0) & (j < n), other=0.0).to(tl.float32)
+    x = read(x_ptr, base_ptr, j, (j >= 0) & (j < n), DTYPE, HAS_BASE)
     for k in range(K):
         total = tl.sum(x * _gaussian_tile(seed, k, base, TILE)).to(tl.float64)
         tl.store(part_ptr + offset + q * K + k + tl.arange(0, 1), total + tl.zeros((1,), tl.float64))
@@ -480,34 +493,57 @@ def tree_sum(part: torch.Tensor, first: int) -> torch.Tensor:
     return plan.run(part.device, lambda work: work[at : at + part.numel()].copy_(part.reshape(-1)) if at else None)
 
 
-def _launch_grouped(kernel, items, tensor_of, columns, width: int, programs_of, device, args, **meta) -> None:
-    """One launch of ``kernel`` per dtype among ``items``: a :class:`Table` of ``width`` columns
-    (``columns(item)``, ``programs_of(item)`` programs each) and then ``args``."""
-    for dtype, members in by_dtype(items, tensor_of).items():
+def _launch_grouped(kernel, items, tensor_of, columns, width: int, programs_of, device, args, base_of=None,
+                    **meta) -> None:
+    """One launch of ``kernel`` per dtype among ``items`` (and, with ``base_of``, per whether an
+    item has a base: ``HAS_BASE``): a :class:`Table` of ``width`` columns (``columns(item)``,
+    ``programs_of(item)`` programs each) and then ``args``."""
+    groups: dict = {}
+    for item in items:
+        key = (tensor_of(item).dtype, base_of is not None and base_of(item) is not None)
+        groups.setdefault(key, []).append(item)
+    for (dtype, has_base), members in groups.items():
         table = Table(width)
-        for i in members:
-            table.add(programs_of(items[i]), *columns(items[i]))
+        for item in members:
+            table.add(programs_of(item), *columns(item))
         programs, rows = table.to(device)
-        kernel[(table.grid,)](programs, rows, len(table), *args, DTYPE=TL_DTYPES[dtype], **meta)
+        extra = {"HAS_BASE": True} if has_base else {}
+        kernel[(table.grid,)](programs, rows, len(table), *args, DTYPE=TL_DTYPES[dtype], **extra, **meta)
 
 
-def sum_squares_many(xs) -> torch.Tensor:
+def _address(x) -> int:
+    """A buffer's address for a table, 0 for none."""
+    return 0 if x is None else x.data_ptr()
+
+
+def _check_base(x: torch.Tensor, base) -> None:
+    """A segment's base must match it: ``ValueError`` otherwise."""
+    if base is not None and (base.dtype != x.dtype or base.numel() != x.numel() or base.device != x.device
+                             or base.dim() != 1 or not base.is_contiguous()):
+        raise ValueError("a start buffer must be 1-d, contiguous, and of its segment's size, dtype and device")
+
+
+def sum_squares_many(xs, bases=None) -> torch.Tensor:
     """``sum(x**2)`` of each buffer in the spec's order (the pairwise tree over fp64 squares), as
-    one fp64 tensor on their device; a fixed number of launches whatever their number, no host
-    synchronisation."""
-    for x in xs:
+    one fp64 tensor on their device; with ``bases`` (one per buffer, or None), of each buffer
+    minus its base as their dtype subtracts them. A fixed number of launches whatever their
+    number, no host synchronisation."""
+    bases = list(bases) if bases is not None else [None] * len(xs)
+    for x, base in zip(xs, bases):
         _check(x, "x")
+        _check_base(x, base)
     groups = _groups()
     plan, items = _Work(), []
-    for x in xs:
+    for x, base in zip(xs, bases):
         count = triton.cdiv(x.numel(), GROUP * groups)
         at = plan.nodes(count, 0, 1)
         if count:
-            items.append((x, at, count))
+            items.append((x, at, count, base))
     device = xs[0].device if xs else torch.device("cpu")
+    columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], _address(item[3]))  # noqa: E731
     return plan.run(device, lambda work: _launch_grouped(
-        _sum_squares_kernel, items, lambda item: item[0], lambda item: (item[0].data_ptr(), item[0].numel(), item[1]),
-        3, lambda item: item[2], device, (work,), GROUPS=groups, INTERPRET=_interpreted(), num_warps=groups // WARP))
+        _sum_squares_kernel, items, lambda item: item[0], columns, 4, lambda item: item[2], device, (work,),
+        base_of=lambda item: item[3], GROUPS=groups, INTERPRET=_interpreted(), num_warps=groups // WARP))
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:
@@ -517,22 +553,26 @@ def sum_squares(x: torch.Tensor) -> torch.Tensor:
 
 
 def compress_many(segments, basis: int) -> torch.Tensor:
-    """Coordinates ``<x, v_k>`` (k < n_coords) of each segment ``(x, start, seed, n_coords)``, a
-    buffer at block indices ``start..`` of the block seeded ``seed``: one float64 tensor on their
+    """Coordinates ``<x, v_k>`` (k < n_coords) of each segment ``(x, start, seed, n_coords[,
+    base])``, a buffer at block indices ``start..`` of the block seeded ``seed`` (with a base, of
+    ``x - base`` as their dtype subtracts them, read in place): one float64 tensor on their
     device, the segments' coordinates one after another; a fixed number of launches whatever the
     number of segments, no host synchronisation. Rademacher in the spec's order (each segment's
     sum), Gaussian to the spec's tolerance."""
-    for x, *_ in segments:
+    segments = [(*s, None) if len(s) == 4 else tuple(s) for s in segments]
+    for x, *_, base in segments:
         _check(x, "x")
+        _check_base(x, base)
     size = TILE if basis == GAUSSIAN else GROUP * _groups()
     plan, items = _Work(), []
-    for x, start, seed, n_coords in segments:
+    for x, start, seed, n_coords, base in segments:
         first, count = _tiles(start, x.numel(), size) if x.numel() else (0, 0)
         at = plan.nodes(count, first, n_coords)
         if count and n_coords:
-            items.append((x, start, seed, n_coords, first, count, at))
+            items.append((x, start, seed, n_coords, first, count, at, base))
     device = segments[0][0].device if segments else torch.device("cpu")
-    columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], item[4], item[2], item[3], item[6])  # noqa: E731
+    columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], item[4], item[2], item[3], item[6],  # noqa: E731
+                            _address(item[7]))
 
     def fill(work):
         if basis == GAUSSIAN:
@@ -541,8 +581,8 @@ def compress_many(segments, basis: int) -> torch.Tensor:
             kernel, meta = _compress_interpreted_kernel, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
         else:
             kernel, meta = _compress_kernel, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
-        _launch_grouped(kernel, items, lambda item: item[0], columns, 7, lambda item: item[5], device, (work,),
-                        enable_fp_fusion=False, **meta)
+        _launch_grouped(kernel, items, lambda item: item[0], columns, 8, lambda item: item[5], device, (work,),
+                        base_of=lambda item: item[7], enable_fp_fusion=False, **meta)
 
     return plan.run(device, fill)
 

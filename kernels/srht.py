@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .groups import TL_DTYPES, Table, segment_of, to_device
-from .projection import _check, _round_to
+from .projection import _check, _check_base, _round_to, read
 
 
 @triton.jit
@@ -46,28 +46,29 @@ def _fwht(x, size, SIZE: tl.constexpr, LOG: tl.constexpr):
     return x
 
 
-SEGMENT_COLUMNS = 5  # a segment: buffer, n, start, seed, its block's first chunk
+SEGMENT_COLUMNS = 6  # a segment: buffer, n, start, seed, its block's first chunk, base (or 0)
 
 
 @triton.jit
 def _segment(programs_ptr, rows_ptr, count, DTYPE: tl.constexpr):
     """This program's segment and chunk (the table's columns as :data:`SEGMENT_COLUMNS` lists
-    them): (buffer, n, start, seed, chunk)."""
+    them): (buffer, n, start, seed, chunk, base)."""
     s, q = segment_of(programs_ptr, count, tl.program_id(0).to(tl.int64))
-    row = rows_ptr + s * 5
+    row = rows_ptr + s * 6
     x_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    return x_ptr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4) + q
+    base_ptr = tl.load(row + 5).to(tl.pointer_type(DTYPE))
+    return x_ptr, tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4) + q, base_ptr
 
 
 @triton.jit
 def _gather_kernel(programs_ptr, rows_ptr, count, tile_ptr, offsets_ptr, sizes_ptr, DTYPE: tl.constexpr,
-                   SIZE: tl.constexpr):
-    x_ptr, n, start, seed, c = _segment(programs_ptr, rows_ptr, count, DTYPE)
+                   SIZE: tl.constexpr, HAS_BASE: tl.constexpr = False):
+    x_ptr, n, start, seed, c, base_ptr = _segment(programs_ptr, rows_ptr, count, DTYPE)
     first, size = tl.load(offsets_ptr + c), tl.load(sizes_ptr + c)
     j = tl.arange(0, SIZE).to(tl.int64)
     i = first + j
     mask = (j < size) & (i >= start) & (i < start + n)
-    x = tl.load(x_ptr + (i - start), mask=mask, other=0.0).to(tl.float32)
+    x = read(x_ptr, base_ptr, i - start, mask, DTYPE, HAS_BASE)
     tl.store(tile_ptr + c * SIZE + j, tl.where(_sign_bit(seed, i) != 0, -x, x), mask=mask)
 
 
@@ -82,7 +83,7 @@ def _fwht_kernel(tile_ptr, sizes_ptr, SIZE: tl.constexpr, LOG: tl.constexpr):
 @triton.jit
 def _apply_kernel(programs_ptr, rows_ptr, count, tile_ptr, offsets_ptr, sizes_ptr, factors_ptr, DTYPE: tl.constexpr,
                   SIZE: tl.constexpr):
-    out_ptr, n, start, seed, c = _segment(programs_ptr, rows_ptr, count, DTYPE)
+    out_ptr, n, start, seed, c, _ = _segment(programs_ptr, rows_ptr, count, DTYPE)
     first, size, factor = tl.load(offsets_ptr + c), tl.load(sizes_ptr + c), tl.load(factors_ptr + c)
     j = tl.arange(0, SIZE).to(tl.int64)
     i = first + j
@@ -132,15 +133,18 @@ class _Chunks:
             by_dtype = {}
             for j in group:
                 segments, seed, _, chunk_offsets, *_ = self.jobs[j]
-                for x, start in segments:
+                bases = self.jobs[j][6] if len(self.jobs[j]) > 6 and self.jobs[j][6] else [None] * len(segments)
+                for (x, start), b in zip(segments, bases):
                     if x.numel() and len(chunk_offsets):
-                        by_dtype.setdefault(x.dtype, Table(5)).add(len(chunk_offsets), x.data_ptr(), x.numel(), start,
-                                                                   seed, self.first[j])
+                        by_dtype.setdefault((x.dtype, b is not None), Table(6)).add(
+                            len(chunk_offsets), x.data_ptr(), x.numel(), start, seed, self.first[j],
+                            0 if b is None else b.data_ptr())
             args = (tile[base:], offsets, sizes) + ((factors,) if factors is not None else ())
-            for dtype, table in by_dtype.items():
+            for (dtype, has_base), table in by_dtype.items():
                 programs, rows = table.to(device)
+                extra = {"HAS_BASE": True} if has_base else {}
                 kernel[(table.grid,)](programs, rows, len(table), *args, DTYPE=TL_DTYPES[dtype], SIZE=size,
-                                      enable_fp_fusion=False)
+                                      enable_fp_fusion=False, **extra)
 
     def transform(self, tile, tables) -> None:
         for size, group in self.sizes.items():
@@ -153,15 +157,16 @@ class _Chunks:
 def compress(jobs) -> torch.Tensor:
     """SRHT coordinates of blocks, one fp32 tensor on the device with every job's in job order.
 
-    ``jobs``: ``(segments, seed, size, offsets, sizes, slots)``, ``segments`` the ``(buffer,
-    start)`` pairs covering the block, ``offsets``/``sizes`` (int64, host) the chunks holding a
+    ``jobs``: ``(segments, seed, size, offsets, sizes, slots[, bases])``, ``segments`` the
+    ``(buffer, start)`` pairs covering the block (``bases``: what each starts from, or None), ``offsets``/``sizes`` (int64, host) the chunks holding a
     row, ``slots`` (int64, host) coordinate k's place in the block's tile, ``chunk * size + row -
     offset``, ``size`` the Hadamard size (a power of two). A number of launches that does not
     grow with the number of jobs or segments; no host synchronisation.
     """
-    for segments, *_ in jobs:
-        for x, _ in segments:
+    for job in jobs:
+        for (x, _), base in zip(job[0], job[6] if len(job) > 6 and job[6] else [None] * len(job[0])):
             _check(x, "x")
+            _check_base(x, base)
     device = next((x.device for segments, *_ in jobs for x, _ in segments), torch.device("cpu"))
     chunks = _Chunks(jobs)
     index = to_device(chunks.index, device)

@@ -2,6 +2,7 @@
 only the real compiler finds surface on CPU-only machines. Prints one line per kernel; the
 reconstruct kernels must contain no fused multiply-add (the spec rounds twice)."""
 
+import inspect
 import re
 
 import triton
@@ -17,6 +18,9 @@ TABLE = {"programs_ptr": "*i64", "rows_ptr": "*i64", "count": "i32"}
 
 
 def build(fn, signature, constexprs, num_warps=4, fusion=False):
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.name not in constexprs
+                and p.default is not inspect.Parameter.empty}  # e.g. HAS_BASE=False
+    constexprs = {**defaults, **constexprs}
     src = ASTSource(fn, {**TABLE, **signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     return triton.compile(src, target=TARGET, options={"enable_fp_fusion": fusion, "num_warps": num_warps})
 
@@ -131,3 +135,19 @@ for dtype, tl_dtype, lanes in (("fp32", tl.float32, 128), ("bf16", tl.bfloat16, 
 kernel = build(D._sum_folds_kernel, {"folds_ptr": "*i64", "work_ptr": "*fp32", "y_ptr": "*fp32"},
                {"LANES": D.SUM_LANES})
 print(f"sm_90 hadamard fold sum: cubin {len(kernel.asm['cubin'])} B")
+
+# Compressing against a start (new - old read in place, rounded to the dtype): the reading kernels'
+# HAS_BASE builds.
+for dtype, tl_dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
+    kernel = build(P._compress_kernel, {"part_ptr": "*fp64"}, {"DTYPE": tl_dtype, "GROUPS": P.GROUPS,
+                                                               "INTERPRET": False, "HAS_BASE": True})
+    print(f"sm_90 compress rademacher {dtype} against a start: cubin {len(kernel.asm['cubin'])} B")
+    kernel = build(P._sum_squares_kernel, {"part_ptr": "*fp64"}, {"DTYPE": tl_dtype, "GROUPS": P.GROUPS,
+                                                                   "INTERPRET": False, "HAS_BASE": True})
+    print(f"sm_90 sum of squares {dtype} against a start: cubin {len(kernel.asm['cubin'])} B")
+    constexprs = {"DTYPE": tl_dtype, "SIGNED": True, "TILE": D.TILE, "BL": 128, "LEVELS": (D.TILE // 128).bit_length() - 1,
+                  "HAS_BASE": True}
+    kernel = build(D._fold_kernel, {"work_ptr": "*fp32"}, constexprs, num_warps=D.NUM_WARPS, fusion=True)
+    print(f"sm_90 hadamard fold {dtype} against a start: cubin {len(kernel.asm['cubin'])} B")
+    kernel = build(S._gather_kernel, chunks, {"DTYPE": tl_dtype, "SIZE": SIZE, "HAS_BASE": True})
+    print(f"sm_90 srht gather {dtype} against a start: cubin {len(kernel.asm['cubin'])} B")

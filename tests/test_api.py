@@ -506,3 +506,38 @@ def test_estimate_norms_are_the_norms_of_each_blocks_reconstruction(basis, rel):
     np.testing.assert_allclose(got, [float(rebuilt[n].double().norm()) for n in ("a", "b")], rtol=rel)
     with pytest.raises(PacketError, match="another layout"):
         ferret.estimate_norms(packet, ferret.Layout.of({"a": update["a"]}))
+
+
+def _start_and_new(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    old = {"w": torch.randn(300, 70, generator=gen).to(dtype), "b": torch.randn(70, generator=gen).to(dtype),
+           "n": torch.randn(1000, generator=gen).to(dtype)}
+    new = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in old.items()}
+    return old, new
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_compress_against_a_start_is_the_packet_of_the_difference(dtype):
+    """compress(new, start=old) reads both in place and gives compress(new - old)'s bytes, the
+    difference rounded as the dtype subtracts: every basis, grouping and allocation."""
+    old, new = _start_and_new(dtype)
+    diff = {k: new[k] - old[k] for k in old}
+    for basis in ("rademacher", "hadamard", "hadamard:256", "srht:64", "gaussian"):
+        for grouping in ("tensor", 5000):
+            for allocation in ("norm", "uniform"):
+                kwargs = dict(seed=3, budget=200, basis=basis, grouping=grouping, allocation=allocation)
+                assert ferret.compress(new, start=old, **kwargs).to_bytes() == ferret.compress(diff, **kwargs).to_bytes()
+
+
+def test_a_start_that_does_not_match_the_update_is_refused():
+    old, new = _start_and_new(torch.float32)
+    with pytest.raises(ValueError, match="start must hold the update's tensors: the same names in the same order"):
+        ferret.compress(new, 1, 100, start={"w": old["w"]})
+    with pytest.raises(ValueError, match="start: b differs from the update's in shape, dtype or device"):
+        ferret.compress(new, 1, 100, start={**old, "b": old["b"].bfloat16()})
+    with pytest.raises(ValueError, match="start: w differs"):
+        ferret.compress(new, 1, 100, start={**old, "w": old["w"].T.contiguous()})
+    bad = {**new, "n": new["n"].clone()}
+    bad["n"][5] = float("nan")
+    with pytest.raises(ferret.NonFiniteError, match="NaN or Inf values in n"):
+        ferret.compress(bad, 1, 100, start=old)

@@ -88,8 +88,8 @@ def test_gpu_kernels_arithmetic_in_the_interpreter(start, n, k, groups):
     one warp and with the GPU's four (whose sums the program adds up itself)."""
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     first, count = P._tiles(start, n, P.GROUP * groups)
-    table = Table(7)
-    table.add(count, x.data_ptr(), n, start, first, SEED, k, 0)
+    table = Table(8)
+    table.add(count, x.data_ptr(), n, start, first, SEED, k, 0, 0)
     part = torch.empty((count, k), dtype=torch.float64)
     P._compress_kernel[(count,)](*table.to(x.device), 1, part, DTYPE=tl.float32, GROUPS=groups, INTERPRET=True)
     got = P.tree_sum(part, first).numpy()
@@ -221,7 +221,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fused-fma 0" in proc.stdout
-    assert proc.stdout.count("sm_90 srht") == 5
+    assert proc.stdout.count("sm_90 srht") == 7
     assert proc.stdout.count("sm_90 lora merge") == 2 and "sm_90 lora stacked linear" in proc.stdout
 
 
@@ -293,3 +293,21 @@ def test_launches_per_packet_do_not_grow_with_the_number_of_tensors(basis, monke
         assert ops20 == ops146, [op for op in ops146 if op not in ops20]
     (kernels, _), (rebuilt, _), *_ = seen[146]
     assert 0 < len(kernels) <= 12 and 0 < len(rebuilt) <= 6, (kernels, rebuilt)
+
+
+@pytest.mark.parametrize("basis", ["rademacher", "gaussian", "hadamard", "srht:64"])
+def test_compress_against_a_start_on_triton_is_the_packet_of_the_difference(basis):
+    """The kernels read new - old in place (the dtype's own subtraction): the packet of the
+    materialised difference, byte for byte, and the core's."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        old = {"w": torch.randn(40, 70, generator=gen).to(dtype), "n": torch.randn(300, generator=gen).to(dtype)}
+        new = {k: (v.float() + 1e-2 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in old.items()}
+        diff = {k: new[k] - old[k] for k in old}
+        on = lambda d: {k: v.to(DEVICE) for k, v in d.items()}  # noqa: E731
+        for allocation in ("norm", "uniform"):
+            kwargs = dict(seed=5, budget=120, basis=basis, allocation=allocation)
+            got = ferret.compress(on(new), start=on(old), backend="triton", **kwargs).to_bytes()
+            assert got == ferret.compress(on(diff), backend="triton", **kwargs).to_bytes()
+            if basis != "gaussian":
+                assert got == ferret.compress(new, start=old, **kwargs).to_bytes()

@@ -73,6 +73,32 @@ static inline float load_element(const void* p, DType dt, int64_t i) {
   }
 }
 
+// x[i] - base[i] as subtracting the two buffers in their own dtype gives it (fp32: the fp32
+// difference; bf16 / fp16: that difference rounded to the dtype, as torch subtracts such tensors),
+// widened to fp32: what compressing a materialised difference would read.
+static inline float load_difference(const void* x, const void* base, DType dt, int64_t i) {
+  const float d = load_element(x, dt, i) - load_element(base, dt, i);
+  switch (dt) {
+    case DType::f32:
+      return d;
+    case DType::bf16:
+      return bf16_to_float(float_to_bf16(d));
+    default:
+      return f16_to_float(float_to_f16(d));
+  }
+}
+
+// buf[j] = element first + j of x, or of x - base where base is given, as fp32, for j < n.
+static inline void read_elements(float* buf, const void* x, const void* base, DType dt, int64_t first, int64_t n) {
+  if (base) {
+    for (int64_t j = 0; j < n; j++) buf[j] = load_difference(x, base, dt, first + j);
+  } else if (dt == DType::f32) {
+    std::memcpy(buf, static_cast<const float*>(x) + first, size_t(n) * 4);
+  } else {
+    for (int64_t j = 0; j < n; j++) buf[j] = load_element(x, dt, first + j);
+  }
+}
+
 static inline void store_element(void* p, DType dt, int64_t i, float v) {
   switch (dt) {
     case DType::f32:

@@ -77,14 +77,21 @@ Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_
 }
 
 void compress(const void* x, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis, int n_coords,
-              double* gamma) {
+              double* gamma, const void* base) {
   if (n <= 0 || n_coords <= 0) return;
   const Chunks chunks(start, n);
   const auto& k = kernels_for(basis);
   std::vector<double> partials(size_t(chunks.count) * n_coords);
   detail::parallel_for(chunks.count, threads_for(n, n_coords), [&](int64_t i) {
-    k.compress(x, dtype, start, chunks.lo(i, start), chunks.hi(i, start, n), seed, n_coords,
-               &partials[size_t(i) * n_coords]);
+    const int64_t lo = chunks.lo(i, start), hi = chunks.hi(i, start, n);
+    double* partial = &partials[size_t(i) * n_coords];
+    if (!base) {
+      k.compress(x, dtype, start, lo, hi, seed, n_coords, partial);
+      return;
+    }
+    std::vector<float> window(size_t(hi - lo));  // this chunk of x - base: one window, never the whole
+    detail::read_elements(window.data(), x, base, dtype, lo - start, hi - lo);
+    k.compress(window.data(), DType::f32, lo, lo, hi, seed, n_coords, partial);
   });
   // The chunks are aligned windows of the block: their partials continue the spec's tree.
   detail::PairwiseTree tree(n_coords);
@@ -115,13 +122,13 @@ void perturb(void* theta, DType dtype, int64_t n, int64_t start, uint64_t seed, 
 namespace {
 
 // The tree over the fp64 squares of chunk c (kChunk elements) of x.
-double chunk_squares(const void* x, DType dtype, int64_t n, int64_t c) {
+double chunk_squares(const void* x, DType dtype, int64_t n, int64_t c, const void* base) {
   const int64_t lo = c * kChunk, len = std::min(n, lo + kChunk) - lo;
   const float* f32 = static_cast<const float*>(x) + lo;
   std::vector<float> converted;
-  if (dtype != DType::f32) {
+  if (dtype != DType::f32 || base) {
     converted.resize(size_t(len));
-    for (int64_t i = 0; i < len; i++) converted[size_t(i)] = detail::load_element(x, dtype, lo + i);
+    detail::read_elements(converted.data(), x, base, dtype, lo, len);
     f32 = converted.data();
   }
 #ifdef FERRET_HAVE_AVX2_BUILD
@@ -146,7 +153,8 @@ double sum_squares(const void* x, DType dtype, int64_t n) {
   return total;
 }
 
-void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out) {
+void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out,
+                      const void* const* bases) {
   std::vector<int64_t> first(size_t(count) + 1, 0);  // tensor t's chunks are tasks first[t] ..
   int64_t elements = 0;
   for (int t = 0; t < count; t++) {
@@ -157,7 +165,7 @@ void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t*
   std::vector<double> partials(size_t(first[size_t(count)]));
   detail::parallel_for(first[size_t(count)], threads_for(elements, 1), [&](int64_t task) {
     const int t = int(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
-    partials[size_t(task)] = chunk_squares(xs[t], dtypes[t], ns[t], task - first[size_t(t)]);
+    partials[size_t(task)] = chunk_squares(xs[t], dtypes[t], ns[t], task - first[size_t(t)], bases ? bases[t] : nullptr);
   });
   for (int t = 0; t < count; t++)
     out[t] = tree_of(partials.data() + first[size_t(t)], first[size_t(t) + 1] - first[size_t(t)]);

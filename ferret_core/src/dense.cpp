@@ -108,17 +108,13 @@ void read_window(float* buf, const Segment& seg, int64_t o, int64_t len) {
   std::fill(buf, buf + (lo - o), 0.0f);
   std::fill(buf + (hi - o), buf + len, 0.0f);
   if (lo == hi) return;
-  if (seg.dtype == DType::f32) {
-    std::memcpy(buf + (lo - o), static_cast<const float*>(seg.data) + (lo - seg.start), size_t(hi - lo) * 4);
-    return;
-  }
-  for (int64_t i = lo; i < hi; i++) buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
+  detail::read_elements(buf + (lo - o), seg.data, seg.base, seg.dtype, lo - seg.start, hi - lo);
 }
 
-// Chunk c of the block in place, when the segment holds all of it in fp32; else null.
+// Chunk c of the block in place, when the segment holds all of it in fp32 (and no base); else null.
 const float* chunk_of(const Segment& seg, int64_t c, int64_t size) {
   const int64_t o = c * size;
-  if (seg.dtype == DType::f32 && o >= seg.start && o + size <= seg.start + seg.n)
+  if (seg.dtype == DType::f32 && !seg.base && o >= seg.start && o + size <= seg.start + seg.n)
     return static_cast<const float*>(seg.data) + (o - seg.start);
   return nullptr;
 }

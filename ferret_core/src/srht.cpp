@@ -113,10 +113,7 @@ void srht_compress(const Segment* segments, int n_segments, int64_t block_n, uin
     for (int s = 0; s < n_segments; s++) {
       const Segment& seg = segments[s];
       const int64_t lo = std::max(o, seg.start), hi = std::min(end, seg.start + seg.n);
-      if (lo < hi && seg.dtype == DType::f32)
-        std::memcpy(buf + (lo - o), static_cast<const float*>(seg.data) + (lo - seg.start), size_t(hi - lo) * 4);
-      else
-        for (int64_t i = lo; i < hi; i++) buf[i - o] = detail::load_element(seg.data, seg.dtype, i - seg.start);
+      if (lo < hi) detail::read_elements(buf + (lo - o), seg.data, seg.base, seg.dtype, lo - seg.start, hi - lo);
     }
     detail::flip_signs(buf, o, t.chunk.size, seed);
     fwht(buf, t.chunk.size);

@@ -32,7 +32,7 @@ from .allocation import allocate, check_budget
 from .backends import num_threads, set_num_threads
 from .layout import Layout
 from .packet import Packet, PacketError
-from .projection import compress, estimate_norms, merge_by_seed, merge_packets, perturb, reconstruct
+from .projection import NonFiniteError, compress, estimate_norms, merge_by_seed, merge_packets, perturb, reconstruct
 from .round import Round
 from .spec import block_seed, normalize_seed
 
@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Layout",
+    "NonFiniteError",
     "Packet",
     "PacketError",
     "Round",

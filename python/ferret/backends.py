@@ -60,7 +60,8 @@ def num_threads() -> int:
 class Block:
     """One block of a packet: its ``segments`` (``(buffer, offset in the block)`` pairs, in layout
     order), its element count ``n``, its seed, its basis ``kind``, its Hadamard size (SRHT: the
-    chunk size; dense Hadamard: the block's own size) and its row ``slot`` of ``slots``."""
+    chunk size; dense Hadamard: the block's own size), its row ``slot`` of ``slots``, and for a
+    compress against a start, each segment's ``bases`` buffer (the block holds segment − base)."""
 
     segments: list
     n: int
@@ -69,6 +70,7 @@ class Block:
     hadamard: int = 0
     slot: int = 0
     slots: int = 1
+    bases: list | None = None
 
 
 class _Backend:
@@ -79,7 +81,8 @@ class _Backend:
         gets each block's segments' sums of squares (lists, in layout order) and returns the
         counts (or raises, before anything is compressed). Returns (coordinates, counts)."""
         flats = [x for block in blocks for x, _ in block.segments]
-        squares = iter(self.sum_squares(flats))
+        bases = [x for block in blocks for x in block.bases] if blocks and blocks[0].bases is not None else None
+        squares = iter(self.sum_squares(flats, bases))
         counts = counts_from([[next(squares) for _ in block.segments] for block in blocks])
         return self.compress(blocks, counts), counts
 
@@ -103,10 +106,12 @@ class CoreBackend(_Backend):
         if self._core.num_threads() != n:
             self._core.set_num_threads(n)
 
-    def sum_squares(self, flats) -> np.ndarray:
-        """``sum(x**2)`` of each buffer in the spec's order (fp64)."""
+    def sum_squares(self, flats, bases=None) -> np.ndarray:
+        """``sum(x**2)`` of each buffer in the spec's order (fp64); with ``bases``, of each buffer
+        minus its base."""
         self._use_threads()
-        return np.array(self._core.sum_squares_many(list(flats)), dtype=np.float64)
+        return np.array(self._core.sum_squares_many(list(flats), None if bases is None else list(bases)),
+                        dtype=np.float64)
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         """Each block's ``counts[b]`` coordinates: fp64 (Rademacher, Gaussian) or fp32 (Hadamard kinds)."""
@@ -117,14 +122,16 @@ class CoreBackend(_Backend):
             if block.kind == "hadamard":  # all of them below, in one call
                 coords = np.zeros(m, dtype=np.float32)
                 dense.append((*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), block.slot,
-                              block.slots, coords))
+                              block.slots, coords, block.bases))
             elif block.kind == "srht":
                 coords = np.zeros(m, dtype=np.float32)
-                self._core.srht_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), coords)
+                self._core.srht_compress(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), coords,
+                                         block.bases)
             else:
                 coords = np.zeros(m, dtype=np.float64)
-                for x, start in block.segments:  # segment sums added in layout order, from 0
-                    self._core.compress(x, start, block.seed, BASIS_CODES[block.kind], coords)
+                bases = block.bases or [None] * len(block.segments)
+                for (x, start), base in zip(block.segments, bases):  # segment sums added in layout order, from 0
+                    self._core.compress(x, start, block.seed, BASIS_CODES[block.kind], coords, base)
             out.append(coords)
         if dense:  # the pool takes every dense block's pieces at once
             self._core.dense_compress_many(dense)
@@ -140,7 +147,7 @@ class CoreBackend(_Backend):
         self._use_threads()
         folds = [np.zeros(b.hadamard, dtype=np.float32) for b in blocks]
         squares = [np.zeros(len(b.segments)) for b in blocks]
-        self._core.dense_fold_many([(*_segment_lists(b), b.n, b.seed, _log2(b.hadamard), fold, sq)
+        self._core.dense_fold_many([(*_segment_lists(b), b.n, b.seed, _log2(b.hadamard), fold, sq, b.bases)
                                     for b, fold, sq in zip(blocks, folds, squares)])
         counts = counts_from(squares)
         coords = [np.zeros(int(m), dtype=np.float32) for m in counts]
@@ -193,10 +200,10 @@ class TritonBackend(_Backend):
 
         self._k, self._srht, self._dense, self._groups, self._core = projection, srht, hadamard, groups, _core
 
-    def sum_squares(self, flats) -> np.ndarray:
+    def sum_squares(self, flats, bases=None) -> np.ndarray:
         if not flats:
             return np.zeros(0)
-        return self._k.sum_squares_many(list(flats)).cpu().numpy()
+        return self._k.sum_squares_many(list(flats), bases).cpu().numpy()
 
     def compress(self, blocks: list[Block], counts) -> list[np.ndarray]:
         if not blocks:
@@ -206,7 +213,8 @@ class TritonBackend(_Backend):
         parts = []
         for kind, members in kinds.items():
             if kind in BASIS_CODES:  # each segment's coordinates, summed per block on the host
-                segments = [(x, start, blocks[b].seed, counts[b]) for b in members for x, start in blocks[b].segments]
+                segments = [(x, start, blocks[b].seed, counts[b], base) for b in members
+                            for (x, start), base in zip(blocks[b].segments, _bases(blocks[b]))]
                 parts.append(self._k.compress_many(segments, BASIS_CODES[kind]))
             elif kind == "hadamard":
                 parts.append(self._dense.compress([self._dense_job(blocks[b], counts[b]) for b in members]))
@@ -267,12 +275,17 @@ class TritonBackend(_Backend):
         m rows of its slot, on the host)."""
         rows = np.zeros(m, dtype=np.int64)
         self._core.dense_rows(block.seed, _log2(block.hadamard), block.slot, block.slots, rows)
-        return block.segments, block.seed, block.hadamard, rows
+        return block.segments, block.seed, block.hadamard, rows, block.bases
 
     def _srht_job(self, block: Block, m: int):
         """An SRHT block's job for ``kernels.srht``: (segments, seed, size, offsets, sizes, slots)."""
         offsets, sizes, slots = _srht_table(self._core, block.n, block.seed, block.hadamard, m)
-        return block.segments, block.seed, block.hadamard, offsets, sizes, slots
+        return block.segments, block.seed, block.hadamard, offsets, sizes, slots, block.bases
+
+
+def _bases(block: Block) -> list:
+    """Each segment's base buffer, None for a block compressed as it is."""
+    return block.bases if block.bases is not None else [None] * len(block.segments)
 
 
 def _by_kind(blocks: list[Block]) -> dict[str, list[int]]:

@@ -42,8 +42,12 @@ from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_f
 SCRATCH_ELEMENTS = 1 << 22  # elements per scratch piece of a checked reconstruction (16 MiB in fp32)
 
 
+class NonFiniteError(ValueError):
+    """An update holds NaN or Inf values (or its coordinates overflow fp32): nothing was made."""
+
+
 def compress(update, seed: int, budget: int, *, basis: str = "rademacher", allocation: str = "norm",
-             grouping="tensor", slot: int = 0, slots: int = 1, backend: str | None = None) -> Packet:
+             grouping="tensor", slot: int = 0, slots: int = 1, start=None, backend: str | None = None) -> Packet:
     """Project ``update`` onto ``budget`` seeded bases in all.
 
     Takes a tensor, a NumPy array, a state dict or an iterable of ``(name, tensor)`` pairs
@@ -54,6 +58,11 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     ``"gaussian"``, ``"hadamard"``, ``"srht"``, or a Hadamard kind with its size
     (``"hadamard:65536"``, see :mod:`ferret.basis`). A ``"hadamard"`` client ``slot`` of
     ``slots`` (ints, ``0 <= slot < slots``) projects onto rows no other slot uses.
+
+    With ``start`` (tensors of the update's names, shapes, dtypes and device, in its order),
+    ``update`` holds the new values and the packet is that of ``update - start`` as the tensors'
+    own dtype subtracts them, byte for byte, read in place: no update-sized difference is made
+    (a client compresses its trained weights against its snapshot).
 
     Returns a :class:`Packet`; the receiver needs tensors of the same names and shapes in the
     same order (see the module docstring). Raises ``ValueError`` for NaN/Inf in the update and
@@ -74,6 +83,7 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     if kind == "hadamard" and not hadamard:
         hadamard = dense_size(budget, slots)
     flats = [readable_flat(x) for _, x in items]
+    bases = None if start is None else _start_flats(start, items)
     blocks = layout.block_entries
 
     if kind in ("srht", "hadamard") and 0 in layout.block_sizes:
@@ -82,7 +92,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     name = basis_name(kind, hadamard)
     seeds = block_seeds(seed, layout.n_blocks)
     jobs = [_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                   seeds[b], kind, hadamard, slot, slots) for b, entries in enumerate(blocks)]
+                   seeds[b], kind, hadamard, slot, slots, None if bases is None else [bases[i] for i in entries])
+            for b, entries in enumerate(blocks)]
     if allocation == "norm" and layout.n_blocks == 1:
         allocation = "uniform"  # one block takes the whole budget: no need to read the update for its norm
     if allocation == "norm":
@@ -90,7 +101,7 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
             norms = [math.sqrt(sum(float(x) for x in block)) for block in squares]
             for b, norm in enumerate(norms):
                 if not math.isfinite(norm):
-                    raise ValueError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
+                    raise NonFiniteError(f"the update holds NaN or Inf values in {_names(layout, blocks[b])}")
             return block_counts(layout, budget, name, allocation, norms, slot, slots)
 
         coords, counts = be.compress_by_norms(jobs, counts_from)
@@ -99,7 +110,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         coords = be.compress(jobs, counts)
     for b, gamma in enumerate(coords):
         if not np.all(np.isfinite(gamma.astype(np.float32))):
-            raise ValueError(f"the update holds NaN or Inf values (or overflows fp32) in {_names(layout, blocks[b])}")
+            raise NonFiniteError(f"the update holds NaN or Inf values (or overflows fp32) in "
+                                 f"{_names(layout, blocks[b])}")
     return Packet(seed, name, layout.group_size, layout.fingerprint, counts,
                   np.concatenate(coords) if coords else np.zeros(0), slot, slots)
 
@@ -147,11 +159,27 @@ def check_slots(kind: str, slot, slots) -> tuple[int, int]:
     return slot, slots
 
 
-def _block(segments, n: int, seed: int, kind: str, size: int, slot: int, slots: int) -> Block:
+def _block(segments, n: int, seed: int, kind: str, size: int, slot: int, slots: int, bases=None) -> Block:
     """The backend's job for one block; a Hadamard block carries its own Hadamard size."""
     if kind == "hadamard":
-        return Block(segments, n, seed, kind, dense_block_size(size, n, slots), slot, slots)
-    return Block(segments, n, seed, kind, size)
+        return Block(segments, n, seed, kind, dense_block_size(size, n, slots), slot, slots, bases)
+    return Block(segments, n, seed, kind, size, bases=bases)
+
+
+def _start_flats(start, items) -> list:
+    """The 1-d buffers of ``start``, checked to match the update's ``items`` name by name (shape,
+    dtype, device); ``ValueError`` / ``TypeError`` otherwise."""
+    named = named_tensors(start, "start")
+    if [n for n, _ in named] != [n for n, _ in items]:
+        raise ValueError("start must hold the update's tensors: the same names in the same order")
+    flats = []
+    for (name, x), (_, s) in zip(items, named):
+        check_tensor(name, s, "start")
+        if tuple(s.shape) != tuple(x.shape) or s.dtype != x.dtype or isinstance(s, torch.Tensor) != isinstance(
+                x, torch.Tensor) or (isinstance(x, torch.Tensor) and s.device != x.device):
+            raise ValueError(f"start: {name or 'the tensor'} differs from the update's in shape, dtype or device")
+        flats.append(readable_flat(s))
+    return flats
 
 
 def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, backend: str | None = None,

@@ -90,14 +90,17 @@ class Round:
             size = dense_size(self.budget, 1)
         return row_slots.Place(seed, 0, 1, basis_name(kind, size))
 
-    def compress(self, update, client: int = 0, *, backend: str | None = None) -> Packet:
+    def compress(self, update, client: int = 0, *, start=None, backend: str | None = None) -> Packet:
         """``client``'s packet for ``update`` (what :func:`ferret.compress` takes: a tensor, a
-        state dict, ``(name, tensor)`` pairs or a module's trainable parameters); raises as
-        :func:`ferret.compress` does, and ``ValueError`` for a client not among the round's."""
+        state dict, ``(name, tensor)`` pairs or a module's trainable parameters). With ``start``
+        (the same tensors before training), the packet of ``update - start``, read in place with
+        no difference made. Raises as :func:`ferret.compress` does, and ``ValueError`` for a
+        client not among the round's."""
         items = _named(update)
         place = self.place(client, Layout.of(items, self.grouping))
         return compress(items, place.seed, self.budget, basis=place.basis, allocation=self.allocation,
-                        grouping=self.grouping, slot=place.slot, slots=place.slots, backend=backend)
+                        grouping=self.grouping, slot=place.slot, slots=place.slots,
+                        start=None if start is None else _named(start), backend=backend)
 
     def merge(self, packets, weights=None) -> list[Packet]:
         """The broadcast: packets (one per seed the clients projected with: one for shared bases

@@ -37,9 +37,10 @@ struct Words4 {
 // One Philox4x32-10 evaluation (Random123's philox4x32_10, Triton's tl.randint4x convention).
 Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1);
 
-// gamma[k] += <x, v_k> for k < n_coords, where x[j] is element start + j of the block.
+// gamma[k] += <x, v_k> for k < n_coords, where x[j] is element start + j of the block (with
+// base, <x - base, v_k>: the difference of the two buffers, read window by window).
 void compress(const void* x, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis,
-              int n_coords, double* gamma);
+              int n_coords, double* gamma, const void* base = nullptr);
 
 // out[j] = out[j] + scale * sum_k gamma[k] * v_k[start + j], in fp32, k in order (see spec.py).
 void reconstruct(void* out, DType dtype, int64_t n, int64_t start, uint64_t seed, Basis basis,
@@ -54,6 +55,7 @@ struct Segment {
   DType dtype;
   int64_t n;
   int64_t start;
+  const void* base = nullptr;  // when set, a compress reads data - base (same dtype and size), never written
 };
 
 constexpr uint32_t kSrhtRowDomain = 0x5247A4D5u;
@@ -131,8 +133,10 @@ void dense_reconstruct_many(const DenseRebuild* blocks, int n_blocks);
 // Sum of squares of x in fp64, deterministic (chunked like compress).
 double sum_squares(const void* x, DType dtype, int64_t n);
 // out[t] = sum_squares of tensor t, for t < count: the same values, all tensors' chunks on the
-// pool at once (many small tensors no longer wake it once each).
-void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out);
+// pool at once (many small tensors no longer wake it once each). With bases, of xs[t] - bases[t]
+// (a null base: xs[t] itself).
+void sum_squares_many(const void* const* xs, const DType* dtypes, const int64_t* ns, int count, double* out,
+                      const void* const* bases = nullptr);
 
 // Threads used by the calls above (default: the hardware's count, or FERRET_NUM_THREADS).
 void set_num_threads(int n);

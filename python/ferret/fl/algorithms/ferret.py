@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ... import Round, check_budget, reconstruct, slots
+from ... import NonFiniteError, Round, check_budget, reconstruct, slots
 from ...basis import basis_name, dense_size, parse_basis
 from ...layout import Layout, resolve_group_size
 from ...packet import MAGIC, Packet, PacketError
@@ -22,7 +22,7 @@ from ..defences import DefenceOptions
 from ..runtime import model_device
 from ..settings import one_of, positive_finite
 from ..train import first_order_steps, trainable
-from .base import Algorithm, LocalTraining, MalformedUpload, UnsafeUpdate, add_update, difference, snapshot
+from .base import Algorithm, LocalTraining, MalformedUpload, NonFiniteUpdate, UnsafeUpdate, add_update, snapshot
 from .uploads import decode_tensors, encode_tensors
 
 # Far above any honest coordinate (|γ| is at most the block's update in L1 norm), and far enough
@@ -163,7 +163,10 @@ class Ferret(Algorithm):
     def client_update(self, model, data, ctx):
         start = snapshot(model)
         first_order_steps(model, data, rng=ctx.rng, runtime=self.runtime, **vars(self.local))
-        packet = self.round(ctx).compress(difference(model, start), ctx.client, backend=self.runtime.backend)
+        try:  # the trained weights against the snapshot, read in place: no update-sized difference
+            packet = self.round(ctx).compress(model, ctx.client, start=start, backend=self.runtime.backend)
+        except NonFiniteError as err:
+            raise NonFiniteUpdate(f"the local update holds NaN or Inf ({err})") from None
         self._warn_if_sparse(packet, model)
         return packet.to_bytes()
 
