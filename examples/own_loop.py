@@ -48,8 +48,8 @@ for r in range(ROUNDS):
     for c in range(CLIENTS):
         client = copy.deepcopy(server)  # the client's copy of the global model
         local_training(client, shards[c])
-        delta = {n: p.detach() - q.detach() for (n, p), (_, q) in zip(client.named_parameters(), server.named_parameters())}
-        uploads.append(rnd.compress(delta, client=c).to_bytes())  # what travels to the server
+        packet = rnd.compress(client, client=c, start=server)  # its update, read in place: new - start
+        uploads.append(packet.to_bytes())  # what travels to the server
     packets = [ferret.Packet.from_bytes(u) for u in uploads]
     rnd.apply(rnd.merge(packets, weights=[len(s) for s in shards]), into=server)
     print(f"round {r + 1}: eval loss {eval_loss(server):.4f}, {len(uploads[0]):,} bytes up per client")

@@ -47,9 +47,7 @@ with tempfile.TemporaryDirectory() as out:
         for c in range(CLIENTS):
             client = copy.deepcopy(server)
             local_training(client, shards[c], out)
-            before = dict(server.named_parameters())
-            delta = {n: p.detach() - before[n].detach() for n, p in client.named_parameters()}
-            uploads.append(rnd.compress(delta, client=c).to_bytes())
+            uploads.append(rnd.compress(client, client=c, start=server).to_bytes())  # client - server, in place
         packets = [ferret.Packet.from_bytes(u) for u in uploads]
         rnd.apply(rnd.merge(packets, weights=[len(s) for s in shards]), into=server)
         print(f"round {r + 1}: eval loss {eval_loss(server):.4f}, {len(uploads[0]):,} bytes up per client")

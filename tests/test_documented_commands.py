@@ -187,8 +187,9 @@ def _round_names(tmp_path):
     updates = [{n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
     rnd = ferret.Round(seed=7, clients=3, budget=3800)
     uploads = [rnd.compress(u, client=c).to_bytes() for c, u in enumerate(updates)]
+    snapshot = {n: p.detach() - updates[0][n] for n, p in model.named_parameters()}
     return dict(delta=updates[0], round_seed=7, model=model, server_lr=1.0, uploads=uploads,
-                example_counts=[10, 20, 30])
+                example_counts=[10, 20, 30], snapshot=snapshot)
 
 
 def _lora_names(tmp_path):
