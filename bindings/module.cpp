@@ -321,16 +321,25 @@ NB_MODULE(_core, m) {
         std::vector<ferret::DenseRebuild> blocks;
         outputs.reserve(jobs.size());
         segments.reserve(jobs.size());
+        std::vector<nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu, nb::c_contig>> row_arrays;
+        row_arrays.reserve(jobs.size());
         for (const nb::tuple& job : jobs) {
-          if (job.size() != 9)
-            throw nb::value_error("a job is (outs, starts, block_n, seed, log2_size, slot, slots, coords, scale)");
+          if (job.size() != 9 && job.size() != 10)
+            throw nb::value_error("a job is (outs, starts, block_n, seed, log2_size, slot, slots, coords, scale[, rows])");
           outputs.push_back(buffers(nb::cast<std::vector<nb::handle>>(job[0]), "the output", output));
           segments.push_back(segments_of(outputs.back(), nb::cast<std::vector<int64_t>>(job[1]),
                                          nb::cast<int64_t>(job[2]), "the output"));
           auto coords = nb::cast<nb::ndarray<const float, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[7], false);
+          const int64_t* rows = nullptr;
+          if (job.size() == 10 && !job[9].is_none()) {
+            row_arrays.push_back(
+                nb::cast<nb::ndarray<const int64_t, nb::ndim<1>, nb::device::cpu, nb::c_contig>>(job[9], false));
+            if (row_arrays.back().shape(0) != coords.shape(0)) throw nb::value_error("give one row per coordinate");
+            rows = row_arrays.back().data();
+          }
           blocks.push_back({segments.back().data(), int(segments.back().size()), nb::cast<uint64_t>(job[3]),
                             nb::cast<int>(job[4]), nb::cast<int64_t>(job[5]), nb::cast<int64_t>(job[6]), coords.data(),
-                            int64_t(coords.shape(0)), nb::cast<float>(job[8])});
+                            int64_t(coords.shape(0)), nb::cast<float>(job[8]), rows});
         }
         nb::gil_scoped_release release;
         ferret::dense_reconstruct_many(blocks.data(), int(blocks.size()));

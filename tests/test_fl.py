@@ -217,8 +217,11 @@ def test_upload_bytes_are_the_encoded_payloads(data):
     for record in ferret_.rounds:
         assert set(record.upload_bytes.values()) == {_HEADER.size + _SLOTS.size + 4 * n_tensors + 4 * 1000 + 4}
     assert ferret_.rounds[0].download_bytes == 0
-    merged = ferret.Packet.from_bytes(broadcasts[0])  # per block, the most coordinates any client sent
+    merged = ferret.Packet.from_bytes(broadcasts[0])  # exactly the rows the clients sent, each slot's counted
+    clients = len(ferret_.rounds[0].clients)
+    assert merged.coords.size == clients * 1000 and merged.slot_counts.shape == (n_tensors, clients)
     assert ferret_.rounds[1].download_bytes == len(broadcasts[0]) == (_HEADER.size + _SLOTS.size + 4 * n_tensors
+                                                                       + 4 * n_tensors * clients
                                                                        + 4 * merged.coords.size + 4)
     fedavg = fl.run(fl.FedAvg(local=LOCAL), model(), shards, held, rounds=1, device="cpu", seed=4)
     assert all(4 * d < b < 4 * d + 16384 for b in fedavg.rounds[0].upload_bytes.values())

@@ -201,7 +201,9 @@ def test_older_packets_keep_their_bytes_and_unknown_versions_are_refused():
         struct.pack_into(fmt, raw, at, value)
         return bytes(raw[:-4]) + struct.pack("<I", zlib.crc32(bytes(raw[:-4])))
 
-    with pytest.raises(PacketError, match="packet version 3 is not supported .* upgrade ferret"):
+    with pytest.raises(PacketError, match="packet version 4 is not supported .* upgrade ferret"):
+        ferret.Packet.from_bytes(forged(dense, 4, "<H", 4))
+    with pytest.raises(PacketError, match="packet length does not match its counts"):  # version 3: no slot counts
         ferret.Packet.from_bytes(forged(dense, 4, "<H", 3))
     with pytest.raises(PacketError, match="basis code 3 is not known to packet version 1"):
         ferret.Packet.from_bytes(forged(dense, 4, "<H", 1))
@@ -221,7 +223,11 @@ def test_disjoint_slots_merge_into_one_packet_of_every_clients_rows():
     assert len({p.basis for p in packets}) == 1
     weights = [0.5, 0.3, 0.2]
     merged = ferret.merge_packets(packets, weights)
-    assert (merged.slot, merged.slots) == (0, 1)
+    # exactly the clients' rows, each slot's named (version 3): no place for rows nobody sent
+    assert (merged.slot, merged.slots) == (0, 3) and merged.slot_counts is not None
+    assert merged.coords.size == sum(p.coords.size for p in packets)
+    np.testing.assert_array_equal(merged.slot_counts, np.stack([p.counts for p in packets], axis=1))
+    assert ferret.Packet.from_bytes(merged.to_bytes()) == merged
     rebuilt = ferret.reconstruct(merged, like=updates[0])
     for name in updates[0]:
         mean = sum(w * ferret.reconstruct(p, like=updates[0])[name] for w, p in zip(weights, packets))
@@ -235,6 +241,8 @@ def test_disjoint_slots_merge_into_one_packet_of_every_clients_rows():
     assert not np.array_equal(a.coords, b.coords)
     same_slot = ferret.merge_packets([a, a])
     assert (same_slot.slot, same_slot.slots) == (0, 2) and np.array_equal(same_slot.coords, a.coords)
+    both = ferret.merge_packets([a, b])  # as many rows each: the first 20 of slot 0 of 1
+    assert (both.slot, both.slots, both.slot_counts) == (0, 1, None) and both.coords.size == 20
 
 
 def test_merge_refuses_mixed_slot_counts_and_rows_beyond_a_slot():

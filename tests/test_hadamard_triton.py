@@ -254,3 +254,18 @@ def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match="1-d contiguous"):
         H.reconstruct_([([(torch.zeros(4, 4, device=DEVICE)[:, 0], 0)], 1, 4, rows)], torch.ones(1, device=DEVICE),
                        [1.0])
+
+
+def test_a_merged_packet_of_every_slots_rows_rebuilds_as_on_the_core():
+    """A version-3 broadcast (each slot's rows named per block) rebuilt by the kernels from the
+    rows the host names: the core's bits."""
+    gen = torch.Generator().manual_seed(4)
+    updates = [{"w": torch.randn(40, 30, generator=gen), "b": torch.randn(30, generator=gen)} for _ in range(3)]
+    packets = [ferret.compress(u, seed=8, budget=b, basis="hadamard", slot=i, slots=3)
+               for i, (u, b) in enumerate(zip(updates, (40, 60, 25)))]
+    merged = ferret.merge_packets(packets, [0.5, 0.3, 0.2])
+    assert merged.slot_counts is not None
+    on_core = ferret.reconstruct(merged, like=updates[0], scale=0.7)
+    on_triton = ferret.reconstruct(merged, like={k: v.to(DEVICE) for k, v in updates[0].items()}, scale=0.7,
+                                   backend="triton")
+    assert all(torch.equal(on_core[k].view(torch.int32), on_triton[k].cpu().view(torch.int32)) for k in on_core)

@@ -339,7 +339,13 @@ void dense_reconstruct(const Segment* segments, int n_segments, uint64_t seed, i
 }
 
 void dense_reconstruct_many(const DenseRebuild* blocks, int n_blocks) {
-  for (int b = 0; b < n_blocks; b++) check(blocks[b].log2_size, blocks[b].slot, blocks[b].slots, blocks[b].m);
+  for (int b = 0; b < n_blocks; b++) {
+    check(blocks[b].log2_size, blocks[b].slot, blocks[b].slots, blocks[b].rows ? 0 : blocks[b].m);
+    for (int64_t k = 0; blocks[b].rows && k < blocks[b].m; k++)
+      if (blocks[b].rows[k] < 0 || blocks[b].rows[k] >= (int64_t(1) << blocks[b].log2_size))
+        throw std::invalid_argument("row " + std::to_string(blocks[b].rows[k]) + " is outside a Hadamard size of " +
+                                    std::to_string(int64_t(1) << blocks[b].log2_size));
+  }
   // Every block's transform, then every window of every segment, each on the pool at once.
   struct Window {
     int block, segment;
@@ -362,7 +368,8 @@ void dense_reconstruct_many(const DenseRebuild* blocks, int n_blocks) {
     const int64_t size = int64_t(1) << block.log2_size;
     std::vector<float>& z = zs[size_t(b)];
     z.assign(static_cast<size_t>(size), 0.0f);
-    const auto rows = rows_of(block.seed, size, block.slot, block.slots, block.m);
+    const auto rows = block.rows ? std::vector<int64_t>(block.rows, block.rows + block.m)
+                                 : rows_of(block.seed, size, block.slot, block.slots, block.m);
     for (int64_t k = 0; k < block.m; k++) z[size_t(rows[size_t(k)])] = block.coords[k];
     fwht(z.data(), size);
   });

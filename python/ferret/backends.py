@@ -71,6 +71,7 @@ class Block:
     slot: int = 0
     slots: int = 1
     bases: list | None = None
+    rows: np.ndarray | None = None  # a dense block's rows named one by one (a merged packet of several slots)
 
 
 class _Backend:
@@ -163,7 +164,7 @@ class CoreBackend(_Backend):
             c = np.ascontiguousarray(c, dtype=np.float32)
             if block.kind == "hadamard":
                 dense.append((*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), block.slot,
-                              block.slots, c, float(scale)))
+                              block.slots, c, float(scale), block.rows))
                 continue
             if block.kind == "srht":
                 self._core.srht_reconstruct(*_segment_lists(block), block.n, block.seed, _log2(block.hadamard), c,
@@ -273,6 +274,8 @@ class TritonBackend(_Backend):
     def _dense_job(self, block: Block, m: int):
         """A dense Hadamard block's job for ``kernels.hadamard``: (segments, seed, size, its first
         m rows of its slot, on the host)."""
+        if block.rows is not None:
+            return block.segments, block.seed, block.hadamard, block.rows, block.bases
         rows = np.zeros(m, dtype=np.int64)
         self._core.dense_rows(block.seed, _log2(block.hadamard), block.slot, block.slots, rows)
         return block.segments, block.seed, block.hadamard, rows, block.bases

@@ -18,7 +18,13 @@ Encoding (little-endian), version 1 (Rademacher, Gaussian and SRHT packets)::
 Version 2 (Hadamard packets) is version 1 with basis 3 (``hadamard``, ``basis_arg`` the log2 of
 its Hadamard size) and two more header words after ``n_blocks``: ``slots u32`` and ``slot u32``,
 the packet's row slot (see :mod:`ferret.spec`). Packets of the older bases are still written as
-version 1, byte for byte as before; both versions decode.
+version 1, byte for byte as before.
+
+Version 3 (a merged Hadamard packet of several slots holding exactly their rows) is version 2
+with ``slot`` 0 and, after ``counts``, ``slot_counts``: ``n_blocks x slots`` u32, how many rows of
+each slot each block holds (each block's row sums to its count). Block b then holds, in
+increasing order, the positions ``c + slots * k`` (``k < slot_counts[b, c]``) of the slot-0-of-1
+row order, with no place left for rows no client sent. Every version decodes.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 from .basis import KINDS, basis_name, parse_basis
 
 MAGIC = b"FRPK"
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 _HEADER = struct.Struct("<4sHBBQQ16sI")
 _SLOTS = struct.Struct("<II")  # version 2: slots, slot
 
@@ -48,7 +54,9 @@ class Packet:
 
     Build packets with :func:`ferret.compress`; read them with :func:`ferret.reconstruct`.
     ``slot`` of ``slots`` names the rows a Hadamard packet holds (clients taking disjoint rows);
-    every other packet has slot 0 of 1.
+    every other packet has slot 0 of 1. A merged packet of several slots' rows has
+    ``slot_counts`` (``n_blocks x slots``: each slot's rows in each block; see
+    :meth:`positions`).
     """
 
     round_seed: int
@@ -59,6 +67,7 @@ class Packet:
     coords: np.ndarray  # float32, sum(counts)
     slot: int = 0
     slots: int = 1
+    slot_counts: np.ndarray | None = None  # uint32 (n_blocks, slots): a merged packet of every slot's rows
 
     def __post_init__(self):
         counts = np.ascontiguousarray(self.counts, dtype=np.uint32)
@@ -102,10 +111,29 @@ class Packet:
             raise PacketError("every block needs at least one coordinate")
         if not np.all(np.isfinite(coords)):
             raise PacketError("the packet holds NaN or infinite coordinates")
+        if self.slot_counts is not None:
+            per_slot = np.ascontiguousarray(self.slot_counts, dtype=np.uint32)
+            if kind != "hadamard" or self.slots < 2 or self.slot != 0:
+                raise PacketError("rows of several slots go in a hadamard packet of slot 0 of 2 or more")
+            if per_slot.shape != (counts.size, self.slots):
+                raise PacketError(f"slot counts are {counts.size} x {self.slots}, got shape {per_slot.shape}")
+            if not np.array_equal(per_slot.sum(axis=1, dtype=np.int64), counts.astype(np.int64)):
+                raise PacketError("each block's slot counts must sum to its count")
+            per_slot.flags.writeable = False
+            object.__setattr__(self, "slot_counts", per_slot)
 
     @property
     def n_blocks(self) -> int:
         return self.counts.size
+
+    def positions(self, b: int) -> np.ndarray:
+        """Where block ``b``'s coordinates sit in the slot-0-of-1 row order of its basis (int64,
+        increasing): ``slot + slots * k`` for a packet of one slot, every slot's own for a merged
+        packet of several (``slot_counts``)."""
+        if self.slot_counts is None:
+            return self.slot + self.slots * np.arange(int(self.counts[b]), dtype=np.int64)
+        return np.sort(np.concatenate([c + self.slots * np.arange(int(m), dtype=np.int64)
+                                       for c, m in enumerate(self.slot_counts[b])]))
 
     def block_coords(self, b: int) -> np.ndarray:
         """The coordinates of block ``b`` (a read-only float32 view)."""
@@ -115,12 +143,13 @@ class Packet:
     def to_bytes(self) -> bytes:
         """The packet in its versioned binary encoding (see the module docstring)."""
         kind, size = parse_basis(self.basis)
-        version = 2 if kind == "hadamard" else 1
+        version = 1 if kind != "hadamard" else 2 if self.slot_counts is None else 3
         head = _HEADER.pack(MAGIC, version, KINDS.index(kind), size.bit_length() - 1 if size else 0, self.round_seed,
                             self.group_size, self.fingerprint, self.n_blocks)
-        if version == 2:
+        if version >= 2:
             head += _SLOTS.pack(self.slots, self.slot)
-        body = head + self.counts.astype("<u4").tobytes() + self.coords.astype("<f4").tobytes()
+        per_slot = b"" if self.slot_counts is None else self.slot_counts.astype("<u4").tobytes()
+        body = head + self.counts.astype("<u4").tobytes() + per_slot + self.coords.astype("<f4").tobytes()
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
@@ -134,7 +163,7 @@ class Packet:
         if magic != MAGIC:
             raise PacketError("not a ferret packet (bad magic)")
         if version not in VERSIONS:
-            raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1 and 2); "
+            raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1, 2 and 3); "
                               f"upgrade ferret to read it")
         head_size = _head_size(version)
         if len(data) < head_size + 4:
@@ -142,22 +171,29 @@ class Packet:
         (crc,) = struct.unpack_from("<I", data, len(data) - 4)
         if zlib.crc32(data[:-4]) != crc:
             raise PacketError("packet checksum mismatch: the bytes were truncated or corrupted")
-        if basis >= len(KINDS) or (KINDS[basis] == "hadamard") != (version == 2):
+        if basis >= len(KINDS) or (KINDS[basis] == "hadamard") != (version >= 2):
             raise PacketError(f"basis code {basis} is not known to packet version {version}")
         kind = KINDS[basis]
         if basis_arg and kind in ("rademacher", "gaussian") or basis_arg > 30 or kind == "hadamard" and not basis_arg:
             raise PacketError(f"basis argument {basis_arg} does not fit basis {kind}")
-        slots, slot = _SLOTS.unpack_from(data, _HEADER.size) if version == 2 else (1, 0)
+        slots, slot = _SLOTS.unpack_from(data, _HEADER.size) if version >= 2 else (1, 0)
         counts_end = head_size + 4 * n_blocks
         if counts_end > len(data) - 4:
             raise PacketError("packet truncated inside the block counts")
         counts = np.frombuffer(data, dtype="<u4", count=n_blocks, offset=head_size)
+        per_slot = None
+        if version == 3:
+            if counts_end + 4 * n_blocks * slots > len(data) - 4:
+                raise PacketError("packet truncated inside the slot counts")
+            per_slot = np.frombuffer(data, dtype="<u4", count=n_blocks * slots, offset=counts_end).reshape(n_blocks,
+                                                                                                          slots)
+            counts_end += 4 * n_blocks * slots
         n_coords = int(counts.sum(dtype=np.int64))
         if counts_end + 4 * n_coords != len(data) - 4:
             raise PacketError(f"packet length does not match its counts ({n_coords} coordinates)")
         coords = np.frombuffer(data, dtype="<f4", count=n_coords, offset=counts_end)
         name = kind if kind in ("rademacher", "gaussian") else f"{kind}:{1 << basis_arg}"
-        return cls(seed, name, group_size, fingerprint, counts, coords, slot, slots)
+        return cls(seed, name, group_size, fingerprint, counts, coords, slot, slots, per_slot)
 
     @classmethod
     def split(cls, data: bytes) -> list["Packet"]:
@@ -169,13 +205,16 @@ class Packet:
                 raise PacketError(f"{len(data) - at} trailing bytes are too short for a packet")
             version, n_blocks = _HEADER.unpack_from(data, at)[1], _HEADER.unpack_from(data, at)[-1]
             if version not in VERSIONS:
-                raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1 and 2)")
+                raise PacketError(f"packet version {version} is not supported (this ferret reads versions 1, 2 and 3)")
+            if len(data) - at < _head_size(version):
+                raise PacketError("packet truncated inside its header")
             counts_end = at + _head_size(version) + 4 * n_blocks
             if counts_end > len(data):
                 raise PacketError("packet truncated inside the block counts")
             n_coords = int(np.frombuffer(data, dtype="<u4", count=n_blocks,
                                          offset=counts_end - 4 * n_blocks).sum(dtype=np.int64))
-            end = counts_end + 4 * n_coords + 4
+            slots = _SLOTS.unpack_from(data, at + _HEADER.size)[0] if version == 3 else 0
+            end = counts_end + 4 * n_blocks * slots + 4 * n_coords + 4
             packets.append(cls.from_bytes(data[at:end]))
             at = end
         return packets
@@ -185,6 +224,8 @@ class Packet:
 
     def __repr__(self) -> str:
         rows = f", slot {self.slot} of {self.slots}" if self.slots > 1 else ""
+        if self.slot_counts is not None:
+            rows = f", every slot's rows of {self.slots}"
         return (
             f"Packet({self.basis}{rows}, seed={self.round_seed}, {self.n_blocks} blocks, "
             f"{self.coords.size} coordinates, {len(self.to_bytes())} bytes)"
@@ -192,7 +233,7 @@ class Packet:
 
 
 def _head_size(version: int) -> int:
-    return _HEADER.size + (_SLOTS.size if version == 2 else 0)
+    return _HEADER.size + (_SLOTS.size if version >= 2 else 0)
 
 
 def _bytes_of(data) -> bytes:

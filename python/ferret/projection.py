@@ -25,6 +25,7 @@ name ``""``); dtypes and devices may differ. ``model.named_parameters()`` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -166,6 +167,29 @@ def _block(segments, n: int, seed: int, kind: str, size: int, slot: int, slots: 
     return Block(segments, n, seed, kind, size, bases=bases)
 
 
+def _check_rows(packet: Packet, layout: Layout) -> None:
+    """Raise :class:`PacketError` when a block of ``packet`` holds more coordinates than its rows
+    (every slot's, for a merged packet of several) under the packet's basis."""
+    per_slot = packet.slot_counts if packet.slot_counts is not None else None
+    for c in range(packet.slots) if per_slot is not None else [packet.slot]:
+        caps = block_rows(layout, packet.basis, c, packet.slots)
+        held = per_slot[:, c] if per_slot is not None else packet.counts
+        if caps is not None and np.any(held > caps):
+            b = int(np.argmax(held > caps))
+            raise PacketError(f"block {b} ({layout.block_sizes[b]} elements) has at most {int(caps[b])} rows under "
+                              f"{packet.basis} (slot {c} of {packet.slots}), but the packet holds "
+                              f"{int(held[b])} coordinates for it")
+
+
+def _rows_at(job: Block, positions: np.ndarray) -> np.ndarray:
+    """The rows of a dense block at ``positions`` of its slot-0-of-1 order (int64)."""
+    from . import _core
+
+    order = np.zeros(int(positions[-1]) + 1 if positions.size else 0, dtype=np.int64)
+    _core.dense_rows(job.seed, job.hadamard.bit_length() - 1, 0, 1, order)
+    return order[positions]
+
+
 def _start_flats(start, items) -> list:
     """The 1-d buffers of ``start``, checked to match the update's ``items`` name by name (shape,
     dtype, device); ``ValueError`` / ``TypeError`` otherwise."""
@@ -227,20 +251,18 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
             targets = [(e.name, torch.zeros(e.shape, dtype=torch.float32, device=device)) for e in layout.entries]
         flats = [writable_flat(n, x) for n, x in targets]
     kind, hadamard = parse_basis(packet.basis)
-    caps = block_rows(layout, packet.basis, packet.slot, packet.slots)
-    if caps is not None and np.any(packet.counts > caps):
-        b = int(np.argmax(packet.counts > caps))
-        raise PacketError(f"block {b} ({layout.block_sizes[b]} elements) has at most {int(caps[b])} rows under "
-                          f"{packet.basis} (slot {packet.slot} of {packet.slots}), but the packet holds "
-                          f"{int(packet.counts[b])} coordinates for it")
+    _check_rows(packet, layout)
     be = backend_for(device_of(targets, "parameters"), backend)
     jobs, coords, scales = [], [], []
     seeds = block_seeds(packet.round_seed, layout.n_blocks)
     per_block = np.split(packet.coords, np.cumsum(packet.counts, dtype=np.int64)[:-1])
     for b, entries in enumerate(layout.block_entries):
         block_coords = per_block[b]
-        jobs.append(_block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b],
-                           seeds[b], kind, hadamard, packet.slot, packet.slots))
+        job = _block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b], seeds[b], kind,
+                     hadamard, packet.slot, packet.slots)
+        if packet.slot_counts is not None:  # every slot's rows: named one by one
+            job = dataclasses.replace(job, slot=0, slots=1, rows=_rows_at(job, packet.positions(b)))
+        jobs.append(job)
         coords.append(block_coords)
         n_over_m = layout.block_sizes[b] if kind == "srht" else 1  # srht: alpha * n / m; the others alpha / m
         with np.errstate(over="ignore"):  # a scale that overflows fp32 is refused by the check below
@@ -264,8 +286,11 @@ def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
     bases); their per-block counts may differ (``norm`` allocation). Block b of client i rebuilds
     (1/n_bi) Σ_k γ_ik v_k, so the merged coordinate k is n_b · Σ_i p_i γ_ik / n_bi over the clients
     with k < n_bi, with n_b = max_i n_bi: one reconstruction serves the whole round. Hadamard
-    packets of different row slots (of the same number of slots) merge into one packet of slot 0
-    of 1 holding every client's rows: client i's coordinate k goes to row ``slot_i + slots * k``. ``weights``
+    packets of different row slots (of the same number of slots) merge into one packet holding
+    every client's rows and no others: client i's coordinate k goes to row ``slot_i + slots * k``
+    of the slot-0-of-1 order, n_b counts the rows held, and the merged packet is of slot 0 of 1
+    when those rows are the first n_b, else it names each slot's rows (``slot_counts``, packet
+    version 3), so its coordinates number exactly the uploads' distinct rows. ``weights``
     (default: equal) follow :func:`ferret.allocation.client_weights`: finite, non-negative real
     numbers with a positive sum, normalised to sum to 1 without overflow unless ``normalize`` is
     false. Raises :class:`PacketError` for packets that do not share seed, basis and layout,
@@ -281,23 +306,31 @@ def merge_packets(packets, weights=None, *, normalize: bool = True) -> Packet:
                               f"than packet 0")
         _check_slot_rows(i, p)
     w = client_weights(weights, len(packets), normalize=normalize)
-    one_slot = all(p.slot == first.slot for p in packets)
-    stride = 1 if one_slot else first.slots
-    offsets = [0 if one_slot else p.slot for p in packets]
-    counts = np.max([o + stride * (p.counts.astype(np.int64) - 1) + 1 for p, o in zip(packets, offsets)], axis=0)
+    if all(p.slot == first.slot and p.slot_counts is None for p in packets):  # one slot's rows: k to k
+        spaces = [[np.arange(int(m), dtype=np.int64) for m in p.counts] for p in packets]
+    else:  # every slot's rows, each in its place of the slot-0-of-1 order
+        spaces = [[p.positions(b) for b in range(p.n_blocks)] for p in packets]
+    places = [np.unique(np.concatenate([space[b] for space in spaces])) for b in range(first.n_blocks)]
+    counts = np.array([place.size for place in places], dtype=np.int64)
     merged = np.zeros(int(counts.sum()), dtype=np.float64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
-        for p, p_i, o in zip(packets, w, offsets):
+        for p, p_i, space in zip(packets, w, spaces):
             for b in range(p.n_blocks):
                 own = p.block_coords(b).astype(np.float64)
-                at = starts[b] + o
-                merged[at : at + stride * own.size : stride] += p_i * int(counts[b]) / own.size * own
+                merged[starts[b] + np.searchsorted(places[b], space[b])] += p_i * int(counts[b]) / own.size * own
         coords = merged.astype(np.float32)
     if not np.all(np.isfinite(coords)):
         raise ValueError(f"the weighted coordinates overflow float32 (weights {w.tolist()}): use smaller weights")
-    slot, slots = (first.slot, first.slots) if one_slot else (0, 1)
-    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, slot, slots)
+    one_slot = all(p.slot == first.slot and p.slot_counts is None for p in packets)
+    if one_slot:
+        return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, first.slot,
+                      first.slots)
+    if all(place[-1] == place.size - 1 for place in places):  # no row left out: the rows 0 .. count of slot 0 of 1
+        return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, 0, 1)
+    per_slot = np.array([np.bincount(place % first.slots, minlength=first.slots) for place in places], dtype=np.int64)
+    return Packet(first.round_seed, first.basis, first.group_size, first.fingerprint, counts, coords, 0, first.slots,
+                  per_slot)
 
 
 def estimate_norms(packet: Packet, layout: Layout) -> np.ndarray:

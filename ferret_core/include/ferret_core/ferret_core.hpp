@@ -124,6 +124,7 @@ struct DenseRebuild {
   const float* coords;
   int64_t m;
   float scale;
+  const int64_t* rows = nullptr;  // when set, coordinate k goes to row rows[k] (each below the size), not the slot's
 };
 
 // dense_reconstruct for every block at once: the transforms, then every block's windows, each
