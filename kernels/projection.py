@@ -523,6 +523,16 @@ def _check_base(x: torch.Tensor, base) -> None:
         raise ValueError("a start buffer must be 1-d, contiguous, and of its segment's size, dtype and device")
 
 
+def _kernel(basis: int, gaussian, interpreted, compiled):
+    """The kernel of ``basis`` for here (Gaussian; Rademacher in the interpreter or compiled) and
+    its launch settings."""
+    if basis == GAUSSIAN:
+        return gaussian, {"TILE": TILE}
+    if _interpreted():
+        return interpreted, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
+    return compiled, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
+
+
 def sum_squares_many(xs, bases=None) -> torch.Tensor:
     """``sum(x**2)`` of each buffer in the spec's order (the pairwise tree over fp64 squares), as
     one fp64 tensor on their device; with ``bases`` (one per buffer, or None), of each buffer
@@ -575,12 +585,7 @@ def compress_many(segments, basis: int) -> torch.Tensor:
                             _address(item[7]))
 
     def fill(work):
-        if basis == GAUSSIAN:
-            kernel, meta = _gaussian_compress_kernel, {"TILE": TILE}
-        elif _interpreted():
-            kernel, meta = _compress_interpreted_kernel, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
-        else:
-            kernel, meta = _compress_kernel, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
+        kernel, meta = _kernel(basis, _gaussian_compress_kernel, _compress_interpreted_kernel, _compress_kernel)
         _launch_grouped(kernel, items, lambda item: item[0], columns, 8, lambda item: item[5], device, (work,),
                         base_of=lambda item: item[7], enable_fp_fusion=False, **meta)
 
@@ -606,12 +611,7 @@ def reconstruct_many_(segments, basis: int, gamma: torch.Tensor) -> None:
     size = TILE if basis == GAUSSIAN else GROUP * _groups()
     items = [(out, start, seed, at, n_coords, scale, *_tiles(start, out.numel(), size))
              for out, start, seed, at, n_coords, scale in segments if out.numel() and n_coords]
-    if basis == GAUSSIAN:
-        kernel, meta = _gaussian_reconstruct_kernel, {"TILE": TILE}
-    elif _interpreted():
-        kernel, meta = _reconstruct_interpreted_kernel, {"GROUPS": _groups(), "BASES": INTERPRETED_BASES}
-    else:
-        kernel, meta = _reconstruct_kernel, {"GROUPS": GROUPS, "num_warps": GROUPS // WARP}
+    kernel, meta = _kernel(basis, _gaussian_reconstruct_kernel, _reconstruct_interpreted_kernel, _reconstruct_kernel)
     columns = lambda item: (item[0].data_ptr(), item[0].numel(), item[1], item[6], item[2], item[4], item[3],  # noqa: E731
                             int(fp32_bits(item[5])))
     _launch_grouped(kernel, items, lambda item: item[0], columns, 8, lambda item: item[7], gamma.device,
