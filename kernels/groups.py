@@ -29,7 +29,8 @@ def to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def fp32_bits(values) -> np.ndarray:
-    """fp32 values as their bit patterns in int64 (a table column; see :func:`load_fp32`)."""
+    """fp32 values as their bit patterns in int64 (a table column, which a kernel reads back with
+    ``.to(tl.int32).to(tl.float32, bitcast=True)``)."""
     return np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.int64)
 
 
@@ -81,26 +82,6 @@ def segment_of(programs_ptr, count, p):
         lo = tl.where(after, mid, lo)
         hi = tl.where(after, hi, mid)
     return lo, p - tl.load(programs_ptr + lo)
-
-
-@triton.jit
-def load_pointer(rows_ptr, s, WIDTH: tl.constexpr, column: tl.constexpr, dtype: tl.constexpr):
-    """Column ``column`` of segment ``s``, an address, as a pointer to ``dtype``."""
-    return tl.load(rows_ptr + s * WIDTH + column).to(tl.pointer_type(dtype))
-
-
-@triton.jit
-def load_fp32(rows_ptr, s, WIDTH: tl.constexpr, column: tl.constexpr):
-    """Column ``column`` of segment ``s``, fp32 bits (see :func:`fp32_bits`), as an fp32 value."""
-    return tl.load(rows_ptr + s * WIDTH + column).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-def by_dtype(items, tensor_of):
-    """``{dtype: [indices]}`` of ``items`` by the dtype of ``tensor_of(item)``, in first-seen order."""
-    groups: dict = {}
-    for i, item in enumerate(items):
-        groups.setdefault(tensor_of(item).dtype, []).append(i)
-    return groups
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,

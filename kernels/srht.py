@@ -130,17 +130,17 @@ class _Chunks:
         """``kernel`` over every segment of every job: one launch per (size, dtype)."""
         for size, group in self.sizes.items():
             base, offsets, sizes, factors = tables[size]
-            by_dtype = {}
+            tables = {}
             for j in group:
                 segments, seed, _, chunk_offsets, *_ = self.jobs[j]
                 bases = self.jobs[j][6] if len(self.jobs[j]) > 6 and self.jobs[j][6] else [None] * len(segments)
                 for (x, start), b in zip(segments, bases):
                     if x.numel() and len(chunk_offsets):
-                        by_dtype.setdefault((x.dtype, b is not None), Table(6)).add(
+                        tables.setdefault((x.dtype, b is not None), Table(6)).add(
                             len(chunk_offsets), x.data_ptr(), x.numel(), start, seed, self.first[j],
                             0 if b is None else b.data_ptr())
             args = (tile[base:], offsets, sizes) + ((factors,) if factors is not None else ())
-            for (dtype, has_base), table in by_dtype.items():
+            for (dtype, has_base), table in tables.items():
                 programs, rows = table.to(device)
                 extra = {"HAS_BASE": True} if has_base else {}
                 kernel[(table.grid,)](programs, rows, len(table), *args, DTYPE=TL_DTYPES[dtype], SIZE=size,
