@@ -37,6 +37,7 @@ from .backends import Block, backend_for, estimate_bounds
 from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
+from .sharded import compress_sharded, shards_of
 from .spec import block_seeds, dense_block_size, dense_slot_rows, normalize_seed
 from .tensors import check_tensor, device_of, max_abs, named_tensors, readable_flat, writable_flat
 
@@ -78,6 +79,12 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     items = named_tensors(update)
     for name, x in items:
         check_tensor(name, x, "update")
+    shards = shards_of(items)
+    if shards is not None:  # DTensors: every rank its part, the packet of the whole
+        if start is not None:
+            raise ValueError("a sharded update is compressed as it is: start= takes whole tensors")
+        return compress_sharded(shards, seed, budget, basis=basis, allocation=allocation, slot=slot, slots=slots,
+                                grouping=resolve_group_size(grouping, [math.prod(s.shape) for _, s in shards]))
     be = backend_for(device_of(items, "update"), backend)
     layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [_numel(x) for _, x in items]))
     check_budget(budget, layout.n_blocks, layout.numel)
@@ -233,9 +240,15 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
+    shifts = None  # where a rank's part of each tensor starts in the whole (sharded targets)
     if into is not None:
         items = named_tensors(into, "parameters")
-        layout = _layout_for(packet, items)
+        shards = shards_of(items)
+        if shards is not None:  # every rank writes its own part: no communication
+            items = [(n, s.local) for n, s in shards]
+            shifts = [s.offset for _, s in shards]
+        layout = _layout_for(packet, items if shards is None else [(n, torch.empty(s.shape, device="meta"))
+                                                                   for n, s in shards])
         for name, x in items:
             check_tensor(name, x, "parameters")
         flats = [writable_flat(n, x) for n, x in items]  # refused here, before anything is written
@@ -258,8 +271,8 @@ def reconstruct(packet: Packet, like=None, *, into=None, scale: float = 1.0, bac
     per_block = np.split(packet.coords, np.cumsum(packet.counts, dtype=np.int64)[:-1])
     for b, entries in enumerate(layout.block_entries):
         block_coords = per_block[b]
-        job = _block([(flats[i], layout.entries[i].offset) for i in entries], layout.block_sizes[b], seeds[b], kind,
-                     hadamard, packet.slot, packet.slots)
+        job = _block([(flats[i], layout.entries[i].offset + (shifts[i] if shifts else 0)) for i in entries],
+                     layout.block_sizes[b], seeds[b], kind, hadamard, packet.slot, packet.slots)
         if packet.slot_counts is not None:  # every slot's rows: named one by one
             job = dataclasses.replace(job, slot=0, slots=1, rows=_rows_at(job, packet.positions(b)))
         jobs.append(job)

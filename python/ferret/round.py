@@ -29,6 +29,7 @@ from .basis import basis_name, dense_size, parse_basis
 from .layout import Layout, resolve_group_size
 from .packet import Packet, PacketError
 from .projection import compress, merge_by_seed, reconstruct
+from .sharded import shards_of
 from .spec import block_seed, normalize_seed
 from .tensors import named_tensors
 
@@ -113,12 +114,14 @@ class Round:
         """Add ``scale`` times what ``broadcast`` (a :meth:`merge` result, or its packets'
         bytes one after another) rebuilds to ``into`` in place, and return ``into``: a module
         (its trainable parameters), ``named_parameters()``, a state dict or ``(name, tensor)``
-        pairs. Raises :class:`~ferret.packet.PacketError` for packets of another layout and when
-        the step would make a finite weight non-finite, with nothing written."""
+        pairs; DTensors sharded over ranks write each rank's part. Raises
+        :class:`~ferret.packet.PacketError` for packets of another layout and when the step would
+        make a finite weight non-finite, with nothing written (sharded targets: by that packet)."""
         packets = Packet.split(broadcast) if isinstance(broadcast, (bytes, bytearray)) else list(broadcast)
         items = _named(into)
-        if len(packets) == 1:
-            reconstruct(packets[0], into=items, scale=scale, backend=backend)
+        if len(packets) == 1 or shards_of(items) is not None:  # sharded targets: each packet in turn, each
+            for packet in packets:  # refused whole if it would overflow (each rank writes its own part)
+                reconstruct(packet, into=items, scale=scale, backend=backend)
             return into
         total = {n: torch.zeros(x.shape, dtype=torch.float32, device=x.device) if isinstance(x, torch.Tensor)
                  else np.zeros(x.shape, dtype=np.float32) for n, x in items}
