@@ -37,6 +37,11 @@ into, want = placed(full), {k: v.clone() for k, v in full.items()}
 ferret.reconstruct(packet, into=into, scale=0.3)
 ferret.reconstruct(packet, into=want, scale=0.3)
 ok &= all(torch.equal(into[k].full_tensor(), want[k]) for k in full)
+# local parts with their offsets (a sharding of the caller's own): rank r holds the r-th half
+halves = {k: ferret.Shard(v.reshape(-1)[rank * (v.numel() // 2): (rank + 1) * (v.numel() // 2) if rank == 0 else None]
+                          .contiguous(), rank * (v.numel() // 2), tuple(v.shape)) for k, v in full.items()}
+ok &= ferret.compress(halves, seed=9, budget=300, basis="hadamard").to_bytes() == \
+    ferret.compress(full, seed=9, budget=300, basis="hadamard").to_bytes()
 rnd = ferret.Round(7, 3, 300)  # the public round takes them too
 ok &= rnd.compress(sharded, client=2).to_bytes() == rnd.compress(full, client=2).to_bytes()
 try:

@@ -34,6 +34,7 @@ from .layout import Layout
 from .packet import Packet, PacketError
 from .projection import NonFiniteError, compress, estimate_norms, merge_by_seed, merge_packets, perturb, reconstruct
 from .round import Round
+from .sharded import Shard
 from .spec import block_seed, normalize_seed
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Packet",
     "PacketError",
     "Round",
+    "Shard",
     "allocate",
     "allocation",
     "block_seed",

@@ -77,9 +77,9 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
     slot, slots = check_slots(kind, slot, slots)
     seed = normalize_seed(seed)
     items = named_tensors(update)
-    for name, x in items:
-        check_tensor(name, x, "update")
     shards = shards_of(items)
+    for name, x in items if shards is None else [(n, s.local) for n, s in shards]:
+        check_tensor(name, x, "update")
     if shards is not None:  # DTensors: every rank its part, the packet of the whole
         if start is not None:
             raise ValueError("a sharded update is compressed as it is: start= takes whole tensors")

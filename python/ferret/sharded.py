@@ -26,12 +26,23 @@ from .spec import block_seeds, dense_block_size
 
 @dataclass(frozen=True)
 class Shard:
-    """A rank's part of one tensor: ``local`` (contiguous) holds elements ``offset ..`` of the
-    whole tensor of ``shape``, flattened in row-major order."""
+    """A rank's part of one tensor, for updates sharded some other way than DTensors: ``local``
+    (contiguous) holds elements ``offset ..`` of the whole tensor of ``shape``, flattened in
+    row-major order. Pass them where ferret takes tensors (``compress(update)``,
+    ``reconstruct(into=)``, ``Round``); every rank calls with its own, and together they must
+    cover each tensor exactly once (a tensor whole on every rank counts once)."""
 
     local: torch.Tensor
     offset: int
     shape: tuple
+
+    def __post_init__(self):
+        if not isinstance(self.local, torch.Tensor):
+            raise TypeError(f"a Shard's local part is a torch tensor, got {type(self.local).__name__}")
+        numel = math.prod(self.shape)
+        if not 0 <= self.offset <= self.offset + self.local.numel() <= numel:
+            raise ValueError(f"a shard of {self.local.numel()} elements at {self.offset} does not fit a tensor of "
+                             f"{numel}")
 
 
 def shards_of(items) -> list[tuple[str, Shard]] | None:

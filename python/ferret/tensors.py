@@ -32,7 +32,7 @@ def named_tensors(obj, what: str = "update") -> Named:
         if name in seen:
             raise ValueError(f"{what}: the name {name!r} appears twice")
         seen.add(name)
-        if not isinstance(value, (torch.Tensor, np.ndarray)):
+        if not isinstance(value, (torch.Tensor, np.ndarray)) and type(value).__name__ != "Shard":
             raise TypeError(f"{what}: {name!r} is a {type(value).__name__}, not a tensor or array")
     return items
 
