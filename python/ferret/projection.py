@@ -84,7 +84,8 @@ def compress(update, seed: int, budget: int, *, basis: str = "rademacher", alloc
         if start is not None:
             raise ValueError("a sharded update is compressed as it is: start= takes whole tensors")
         return compress_sharded(shards, seed, budget, basis=basis, allocation=allocation, slot=slot, slots=slots,
-                                grouping=resolve_group_size(grouping, [math.prod(s.shape) for _, s in shards]))
+                                grouping=resolve_group_size(grouping, [math.prod(s.shape) for _, s in shards]),
+                                backend=backend)
     be = backend_for(device_of(items, "update"), backend)
     layout = Layout([(n, tuple(x.shape)) for n, x in items], resolve_group_size(grouping, [_numel(x) for _, x in items]))
     check_budget(budget, layout.n_blocks, layout.numel)

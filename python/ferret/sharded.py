@@ -85,9 +85,10 @@ def _as_shard(x) -> Shard:
 
 
 def compress_sharded(shards: list[tuple[str, Shard]], seed: int, budget: int, *, basis: str, allocation: str,
-                     grouping: int, slot: int, slots: int, group=None) -> Packet:
+                     grouping: int, slot: int, slots: int, backend: str | None = None, group=None) -> Packet:
     """The packet of the whole update from every rank's :class:`Shard`s (each rank calls it with
     its own; collective over ``group``): byte for byte the unsharded :func:`ferret.compress`'s.
+    Shards on CUDA (or ``backend="triton"``) are read by the Triton kernels, others by the core.
     Dense Hadamard bases only; raises ``ValueError`` for others."""
     import torch.distributed as dist
 
@@ -107,10 +108,11 @@ def compress_sharded(shards: list[tuple[str, Shard]], seed: int, budget: int, *,
     for i, (_, s) in enumerate(shards):
         if replicated[i] and rank != 0:
             continue  # a whole tensor on every rank counts once
-        flat = s.local.detach().reshape(-1).cpu()
+        flat = s.local.detach().reshape(-1)
+        reader = _TritonReader() if backend == "triton" or (backend is None and flat.is_cuda) else _CoreReader(_core)
         entry = layout.entries[i]
-        mine += _square_nodes(_core, i, flat, s.offset)
-        mine += _fold_nodes(_core, i, flat, entry.offset + s.offset, layout.block_sizes[entry.block],
+        mine += _square_nodes(reader, i, flat, s.offset)
+        mine += _fold_nodes(reader, i, flat, entry.offset + s.offset, layout.block_sizes[entry.block],
                             seeds[entry.block], sizes[i])
     every = [mine]
     if dist.is_initialized():
@@ -151,16 +153,46 @@ def _dyadic(lo: int, hi: int):
     return out
 
 
-def _square_nodes(core, entry: int, flat: torch.Tensor, offset: int):
+class _CoreReader:
+    """A node's value from the compiled core (CPU tensors)."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def squares(self, piece) -> float:
+        return float(self.core.sum_squares_many([piece])[0])
+
+    def fold(self, piece, start: int, block_n: int, seed: int, size: int) -> np.ndarray:
+        fold = np.zeros(size, dtype=np.float32)
+        self.core.dense_fold_many([([piece], [start], block_n, seed, size.bit_length() - 1, fold, None)])
+        return fold
+
+
+class _TritonReader:
+    """A node's value from the Triton kernels (CUDA tensors), brought to the host (B numbers)."""
+
+    def __init__(self):
+        from .kernels import hadamard, projection
+
+        self.hadamard, self.projection = hadamard, projection
+
+    def squares(self, piece) -> float:
+        return float(self.projection.sum_squares_many([piece]).cpu()[0])
+
+    def fold(self, piece, start: int, block_n: int, seed: int, size: int) -> np.ndarray:
+        return self.hadamard.fold(piece, start, seed, size).cpu().numpy()
+
+
+def _square_nodes(reader, entry: int, flat: torch.Tensor, offset: int):
     """The sum-of-squares tree's nodes over elements ``offset ..`` of the tensor (fp64 scalars)."""
     nodes = []
     for level, index in _dyadic(offset, offset + flat.numel()):
         piece = flat[(index << level) - offset : ((index + 1) << level) - offset]
-        nodes.append((entry, "sq", level, index, float(core.sum_squares_many([piece])[0])))
+        nodes.append((entry, "sq", level, index, reader.squares(piece)))
     return nodes
 
 
-def _fold_nodes(core, entry: int, flat: torch.Tensor, start: int, block_n: int, seed: int, size: int):
+def _fold_nodes(reader, entry: int, flat: torch.Tensor, start: int, block_n: int, seed: int, size: int):
     """The fold tree's nodes over the part at block indices ``start ..``: the roots of aligned
     runs of chunks it holds whole, and the chunks it holds only part of (level 0, other lanes 0)."""
     end = start + flat.numel()
@@ -175,9 +207,7 @@ def _fold_nodes(core, entry: int, flat: torch.Tensor, start: int, block_n: int, 
     for level, index in runs + [(0, c) for c in partial]:
         a = max(start, (index << level) * size)
         b = min(end, ((index + 1) << level) * size)
-        fold = np.zeros(size, dtype=np.float32)
-        core.dense_fold_many([([flat[a - start : b - start]], [a], block_n, seed, size.bit_length() - 1, fold, None)])
-        nodes.append((entry, "fold", level, index, fold))
+        nodes.append((entry, "fold", level, index, reader.fold(flat[a - start : b - start], a, block_n, seed, size)))
     return nodes
 
 
